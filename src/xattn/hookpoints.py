@@ -1,0 +1,190 @@
+"""Hook points, the context every hook receives, and the controller protocol.
+
+Every attention call passes through five named hook points, in this order::
+
+    context      [b, j, d_ctx]   text embeddings entering to_k / to_v (cross sites only)
+    logit_bias   [b, j]          additive pre-softmax bias per row and token   (fused)
+    value_scale  [b, j]          post-softmax multiplier per row and token    (fused)
+    scores       [b, h, i, j]    logits QK^T * scale (+ mask + logit_bias)     (explicit)
+    probs        [b, h, i, j]    softmax(scores) * value_scale                 (explicit)
+
+Legend: b batch rows, h heads, i query positions (h_res * w_res), j key
+positions (77 text slots at cross sites), d feature.
+
+One hook signature for all of them: ``fn(x, ctx) -> Tensor | None``; ``None``
+means "observe only". ``logit_bias`` starts as zeros and ``value_scale`` as
+ones, so a hook returns its contribution folded in (``x + bias``, ``x * w``).
+The two fused points never materialise the map: the processor turns them into
+SDPA's float mask and a scale on the rows of V. Only ``scores`` and ``probs``
+force the explicit path, and only at the sites and steps where they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+
+from .selector import Selector
+from .sites import Site
+from .tokens import TokenMap
+
+POINTS = ("context", "logit_bias", "value_scale", "scores", "probs")
+EXPLICIT_POINTS = ("scores", "probs")
+
+HookFn = Callable[[torch.Tensor, "HookContext"], Optional[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one row of the UNet batch is."""
+
+    cond: bool  # True: conditioned on the prompt; False: classifier-free guidance's unconditional row
+    prompt: int  # index of the prompt in the pipeline call
+    image: int  # index of the image among that prompt's num_images_per_prompt
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The rows of a UNet call, computed once per distinct text batch.
+
+    Rows are identified by matching each row's text embedding against the
+    embeddings the pipeline encoded, never by assuming which half is which.
+    """
+
+    rows: tuple[Row, ...]
+    prompts: tuple[str | None, ...] = ()
+    token_maps: tuple[TokenMap | None, ...] = ()
+    negative_prompts: tuple[str | None, ...] = ()
+
+    @classmethod
+    def plain(cls, batch_size: int) -> "BatchLayout":
+        """Layout of a bare model call: every row its own conditional prompt."""
+        return cls(rows=tuple(Row(True, r, 0) for r in range(batch_size)))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_prompts(self) -> int:
+        return 1 + max((row.prompt for row in self.rows), default=-1)
+
+    @property
+    def images_per_prompt(self) -> int:
+        return 1 + max((row.image for row in self.rows), default=-1)
+
+    def row_indices(self, *, cond: bool | None = True, prompt: int | None = None, image: int | None = None) -> list[int]:
+        """Indices of the rows matching the given fields (``None`` = any)."""
+        return [
+            index
+            for index, row in enumerate(self.rows)
+            if (cond is None or row.cond == cond)
+            and (prompt is None or row.prompt == prompt)
+            and (image is None or row.image == image)
+        ]
+
+    def cond_rows(self) -> list[int]:
+        return self.row_indices(cond=True)
+
+    def uncond_rows(self) -> list[int]:
+        return self.row_indices(cond=False)
+
+    def token_map(self, prompt: int) -> TokenMap:
+        """The token map of prompt ``prompt``; a clear error when prompts are unknown."""
+        if prompt >= len(self.token_maps) or self.token_maps[prompt] is None:
+            raise LookupError(
+                "the prompts of this call are unknown (the model was called directly, or with "
+                "prompt_embeds): pass `prompts=` to xattn.hooks(...) to resolve words"
+            )
+        return self.token_maps[prompt]
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """Everything a hook may want to know about the attention call it observes."""
+
+    site: Site
+    point: str
+    res: tuple[int, int]  # (h, w) of the query map at this site, derived from the latent shape
+    step: int | None  # index into the schedule's distinct timesteps, 0..num_steps-1
+    num_steps: int | None
+    timestep: float | None
+    layout: BatchLayout
+    heads: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", self.site.heads)
+
+    @property
+    def name(self) -> str:
+        """Full hook point name, e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2.probs``."""
+        return f"{self.site.name}.{self.point}"
+
+    @property
+    def kind(self) -> str:
+        return self.site.kind
+
+    @property
+    def progress(self) -> float | None:
+        """Fraction of the schedule done before this step (0 at the first step)."""
+        if self.step is None or not self.num_steps:
+            return None
+        return self.step / self.num_steps
+
+
+class Controller:
+    """Base of every controller: a selector plus hook methods named after points.
+
+    A subclass defines only the points it uses, e.g. ``def probs(self, x, ctx)``.
+    ``active(ctx)`` may narrow the selector per call (e.g. by step windows that
+    depend on the word). ``reset()`` runs at the start of each pipeline call.
+    """
+
+    selector: Selector = Selector()
+
+    def points(self) -> dict[str, HookFn]:
+        """The hook points this controller uses, by name."""
+        return {point: getattr(self, point) for point in POINTS if callable(getattr(self, point, None))}
+
+    def active(self, ctx: HookContext) -> bool:
+        return True
+
+    def reset(self) -> None:
+        """Forget per-run state; called when the pipeline starts a new call."""
+
+
+class Hook(Controller):
+    """A single function at a named point, TransformerLens style.
+
+    Args:
+        point: one of :data:`POINTS`, or a full name ``"<site glob>.<point>"``
+            such as ``"up_blocks.*.attn2.probs"``.
+        fn: ``fn(x, ctx) -> Tensor | None``.
+        selector: further restricts where it runs (string, dict or Selector).
+    """
+
+    def __init__(self, point: str, fn: HookFn, selector: Selector | str | dict | None = None):
+        site_glob, point_name = split_point_name(point)
+        self.selector = Selector.coerce(selector)
+        if site_glob is not None:
+            if self.selector.sites is not None:
+                raise ValueError(f"hook {point!r} names its sites; do not also give `sites` in the selector")
+            self.selector = replace(self.selector, sites=(site_glob,))
+        self.point = point_name
+        self.fn = fn
+
+    def points(self) -> dict[str, HookFn]:
+        return {self.point: self.fn}
+
+    def __repr__(self) -> str:
+        return f"Hook({self.point!r}, {getattr(self.fn, '__name__', self.fn)!r}, selector='{self.selector}')"
+
+
+def split_point_name(name: str) -> tuple[str | None, str]:
+    """``"up_blocks.*.attn2.probs"`` -> ``("up_blocks.*.attn2", "probs")``; ``"probs"`` -> ``(None, "probs")``."""
+    site_glob, _, point = name.rpartition(".")
+    if point not in POINTS:
+        raise ValueError(f"hook point {name!r} does not end in one of {', '.join(POINTS)}")
+    return (site_glob or None), point

@@ -1,0 +1,129 @@
+"""Attention sites: every attention module of a model, named by its module path.
+
+A site is where a hook can run. Its name is the path diffusers itself uses in
+``unet.attn_processors`` (minus the ``.processor`` suffix), so names are never
+invented and never repeat. The spatial resolution of a site is *not* stored:
+it depends on the latent size of the call and is derived at run time by
+:func:`resolution_of`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+Kind = Literal["cross", "self"]
+Block = Literal["down", "mid", "up", "other"]
+
+_PROCESSOR_SUFFIX = ".processor"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attention module: where it is and what it attends to."""
+
+    name: str  # module path, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    kind: Kind  # "cross": queries attend to the text; "self": to the image itself
+    block: Block  # which half of the UNet the module sits in
+    heads: int
+    head_dim: int
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _block_of(name: str) -> Block:
+    first = name.split(".", 1)[0]
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(first, "other")
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> attention module, for every module with a ``processor``.
+
+    Uses ``attn_processors`` (diffusers' own registry) so the names match the keys
+    that ``set_attn_processor`` accepts.
+    """
+    if not hasattr(model, "attn_processors"):
+        raise TypeError(
+            f"{type(model).__name__} has no `attn_processors`; xattn needs a diffusers model "
+            "(UNet2DConditionModel, a transformer with cross-attention) or a pipeline holding one"
+        )
+    names = [key[: -len(_PROCESSOR_SUFFIX)] for key in model.attn_processors]
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in names}
+
+
+def _site_of(name: str, module: nn.Module) -> Site:
+    heads = int(module.heads)
+    inner_dim = module.to_q.out_features
+    is_cross = bool(getattr(module, "is_cross_attention", False))
+    return Site(
+        name=name,
+        kind="cross" if is_cross else "self",
+        block=_block_of(name),
+        heads=heads,
+        head_dim=inner_dim // heads,
+    )
+
+
+def denoiser_of(model) -> nn.Module:
+    """The module that owns the attention: a pipeline's UNet/transformer, or the model itself."""
+    for attribute in ("unet", "transformer"):
+        inner = getattr(model, attribute, None)
+        if isinstance(inner, nn.Module) and hasattr(inner, "attn_processors"):
+            return inner
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(
+        f"cannot find a denoiser in {type(model).__name__}: expected a diffusers pipeline with a "
+        "`unet` or `transformer`, or the model itself"
+    )
+
+
+def sites(model) -> list[Site]:
+    """Every attention site of a diffusers model or pipeline, in module order.
+
+    Args:
+        model: a pipeline (its ``unet`` or ``transformer`` is used) or a model
+            exposing ``attn_processors``.
+    """
+    denoiser = denoiser_of(model)
+    return [_site_of(name, module) for name, module in attention_modules(denoiser).items()]
+
+
+def resolution_of(query_length: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """Spatial (h, w) of a site's queries, from the query length and the latent's (H, W).
+
+    UNet stages halve the size with stride-2 convolutions (rounding up), so a
+    site that is ``f`` times down has ``ceil(H/f) * ceil(W/f)`` queries. We
+    search the factors rather than assume a table of sizes, which keeps any
+    aspect ratio and odd size right.
+    """
+    height, width = latent_hw
+    factor = 1
+    while factor <= max(height, width):
+        h, w = math.ceil(height / factor), math.ceil(width / factor)
+        if h * w == query_length:
+            return h, w
+        factor *= 2
+    # Not a power-of-two pyramid (e.g. a patchified transformer): fall back to
+    # the square (or the flat sequence) rather than guessing.
+    side = math.isqrt(query_length)
+    if side * side == query_length:
+        return side, side
+    return 1, query_length
+
+
+def format_table(site_list: list[Site]) -> str:
+    """A plain-text table of sites, for ``xattn sites``."""
+    header = ("name", "kind", "block", "heads", "head_dim")
+    rows = [(s.name, s.kind, s.block, str(s.heads), str(s.head_dim)) for s in site_list]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+

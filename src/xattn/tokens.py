@@ -1,0 +1,184 @@
+"""Token alignment: which slots of the text sequence hold which words of a prompt.
+
+CLIP pads every prompt to 77 slots: slot 0 is the start token, then the BPE
+pieces of the words (a word may take several), then the end token, then
+padding. A word's attention map lives at its slots, so every lookup from a
+word to an index goes through :class:`TokenMap`, once per prompt, outside the
+per-layer code.
+
+Words are the pieces CLIP's pre-tokenizer cuts the text into: runs of
+letters, single digits, runs of punctuation, and the contractions ('s, 't, ...).
+Matching ignores case, as CLIP does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import regex
+
+# CLIP's pre-tokenization rule: contractions, letter runs, single digits, other symbol runs.
+_WORD_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+
+# Names that address the special slots.
+START_NAMES = ("<start>", "<bos>", "<|startoftext|>")
+END_NAMES = ("<end>", "<eos>", "<|endoftext|>")
+PAD_NAMES = ("<pad>", "<padding>")
+
+
+class TokenError(KeyError):
+    """A word, phrase or index that is not in the prompt."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of the prompt and the slots its BPE pieces occupy."""
+
+    text: str  # as written in the prompt
+    start: int  # character span in the prompt
+    end: int
+    slots: tuple[int, ...]  # indices into the padded token sequence (BOS is slot 0)
+    occurrence: int  # 1 for the first time this (lower-cased) word appears, 2 for the next...
+
+    @property
+    def key(self) -> str:
+        return self.text.lower()
+
+
+def split_words(text: str) -> list[tuple[str, int, int]]:
+    """The prompt's words with their character spans."""
+    return [(m.group(0), m.start(), m.end()) for m in _WORD_PATTERN.finditer(text)]
+
+
+class TokenMap:
+    """Maps the words and phrases of one prompt to slots of the token sequence.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (CLIP's for Stable Diffusion).
+        prompt: the prompt text exactly as given to the pipeline.
+        max_length: sequence length; defaults to ``tokenizer.model_max_length`` (77).
+
+    Lookup keys for :meth:`indices`: a word (``"cat"``: every occurrence), the
+    n-th occurrence (``"cat#2"``), a phrase (``"red circle"``), a slot index
+    (``5``), or a special name: ``<start>``, ``<end>``, ``<pad>``.
+    """
+
+    def __init__(self, tokenizer, prompt: str, max_length: int | None = None):
+        self.prompt = prompt
+        self.max_length = int(max_length or tokenizer.model_max_length)
+        body = self.max_length - 2  # room between the start and end tokens
+        self.words: list[Word] = []
+        self.cut_words: list[str] = []
+        pieces: list[str] = []
+        counts: dict[str, int] = {}
+        for text, start, end in split_words(prompt):
+            word_pieces = tokenizer.tokenize(text)
+            first_slot = 1 + len(pieces)
+            slots = tuple(s for s in range(first_slot, first_slot + len(word_pieces)) if s <= body)
+            pieces.extend(word_pieces)
+            if len(slots) < len(word_pieces):
+                self.cut_words.append(text)
+            if not slots:
+                continue
+            counts[text.lower()] = counts.get(text.lower(), 0) + 1
+            self.words.append(Word(text, start, end, slots, counts[text.lower()]))
+        self._check_against_tokenizer(tokenizer, pieces)
+        if self.cut_words:
+            warnings.warn(
+                f"prompt is longer than {body} tokens; these words were cut: {' '.join(self.cut_words)}",
+                stacklevel=2,
+            )
+        self.pieces = pieces[:body]
+        self.end_slot = 1 + len(self.pieces)  # the end-of-text token
+
+    def _check_against_tokenizer(self, tokenizer, pieces: list[str]) -> None:
+        whole = tokenizer.tokenize(self.prompt)
+        if whole != pieces:
+            raise ValueError(
+                "this tokenizer does not split words the way CLIP does, so TokenMap cannot align "
+                f"{self.prompt!r}: word by word gives {pieces[:8]}..., the whole prompt {whole[:8]}..."
+            )
+
+    # -- lookup --------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Slots holding real tokens: start, the words, end."""
+        return self.end_slot + 1
+
+    def indices(self, key: str | int) -> list[int]:
+        """Slot indices for a word, ``word#n``, phrase, special name or index."""
+        if isinstance(key, int):
+            if not 0 <= key < self.max_length:
+                raise TokenError(f"token index {key} is outside 0..{self.max_length - 1}")
+            return [key]
+        name = key.strip().lower()
+        if name in START_NAMES:
+            return [0]
+        if name in END_NAMES:
+            return [self.end_slot]
+        if name in PAD_NAMES:
+            return list(range(self.end_slot + 1, self.max_length))
+        word_text, _, occurrence_text = name.rpartition("#") if "#" in name else (name, "", "")
+        occurrence = None
+        if occurrence_text:
+            if not occurrence_text.isdigit() or int(occurrence_text) < 1:
+                raise TokenError(f"{key!r}: the part after '#' must be an occurrence number >= 1")
+            occurrence = int(occurrence_text)
+        target = [w.lower() for w, _, _ in split_words(word_text)]
+        if not target:
+            raise TokenError(f"{key!r} holds no word; words of the prompt: {self._word_list()}")
+        matches = self._find(target)
+        if not matches:
+            raise TokenError(self._missing_message(key, word_text))
+        if occurrence is not None:
+            if occurrence > len(matches):
+                raise TokenError(f"{key!r}: {word_text!r} occurs {len(matches)} time(s) in {self.prompt!r}")
+            matches = [matches[occurrence - 1]]
+        return [slot for match in matches for word in match for slot in word.slots]
+
+    def _find(self, target: list[str]) -> list[list[Word]]:
+        """Every run of consecutive words equal to ``target`` (case-insensitive)."""
+        n = len(target)
+        return [
+            self.words[i : i + n]
+            for i in range(len(self.words) - n + 1)
+            if [w.key for w in self.words[i : i + n]] == target
+        ]
+
+    def _word_list(self) -> str:
+        return ", ".join(repr(w.text) for w in self.words) or "(none)"
+
+    def _missing_message(self, key: str, word_text: str) -> str:
+        if any(word_text.lower() == cut.lower() for cut in self.cut_words):
+            return f"{key!r} was cut: the prompt is longer than {self.max_length - 2} tokens"
+        return f"{key!r} is not in the prompt {self.prompt!r}; its words are: {self._word_list()}"
+
+    def word_at(self, slot: int) -> str:
+        """The name of whatever sits at ``slot``."""
+        if slot == 0:
+            return "<start>"
+        if slot == self.end_slot:
+            return "<end>"
+        for word in self.words:
+            if slot in word.slots:
+                return word.text
+        return "<pad>"
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "max_length": self.max_length,
+            "end_slot": self.end_slot,
+            "words": [
+                {"text": w.text, "start": w.start, "end": w.end, "slots": list(w.slots), "occurrence": w.occurrence}
+                for w in self.words
+            ],
+        }
+
+    def __repr__(self) -> str:
+        listed = " ".join(f"{w.text}{list(w.slots)}" for w in self.words)
+        return f"TokenMap({self.prompt!r}: <start>[0] {listed} <end>[{self.end_slot}])"

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny saved-and-reloaded pipelines, one CPU thread, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("XATTN_TEST_THREADS", "1")))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd1_path(tmp_path_factory):
+    return tiny_models.build_sd(tmp_path_factory.mktemp("sd1"), tiny_models.sd1_unet())
+
+
+@pytest.fixture(scope="session")
+def sd2_path(tmp_path_factory):
+    return tiny_models.build_sd(tmp_path_factory.mktemp("sd2"), tiny_models.sd2_unet())
+
+
+@pytest.fixture(scope="session")
+def sdxl_path(tmp_path_factory):
+    return tiny_models.build_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture
+def sd1_pipe(sd1_path):
+    return tiny_models.load_sd(sd1_path)
+
+
+@pytest.fixture
+def sd2_pipe(sd2_path):
+    return tiny_models.load_sd(sd2_path)
+
+
+@pytest.fixture
+def sdxl_pipe(sdxl_path):
+    return tiny_models.load_sdxl(sdxl_path)
+
+
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
+def any_pipe(request):
+    """Each architecture in turn."""
+    return request.getfixturevalue(f"{request.param}_pipe")

@@ -1,0 +1,120 @@
+"""Tiny SD 1.x / 2.x / SDXL pipelines with random weights, for tests.
+
+Each is built from a config, saved with ``save_pretrained`` (safetensors) and
+loaded back with ``from_pretrained``: the real loading path. Sizes are small
+but keep what matters to attention: several resolutions, cross and self
+sites, a mid block, linear projections and per-block head dims (SD 2.x),
+two text encoders and added conditioning (SDXL).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from xattn.assets import clip_tokenizer_path
+
+TEXT_DIM = 32
+
+
+def tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_path())
+
+
+def _text_config(hidden: int = TEXT_DIM, projection: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, projection_dim=projection or hidden,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=32,
+    )
+
+
+def _scheduler() -> DDIMScheduler:
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def sd1_unet(cross_dim: int = TEXT_DIM) -> UNet2DConditionModel:
+    """SD 1.x layout: conv projections, one head count for all blocks."""
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=4, norm_num_groups=8,
+    )
+
+
+def sd2_unet(cross_dim: int = TEXT_DIM) -> UNet2DConditionModel:
+    """SD 2.x layout: linear projections, per-block head dims, upcast attention."""
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=(4, 8, 8), use_linear_projection=True,
+        upcast_attention=True, norm_num_groups=8,
+    )
+
+
+def sdxl_unet(cross_dim: int = 2 * TEXT_DIM) -> UNet2DConditionModel:
+    """SDXL layout: text_time added conditioning, several transformer layers per block."""
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + TEXT_DIM, norm_num_groups=8,
+    )
+
+
+def build_sd(path: Path, unet: UNet2DConditionModel, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=tokenizer(), unet=unet,
+        scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_sdxl(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=TEXT_DIM)),
+        tokenizer=tokenizer(), tokenizer_2=tokenizer(), unet=sdxl_unet(), scheduler=_scheduler(),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_sd(path: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_sdxl(path: Path) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
