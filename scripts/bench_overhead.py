@@ -1,0 +1,169 @@
+"""Per-step cost of xattn against diffusers' stock SDPA processor, on an SD 1.5-size UNet.
+
+Builds the SD 1.5 UNet architecture from its public config (block_out_channels
+320/640/1280/1280, cross_attention_dim 768, 8 heads) with random weights and
+times one UNet step (a classifier-free-guidance batch of 2) for each variant.
+Variants run interleaved, round after round, and the table reports medians
+and each median as a ratio to stock measured in the same run, so slow drift
+of the machine cancels out.
+
+    python scripts/bench_overhead.py                      # CPU, 256x256, fp32
+    python scripts/bench_overhead.py --device cuda        # 512x512, fp16
+
+Run it on an otherwise idle machine; the figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+from typing import Callable, Iterator
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+import xattn
+
+# variant name -> factory of a context manager that sets the UNet up for it
+Variant = Callable[[UNet2DConditionModel, dict], contextlib.AbstractContextManager]
+
+
+def sd15_unet() -> UNet2DConditionModel:
+    """The SD 1.5 UNet architecture (public config), random weights."""
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+
+
+@contextlib.contextmanager
+def stock(unet, setup) -> Iterator[None]:
+    original = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+def session_with(*make_controllers: Callable[[dict], xattn.Controller]) -> Variant:
+    def variant(unet, setup):
+        return xattn.hooks(unet, *(make(setup) for make in make_controllers), scheduler=setup["scheduler"])
+    return variant
+
+
+def observe_probs(setup):
+    return xattn.Hook("probs", lambda p, ctx: None, selector="kind=cross")
+
+
+def fused_scale(setup):
+    weights = setup["token_weights"]
+    return xattn.Hook("value_scale", lambda x, ctx: x * weights, selector="kind=cross")
+
+
+def fused_bias(setup):
+    bias = setup["token_weights"].log()
+    return xattn.Hook("logit_bias", lambda x, ctx: x + bias, selector="kind=cross")
+
+
+VARIANTS: dict[str, Variant] = {
+    "stock AttnProcessor2_0": stock,
+    "xattn, no hooks": session_with(),
+    "xattn, observe probs (all cross)": session_with(observe_probs),
+    "xattn, fused reweight (value_scale)": session_with(fused_scale),
+    "xattn, fused reweight (logit_bias)": session_with(fused_bias),
+}
+
+
+def optional_variants() -> dict[str, Variant]:
+    """Variants of features that may not be installed in this checkout."""
+    extra: dict[str, Variant] = {}
+    if hasattr(xattn, "Capture"):
+        extra["capture, aggregated (all cross, every step)"] = session_with(lambda s: xattn.Capture())
+    if hasattr(xattn, "Reweight"):
+        extra["Reweight('scale') controller"] = session_with(lambda s: xattn.Reweight({5: 0.5}, mode="scale"))
+        extra["Reweight('bias') controller"] = session_with(lambda s: xattn.Reweight({5: 0.5}, mode="bias"))
+    return extra
+
+
+class _FixedSchedule:
+    """Stands in for a scheduler: the step clock reads ``timesteps``."""
+
+    def __init__(self, timesteps: torch.Tensor):
+        self.timesteps = timesteps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=None, help="image size (default 256 on CPU, 512 on CUDA)")
+    parser.add_argument("--dtype", default=None, help="float32 / float16 (default fp32 on CPU, fp16 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each runs every variant once)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all)")
+    parser.add_argument("--only", default=None, help="comma list of substrings: run matching variants only")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    size = args.size or (512 if cuda else 256)
+    dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    unet = sd15_unet().eval()
+    if (device.type, dtype) != ("cpu", torch.float32):
+        unet = unet.to(device=device, dtype=dtype)
+    latent = size // 8
+    batch = 2  # classifier-free guidance: unconditional + conditional row
+    sample = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
+    text = torch.randn(batch, 77, 768, device=device, dtype=dtype)
+    timestep = torch.tensor(500, device=device)
+    token_weights = torch.ones(batch, 77, device=device, dtype=dtype)
+    token_weights[:, 5] = 0.5
+    setup = {"scheduler": _FixedSchedule(torch.tensor([999, 500, 1])), "token_weights": token_weights}
+
+    variants = {**VARIANTS, **optional_variants()}
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        variants = {k: v for k, v in variants.items() if k.startswith("stock") or any(w in k for w in wanted)}
+
+    def one_step(variant: Variant) -> float:
+        with variant(unet, setup), torch.no_grad():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            unet(sample, timestep, text)
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+    for variant in variants.values():  # warm-up round, not timed
+        one_step(variant)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, variant in variants.items():
+            times[name].append(one_step(variant))
+
+    stock_median = statistics.median(times["stock AttnProcessor2_0"])
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"device {device}{' ' + torch.cuda.get_device_name(device) if cuda else ''}")
+    print(f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, xattn {xattn.__version__}")
+    print(f"SD 1.5-architecture UNet, {size}x{size} ({latent}x{latent} latents), batch {batch}, {dtype}, "
+          f"{args.repeats} interleaved rounds\n")
+    print(f"| variant | median s/step | ratio to stock |")
+    print(f"|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.4f} | {median / stock_median:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
