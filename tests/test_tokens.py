@@ -97,3 +97,13 @@ def test_long_prompt_warns_and_names_cut_words(tokenizer):
     with pytest.raises(xattn.TokenError, match="was cut"):
         tm.indices("giraffe")
     assert tm.indices("<end>") == [76]
+
+
+def test_span_indices_follow_character_spans(tokenizer):
+    prompt = "a red circle and a red square"
+    tm = xattn.TokenMap(tokenizer, prompt)
+    second_red = prompt.index("red", 5)
+    assert tm.span_indices(second_red, second_red + 3) == tm.indices("red#2")
+    assert tm.span_indices(2, 12) == tm.indices("red circle")
+    with pytest.raises(xattn.TokenError, match="hold no token"):
+        tm.span_indices(1, 2)  # a space

@@ -140,6 +140,17 @@ class TokenMap:
             matches = [matches[occurrence - 1]]
         return [slot for match in matches for word in match for slot in word.slots]
 
+    def span_indices(self, start: int, end: int) -> list[int]:
+        """Slots of the words overlapping characters ``[start, end)`` of the prompt.
+
+        This is how a weighted span of a parsed prompt (``xattn.prompt_syntax``)
+        finds its tokens without going through words that may repeat.
+        """
+        slots = [slot for word in self.words if word.start < end and start < word.end for slot in word.slots]
+        if not slots:
+            raise TokenError(f"characters {start}..{end} of {self.prompt!r} hold no token")
+        return slots
+
     def _find(self, target: list[str]) -> list[list[Word]]:
         """Every run of consecutive words equal to ``target`` (case-insensitive)."""
         n = len(target)
