@@ -154,6 +154,14 @@ class Controller:
     def reset(self) -> None:
         """Forget per-run state; called when the pipeline starts a new call."""
 
+    def bind(self, session) -> None:
+        """Called when a session opens with this controller (or adds it).
+
+        Lets a controller see the model before any call (``session.model``,
+        ``session.denoiser``, ``session.sites``), e.g. to check a memory
+        budget before sampling starts. The default does nothing.
+        """
+
 
 class Hook(Controller):
     """A single function at a named point, TransformerLens style.

@@ -359,6 +359,8 @@ class Session:
         try:
             runtime.install(self, self._selected_site_names())
             runtime.rebuild()
+            for controller in self.controllers:
+                controller.bind(self)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -384,6 +386,7 @@ class Session:
         self.controllers.append(controller)
         self._runtime.install(self, [s.name for s in self.sites if controller.selector.matches_site(s)])
         self._runtime.rebuild()
+        controller.bind(self)
         return controller
 
     def add_hook(self, point: str, fn: HookFn, selector: Selector | str | dict | None = None) -> Hook:
