@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Train the shapes-world mini Stable Diffusion from scratch on CPU.
+
+Stages (one command runs both, --resume continues wherever it stopped):
+  1. vae:  AutoencoderKL on rendered scenes (L1 + MSE + tiny KL); then a fixed
+           pool of training scenes is encoded once to latents.
+  2. unet: UNet2DConditionModel + CLIPTextModel jointly: epsilon loss with
+           min-SNR weighting, 10% empty captions (for classifier-free
+           guidance), a cross-attention grounding loss, EMA weights.
+The run stops at --unet-steps or when the --minutes wall budget (counted over
+all resumed runs) is spent, then exports the EMA weights as a diffusers folder.
+
+  python scripts/train_world.py --dir checkpoints/world --export checkpoints/world/final --minutes 75
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xattn.world.data import grounding_targets, image_to_tensor, mask_fraction, object_slots
+from xattn.world.export import load_tokenizer, save_pipeline
+from xattn.world.grounding import grounding_loss, install
+from xattn.world.models import make_text_encoder, make_train_scheduler, make_unet, make_vae
+from xattn.world.scenes import make_scene
+
+VAE_SEED_BASE = 5_000_000
+POOL_SEED_BASE = 1_000
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cosine_lr(peak: float, progress: float, warm: float) -> float:
+    """Linear warm-up over the first ``warm`` steps' worth, then cosine to 5%."""
+    if progress < warm:
+        return peak * max(progress / warm, 0.02)
+    p = min(1.0, (progress - warm) / max(1e-9, 1 - warm))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def vae_batch(seed: int, step: int, size: int) -> torch.Tensor:
+    base = VAE_SEED_BASE + seed * 100_000 + step * size
+    return image_to_tensor(np.stack([make_scene(base + i).image for i in range(size)]))
+
+
+def train_vae(state: dict, args, clock) -> None:
+    vae = make_vae()
+    vae.load_state_dict(state["vae"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    if state.get("vae_opt"):
+        opt.load_state_dict(state["vae_opt"])
+    last_save = time.time()
+    run = []
+    while state["step"] < args.vae_steps:
+        step = state["step"]
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(args.vae_lr, step / args.vae_steps, 0.05)
+        x = vae_batch(args.seed, step, args.vae_batch)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=torch.Generator().manual_seed(step))).sample
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean()
+        loss = l1 + mse + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        state["step"] = step + 1
+        run.append((l1.item(), mse.item(), kl.item()))
+        if state["step"] % 25 == 0:
+            a = np.mean(run, 0)
+            run = []
+            log(f"vae step {state['step']}/{args.vae_steps} l1 {a[0]:.4f} mse {a[1]:.5f} "
+                f"kl {a[2]:.1f} elapsed {clock() / 60:.1f} min")
+        if time.time() - last_save > args.save_every:
+            state["vae"], state["vae_opt"], state["elapsed"] = vae.state_dict(), opt.state_dict(), clock()
+            atomic_save(state, args.dir / "state.pt")
+            last_save = time.time()
+    state["vae"], state["vae_opt"] = vae.state_dict(), None
+    build_pool(state, vae, args)
+    state.update(stage="unet", step=0, elapsed=clock())
+    atomic_save(state, args.dir / "state.pt")
+    log("vae stage done")
+
+
+@torch.no_grad()
+def build_pool(state: dict, vae, args) -> None:
+    """Encode a fixed, class-balanced pool of training scenes once."""
+    tok = load_tokenizer()
+    cache: dict[str, list[int]] = {}
+    lat, masks, slots, ids = [], [], [], []
+    vae.eval()
+    for start in range(0, args.pool, 256):
+        scenes = [make_scene(POOL_SEED_BASE + args.seed * 100_000 + i, split="train")
+                  for i in range(start, min(start + 256, args.pool))]
+        lat.append(vae.encode(image_to_tensor(np.stack([s.image for s in scenes]))).latent_dist.mean)
+        for s in scenes:
+            m = np.zeros((2, 16, 16), np.float32)
+            sl = np.full((2, 2), -1, np.int64)
+            for k, (obj, slot) in enumerate(zip(s.objects, object_slots(s))):
+                m[k] = mask_fraction(obj.mask, 16)
+                sl[k] = slot
+            if s.caption not in cache:
+                cache[s.caption] = tok(s.caption, padding="max_length", max_length=77).input_ids
+            masks.append(m)
+            slots.append(sl)
+            ids.append(cache[s.caption])
+    lat = torch.cat(lat)  # [n, 4, 16, 16]
+    sf = float(1.0 / lat.std())
+    state["scaling_factor"] = sf
+    pool = dict(lat=lat, masks=torch.from_numpy(np.stack(masks)).half(),
+                slots=torch.from_numpy(np.stack(slots)), ids=torch.tensor(ids),
+                empty=torch.tensor(tok("", padding="max_length", max_length=77).input_ids))
+    atomic_save(pool, args.dir / "pool.pt")
+    log(f"pool of {len(lat)} scenes encoded; latent std {lat.std():.3f} -> scaling {sf:.3f}")
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def export(state: dict, folder: Path, use_ema: bool = True) -> None:
+    vae = make_vae()
+    vae.load_state_dict(state["vae"])
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    te, unet = make_text_encoder(), make_unet()
+    te.load_state_dict(state["ema_te" if use_ema else "te"])
+    unet.load_state_dict(state["ema_unet" if use_ema else "unet"])
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pipeline(tmp, vae, te, unet)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def train_unet(state: dict, args, clock) -> None:
+    pool = torch.load(args.dir / "pool.pt")
+    n_pool = len(pool["lat"])
+    sf = state["scaling_factor"]
+    torch.manual_seed(args.seed)
+    te, unet = make_text_encoder(), make_unet()
+    if "unet" in state:
+        te.load_state_dict(state["te"])
+        unet.load_state_dict(state["unet"])
+    ema_te, ema_unet = copy.deepcopy(te), copy.deepcopy(unet)
+    if "ema_unet" in state:
+        ema_te.load_state_dict(state["ema_te"])
+        ema_unet.load_state_dict(state["ema_unet"])
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+    store = install(unet)
+    sched = make_train_scheduler()
+    acp = sched.alphas_cumprod
+    budget = args.minutes * 60 - 90  # leave time to export
+    unet_t0 = state.get("unet_t0", clock())
+    state["unet_t0"] = unet_t0
+    last_save = time.time()
+    run = []
+    t_step = time.time()
+
+    def snapshot():
+        state.update(te=te.state_dict(), unet=unet.state_dict(), ema_te=ema_te.state_dict(),
+                     ema_unet=ema_unet.state_dict(), opt=opt.state_dict(), elapsed=clock())
+
+    stop_at = state["step"] + args.stop_after if args.stop_after else args.unet_steps
+    while state["step"] < min(args.unet_steps, stop_at) and clock() < budget:
+        step = state["step"]
+        progress = max(step / args.unet_steps, (clock() - unet_t0) / max(1.0, budget - unet_t0))
+        lr = cosine_lr(args.lr, progress, args.warmup / args.unet_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(n_pool, (args.batch,), generator=gen)
+        lat = pool["lat"][idx] * sf  # [b, 4, 16, 16]
+        ids = pool["ids"][idx].clone()  # [b, 77]
+        slots = pool["slots"][idx].clone()  # [b, 2 objects, 2 words]
+        drop = torch.rand(args.batch, generator=gen) < args.cond_drop
+        ids[drop] = pool["empty"]
+        slots[drop] = -1
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        noise = torch.randn(lat.shape, generator=gen)
+        noisy = sched.add_noise(lat, noise, t)
+
+        store.clear()
+        enc = te(ids).last_hidden_state  # [b, 77, hidden]
+        pred = unet(noisy, t, enc).sample
+        snr = acp[t] / (1 - acp[t])
+        w = torch.clamp(snr, max=args.snr_gamma) / snr
+        l_diff = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
+        targets, valid = grounding_targets(pool["masks"][idx].float(), slots)
+        l_share, l_bce = grounding_loss(store.probs, targets, valid)
+        loss = l_diff + args.w_share * l_share + args.w_bce * l_bce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_te, te, decay)
+        state["step"] = step + 1
+        run.append((l_diff.item(), l_share.item(), l_bce.item()))
+        if state["step"] % args.log_every == 0:
+            a = np.mean(run, 0)
+            run = []
+            dt = (time.time() - t_step) / args.log_every
+            t_step = time.time()
+            log(f"unet step {state['step']}/{args.unet_steps} diff {a[0]:.4f} share {a[1]:.4f} "
+                f"bce {a[2]:.4f} lr {lr:.2e} {dt:.2f} s/step elapsed {clock() / 60:.1f} min")
+        if time.time() - last_save > args.save_every:
+            snapshot()
+            atomic_save(state, args.dir / "state.pt")
+            if args.export_latest:
+                export(state, args.dir / "latest")
+            last_save = time.time()
+            log(f"checkpoint at step {state['step']}")
+    snapshot()
+    if state["step"] >= args.unet_steps or clock() >= budget:
+        state["stage"] = "done"
+    atomic_save(state, args.dir / "state.pt")
+    log(f"unet stage stopped at step {state['step']} after {clock() / 60:.1f} min")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", type=Path, default=Path("checkpoints/world"))
+    ap.add_argument("--export", type=Path, default=None, help="pipeline folder to write at the end")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stage", choices=["vae", "all"], default="all",
+                    help="vae: stop after the VAE stage and pool")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--minutes", type=float, default=75.0, help="wall budget over all runs")
+    ap.add_argument("--vae-steps", type=int, default=700)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--vae-kl", type=float, default=1e-6)
+    ap.add_argument("--pool", type=int, default=32768)
+    ap.add_argument("--unet-steps", type=int, default=7000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--cond-drop", type=float, default=0.1)
+    ap.add_argument("--snr-gamma", type=float, default=5.0)
+    ap.add_argument("--w-share", type=float, default=0.1)
+    ap.add_argument("--w-bce", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--save-every", type=float, default=180.0, help="seconds")
+    ap.add_argument("--export-latest", action="store_true",
+                    help="also export the EMA pipeline to DIR/latest at each checkpoint")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="end this invocation after N more UNet steps (testing resume)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    path = args.dir / "state.pt"
+    if args.resume and path.exists():
+        state = torch.load(path, weights_only=False)
+        log(f"resumed: stage {state['stage']} step {state['step']} elapsed {state['elapsed'] / 60:.1f} min")
+    else:
+        torch.manual_seed(args.seed)
+        state = dict(stage="vae", step=0, elapsed=0.0, vae=make_vae().state_dict(), args=vars(args))
+        log(f"fresh run: {' '.join(sys.argv)}")
+    t0, e0 = time.time(), state["elapsed"]
+
+    def clock() -> float:
+        return e0 + time.time() - t0
+
+    if state["stage"] == "vae":
+        train_vae(state, args, clock)
+    if args.stage == "vae":
+        return
+    if state["stage"] == "unet":
+        train_unet(state, args, clock)
+    if args.export is not None and state["stage"] == "done":
+        export(state, args.export)
+        log(f"exported EMA pipeline to {args.export}; total {clock() / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

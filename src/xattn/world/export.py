@@ -1,0 +1,40 @@
+"""Write trained components as a plain diffusers StableDiffusionPipeline folder."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from ..assets import clip_tokenizer_path
+from .models import make_sample_scheduler
+
+DEFAULTS = {"guidance_scale": 4.0, "num_inference_steps": 25, "height": 64, "width": 64}
+
+
+def load_tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_path())
+
+
+def save_pipeline(folder: Path, vae, text_encoder, unet, defaults: dict | None = None) -> Path:
+    """Save fp32 safetensors + the real CLIP tokenizer files + DDIM scheduler.
+
+    The tokenizer folder gets vocab.json/merges.txt from xattn.assets rather
+    than transformers' tokenizer.json, which is twice as large.
+    """
+    folder = Path(folder)
+    unet.set_default_attn_processor()
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
+        scheduler=make_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    tok = folder / "tokenizer"
+    shutil.rmtree(tok)
+    shutil.copytree(clip_tokenizer_path(), tok,
+                    ignore=shutil.ignore_patterns("__init__.py", "__pycache__"))
+    (folder / "xattn_defaults.json").write_text(json.dumps(defaults or DEFAULTS, indent=2) + "\n")
+    return folder
