@@ -14,6 +14,7 @@ from .selector import Selector, SelectorError
 from .session import Session, hooks
 from .sites import Site, resolution_of, sites
 from .tokens import TokenError, TokenMap
+from .reweight import Reweight  # noqa: F401  (issue 5: attention-level word weights)
 
 __version__ = "0.1.0"
 
