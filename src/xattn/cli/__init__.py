@@ -1,0 +1,66 @@
+"""The ``xattn`` command line: one typer app, one module per command.
+
+Each command lives in ``xattn/cli/<name>.py`` and exposes
+``register(app: typer.Typer) -> None``. Commands written in parallel by other
+contributors (``maps``, ``reweight``, ``edit``, ``report``) are registered
+when their module exists; a missing module is skipped, but any other error
+while importing it is raised, so a broken command is never hidden.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+HELP = """See and steer how a prompt's words shape a diffusion image.
+
+Every command runs on the embedded shapes-world model unless --model names a
+pipeline folder or a cached Hub id, and writes into a new run folder under
+outputs/ with a manifest.json and PNGs that carry their generation parameters.
+
+Examples:
+
+\b
+  $ xattn generate "a red circle and a blue square" --seed 3
+  $ xattn sites
+  $ xattn generate --from-png outputs/generate-20260101-120000-a-red-circle/image-0.png
+  $ xattn sweep configs/sweep-example.yaml
+  $ accelerate launch --cpu --num_processes 2 -m xattn sweep configs/sweep-example.yaml
+"""
+
+# Order of `xattn --help`; the first four are ours, the others are registered if present.
+COMMANDS = ("generate", "sites", "sweep", "maps", "reweight", "edit", "report")
+
+app = typer.Typer(
+    name="xattn", help=HELP, no_args_is_help=True, add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_all(target: typer.Typer) -> list[str]:
+    """Import ``xattn.cli.<name>`` for each command and call its ``register``; skip absent ones."""
+    registered = []
+    for name in COMMANDS:
+        module_name = f"{__name__}.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:  # the command's own module is not there (yet)
+                continue
+            raise
+        module.register(target)
+        registered.append(name)
+    return registered
+
+
+REGISTERED = _register_all(app)
+
+
+def main() -> None:
+    """Entry point of the ``xattn`` console script and ``python -m xattn``."""
+    app(prog_name="xattn")
+
+
+__all__ = ["app", "main", "REGISTERED"]

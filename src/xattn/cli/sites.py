@@ -1,0 +1,34 @@
+"""``xattn sites``: print the attention sites of a model as a table."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from . import common
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(epilog=common.examples("xattn sites", "xattn sites path/to/pipeline --kind cross"))
+    def sites(
+        model_arg: Annotated[Optional[str], typer.Argument(
+            metavar="[MODEL]", show_default=False,
+            help="Pipeline folder or cached Hub id (default: the shapes-world model).")] = None,
+        model: common.Model = None,
+        kind: Annotated[Optional[Literal["cross", "self", "all"]], typer.Option(
+            help="Only sites of this kind.")] = None,
+    ):
+        """List every attention site (module path, kind, block, heads) of a model."""
+        from .. import sites as site_module
+        from ..runner import load_pipeline
+
+        with common.user_errors():
+            if model_arg is not None and model is not None and model_arg != model:
+                raise common.runner.OptionError(
+                    f"two models given ({model_arg!r} and --model {model!r}); pass one")
+            pipe = load_pipeline(model_arg or model, device="cpu", dtype="float32")
+            listed = site_module.sites(pipe)
+            if kind in ("cross", "self"):
+                listed = [s for s in listed if s.kind == kind]
+            typer.echo(site_module.format_table(listed))
