@@ -1,0 +1,414 @@
+"""Capture: keep the attention maps a selector picks, with memory that stays bounded.
+
+Two modes:
+
+- aggregated (default): one running float32 sum per (kind, resolution) on the
+  device, conditional rows only, heads averaged. Each attention call adds its
+  maps into the preallocated sum and nothing else is allocated, so memory does
+  not grow with the number of steps.
+- per-step: one map per (step, site), stored in fp16, for inspecting how maps
+  evolve; under a byte budget that is checked before anything is stored, and
+  optionally streamed to disk as one safetensors shard per step.
+
+Only the selected sites, resolutions and steps leave the fused SDPA path (the
+core runs a ``probs`` hook only where the selector and :meth:`Capture.active`
+say so). After the pipeline call, :meth:`Capture.maps` returns the word maps.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..hookpoints import BatchLayout, Controller, HookContext, Row
+from ..selector import Selector
+from ..sites import Site
+from .layers import MapLayer
+from .plan import CaptureBudgetError, PlannedSite, format_bytes, parse_bytes, res_at, site_downsampling
+
+DEFAULT_BUDGET = "1GiB"
+DEFAULT_SELF_RES = 32  # self-attention maps are [i, i]: 64x64 sites would need 64 MiB per row and call
+DEFAULT_TEXT_LENGTH = 77  # CLIP's padded sequence, used when no tokenizer is known
+
+
+class _Choice:
+    """Which indices of one dimension to keep: everything, a contiguous run (a view), or a list."""
+
+    def __init__(self, indices: list[int] | None, size: int):
+        self.count = size if indices is None else len(indices)
+        self.span: tuple[int, int] | None = None
+        self.index: torch.Tensor | None = None
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        if indices is None or indices == list(range(size)):
+            return
+        if indices == list(range(indices[0], indices[0] + len(indices))):
+            self.span = (indices[0], len(indices))
+        else:
+            self.index = torch.tensor(indices, dtype=torch.long)
+
+    def take(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.span is not None:
+            return x.narrow(dim, *self.span)
+        if self.index is None:
+            return x
+        index = self._on_device.get(x.device)
+        if index is None:
+            index = self._on_device[x.device] = self.index.to(x.device)
+        return x.index_select(dim, index)
+
+
+class _Run:
+    """Everything one pipeline call's capture needs, fixed at its first captured call."""
+
+    def __init__(self, layout: BatchLayout, rows: list[int], columns: list[int] | None, key_length: int,
+                 latent_hw: tuple[int, int], image_hw: tuple[int, int], num_steps: int | None):
+        self.layout = layout
+        self.row_indices = rows
+        self.rows: tuple[Row, ...] = tuple(layout.rows[r] for r in rows)
+        self.row_choice = _Choice(rows, layout.batch_size)
+        self.columns = columns  # token slots kept at cross sites (None = all)
+        self.column_choice = _Choice(columns, key_length)
+        self.latent_hw = latent_hw
+        self.image_hw = image_hw
+        self.num_steps = num_steps
+        self.layers: dict[tuple, MapLayer] = {}
+        self.scratch: dict[tuple, torch.Tensor] = {}  # [rows, 1, i, j] head sums, one per aggregated layer
+        self.sites: dict[tuple, set[str]] = {}
+        self.steps: dict[tuple, set[int]] = {}
+        self.planned_bytes = 0
+        self.streaming_step: int | None = None
+        self.shards: list[Path] = []
+
+
+class Capture(Controller):
+    """Capture the attention maps a selector picks; ``maps()`` turns them into word maps.
+
+    Args:
+        selector: which sites / res / steps / heads / tokens (a Selector, its
+            string form or a dict). Default: every cross site at every step.
+        per_step: keep one map per (step, site) instead of running sums.
+        keep_heads: keep each selected head instead of their mean (aggregated
+            sums are then kept per site, since sites differ in head count).
+        uncond: also keep classifier-free guidance's unconditional rows.
+        self_attention: also capture self-attention (opt-in), at sites no
+            larger than ``self_res``.
+        self_res: the largest self-attention map side to capture.
+        budget: the most bytes the capture may hold (``"256MB"``, an int, or
+            None for no limit); checked before anything is stored.
+        storage_dtype: dtype of per-step maps (running sums are float32).
+        stream_to: a folder that does not exist yet (or is empty); per-step maps
+            are written there as one safetensors shard per step and only the
+            current step is held in memory.
+
+    Example::
+
+        capture = xattn.Capture()
+        with xattn.hooks(pipe, capture):
+            image = pipe("a red circle and a blue square").images[0]
+        heat = capture.maps().word("circle")  # [H, W] at the image's size
+    """
+
+    def __init__(self, selector: Selector | str | dict | None = None, *, per_step: bool = False,
+                 keep_heads: bool = False, uncond: bool = False, self_attention: bool = False,
+                 self_res: int = DEFAULT_SELF_RES, budget: int | str | None = DEFAULT_BUDGET,
+                 storage_dtype: torch.dtype = torch.float16, stream_to: str | Path | None = None):
+        chosen = Selector.coerce(selector)
+        if chosen.kind in ("self", "all") and not self_attention:
+            raise ValueError(
+                f"the selector asks for kind={chosen.kind}, but self-attention capture is opt-in: "
+                "pass self_attention=True (maps are [i, i], so only sites up to self_res are kept)"
+            )
+        if chosen.kind is None:
+            chosen = replace(chosen, kind="all" if self_attention else "cross")
+        if stream_to is not None and not per_step:
+            raise ValueError("stream_to writes per-step maps to disk; pass per_step=True as well")
+        if not isinstance(self_res, int) or self_res < 1:
+            raise ValueError(f"self_res must be a positive map side such as 32, not {self_res!r}")
+        if not storage_dtype.is_floating_point:
+            raise ValueError(f"storage_dtype must be a float dtype (torch.float16, torch.float32), not {storage_dtype}")
+        self.selector = chosen
+        self.per_step = per_step
+        self.keep_heads = keep_heads
+        self.uncond = uncond
+        self.self_res = self_res
+        self.budget = parse_bytes(budget)
+        self.storage_dtype = storage_dtype
+        self.stream_to = None if stream_to is None else Path(stream_to)
+        self._factors: dict[str, int] = {}
+        self._sites: list[Site] = []
+        self._vae_scale = 1
+        self._text_length: int | None = None
+        self.model_info: dict = {}
+        self._heads: dict[str, _Choice | None] = {}
+        self.reset()
+
+    # -- protocol ------------------------------------------------------------------
+    def bind(self, session) -> None:
+        """Learn the model's sites, their sizes and the image scale before any call."""
+        self._sites = session.sites
+        self._factors = site_downsampling(session.denoiser)
+        model = session.model
+        is_pipeline = model is not session.denoiser
+        self._vae_scale = int(getattr(model, "vae_scale_factor", 1) or 1) if is_pipeline else 1
+        tokenizer = getattr(model, "tokenizer", None) if is_pipeline else None
+        self._text_length = getattr(tokenizer, "model_max_length", None)
+        config = getattr(session.denoiser, "config", {})
+        scheduler = getattr(model, "scheduler", None) or session.scheduler
+        self.model_info = {
+            "model": str(getattr(config, "_name_or_path", "") or type(session.denoiser).__name__),
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+        }
+
+    def reset(self) -> None:
+        """Forget the previous call's maps (the session calls this when a pipeline call starts)."""
+        self._run: _Run | None = None
+        self.calls: Counter = Counter()  # (site name, step) -> attention calls captured
+
+    def active(self, ctx: HookContext) -> bool:
+        if ctx.site.kind == "self" and max(ctx.res) > self.self_res:
+            return False
+        heads = self._head_choice(ctx.site)
+        return heads is None or heads.count > 0
+
+    def probs(self, x: torch.Tensor, ctx: HookContext) -> None:
+        """Reduce this call's maps into the store; never changes them."""
+        run = self._run or self._start(ctx, x)
+        if ctx.layout is not run.layout:
+            self._check_same_rows(run, ctx.layout)
+        site = ctx.site
+        picked = run.row_choice.take(x, 0)  # [r, h, i, j]
+        heads = self._head_choice(site)
+        if heads is not None:
+            picked = heads.take(picked, 1)  # [r, h', i, j]
+        if site.kind == "cross":
+            picked = run.column_choice.take(picked, 3)  # [r, h', i, j']
+        if self.per_step:
+            self._keep_step(run, picked, ctx)
+        else:
+            self._add_to_sum(run, picked, ctx)
+        self.calls[(site.name, ctx.step)] += 1
+        return None
+
+    # -- storing -------------------------------------------------------------------
+    def _add_to_sum(self, run: _Run, picked: torch.Tensor, ctx: HookContext) -> None:
+        group = (ctx.site.kind, ctx.site.name if self.keep_heads else ctx.res)
+        layer = run.layers.get(group)
+        if layer is None:
+            layer = self._new_layer(run, group, picked, ctx, steps=(), dtype=torch.float32)
+            if not self.keep_heads:
+                run.scratch[group] = torch.empty_like(layer.data)
+            run.sites[group], run.steps[group] = set(), set()
+        if self.keep_heads:
+            layer.data.add_(picked)
+        else:
+            scratch = run.scratch[group]
+            torch.sum(picked, dim=1, keepdim=True, dtype=torch.float32, out=scratch)  # [r, 1, i, j]
+            layer.data.add_(scratch, alpha=1.0 / picked.shape[1])
+        layer.count += 1
+        run.sites[group].add(ctx.site.name)
+        if ctx.step is not None:
+            run.steps[group].add(ctx.step)
+
+    def _keep_step(self, run: _Run, picked: torch.Tensor, ctx: HookContext) -> None:
+        if self.stream_to is not None and ctx.step != run.streaming_step:
+            self._flush_stream(run)
+            run.streaming_step = ctx.step
+        maps = picked if self.keep_heads else picked.mean(dim=1, keepdim=True)  # [r, h'|1, i, j]
+        group = (ctx.step, ctx.site.name)
+        layer = run.layers.get(group)
+        if layer is None:
+            steps = () if ctx.step is None else (ctx.step,)
+            layer = self._new_layer(run, group, picked, ctx, steps=steps, dtype=self.storage_dtype)
+        layer.data.add_(maps.to(self.storage_dtype))  # a scheduler may call the UNet twice per step (Heun)
+        layer.count += 1
+
+    def _new_layer(self, run: _Run, group: tuple, picked: torch.Tensor, ctx: HookContext, *,
+                   steps: tuple[int, ...], dtype: torch.dtype) -> MapLayer:
+        kept_heads = None
+        if self.keep_heads:
+            kept_heads = tuple(self.selector.head_indices(ctx.site.heads) or range(ctx.site.heads))
+        rows, h, i, j = picked.shape
+        shape = (rows, h if self.keep_heads else 1, i, j)
+        data = torch.zeros(shape, dtype=dtype, device=picked.device)
+        layer = MapLayer(kind=ctx.site.kind, res=ctx.res, steps=steps, sites=(ctx.site.name,), count=0,
+                         heads=kept_heads, data=data)
+        run.layers[group] = layer
+        held = self.bytes_held()
+        if self.budget is not None and held > self.budget:  # a safety net: the plan should have refused already
+            raise CaptureBudgetError(
+                f"capture now holds {format_bytes(held)}, over its budget of {format_bytes(self.budget)} "
+                f"(at {ctx.site.name}, step {ctx.step}); the plan made at the first call was "
+                f"{format_bytes(run.planned_bytes)}"
+            )
+        return layer
+
+    def _flush_stream(self, run: _Run) -> None:
+        """Write the held step's maps to one shard and drop them from memory."""
+        held = [(group, layer) for group, layer in run.layers.items() if layer.data is not None]
+        if not held:
+            return
+        step = run.streaming_step
+        self._prepare_stream_folder(run)
+        shard = self.stream_to / f"step_{'none' if step is None else f'{step:04d}'}.safetensors"
+        if shard.exists():
+            raise FileExistsError(f"{shard} already exists; stream each run to a new folder")
+        tensors = {layer.sites[0]: layer.data.contiguous().cpu() for _, layer in held}
+        save_file(tensors, str(shard))
+        for _, layer in held:
+            layer.shard, layer.key, layer.data = shard, layer.sites[0], None
+        run.shards.append(shard)
+
+    def _prepare_stream_folder(self, run: _Run) -> None:
+        if run.shards:
+            return
+        folder = self.stream_to
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"stream folder {folder} is not empty; give a new folder so earlier maps are not overwritten"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+
+    # -- the first call of a run: rows, columns, sizes, budget --------------------
+    def _start(self, ctx: HookContext, x: torch.Tensor) -> _Run:
+        layout = ctx.layout
+        rows = list(range(layout.batch_size)) if self.uncond else layout.row_indices(cond=True)
+        if not rows:
+            raise ValueError(f"this call has no conditional rows to capture (layout: {layout.rows}); pass uncond=True")
+        key_length = x.shape[-1] if ctx.site.kind == "cross" else (self._text_length or DEFAULT_TEXT_LENGTH)
+        columns = self._resolve_columns(layout, key_length)
+        factor = self._factors.get(ctx.site.name, 1)
+        latent_hw = (ctx.res[0] * factor, ctx.res[1] * factor)
+        image_hw = (latent_hw[0] * self._vae_scale, latent_hw[1] * self._vae_scale)
+        run = _Run(layout, rows, columns, key_length, latent_hw, image_hw, ctx.num_steps)
+        run.planned_bytes = self._check_budget(run, ctx, key_length)
+        self._run = run
+        return run
+
+    def _resolve_columns(self, layout: BatchLayout, key_length: int) -> list[int] | None:
+        """Token slots named by ``selector.tokens``, for every prompt of the call (words resolved once)."""
+        if self.selector.tokens is None:
+            return None
+        slots: set[int] = set()
+        for prompt in range(layout.num_prompts):
+            for token in self.selector.tokens:
+                if isinstance(token, int):
+                    slots.add(token)
+                else:
+                    slots.update(layout.token_map(prompt).indices(token))
+        bad = sorted(s for s in slots if s >= key_length)
+        if bad:
+            raise ValueError(f"token slots {bad} are outside this model's {key_length} text positions")
+        return sorted(slots)
+
+    def plan(self, run: _Run, key_length: int) -> list[PlannedSite]:
+        """The sites this run will capture, with their sizes (from the model's structure)."""
+        planned = []
+        for site in self._sites:
+            if not self.selector.matches_site(site):
+                continue
+            res = res_at(run.latent_hw, self._factors.get(site.name, 1))
+            if not self.selector.matches_res(res) or (site.kind == "self" and max(res) > self.self_res):
+                continue
+            heads = self._head_choice(site)
+            count = site.heads if heads is None else heads.count
+            if count == 0:
+                continue
+            if site.kind == "cross":
+                keys = key_length if run.columns is None else len(run.columns)
+            else:
+                keys = res[0] * res[1]
+            planned.append(PlannedSite(site, res, count if self.keep_heads else 1, keys))
+        return planned
+
+    def _check_budget(self, run: _Run, ctx: HookContext, key_length: int) -> int:
+        planned = self.plan(run, key_length)
+        rows = len(run.rows)
+        if self.per_step:
+            steps = self._selected_steps(ctx)
+            held_steps = 1 if self.stream_to is not None else len(steps)
+            itemsize = torch.empty((), dtype=self.storage_dtype).element_size()
+            needed = held_steps * sum(p.bytes_per_call(rows, itemsize) for p in planned)
+            what = (f"per-step capture of {len(steps)} step(s) x {len(planned)} site(s)"
+                    + (" (one step held at a time)" if self.stream_to is not None else ""))
+        else:
+            groups: dict[tuple, PlannedSite] = {}
+            for p in planned:
+                groups[(p.site.kind, p.site.name if self.keep_heads else p.res)] = p
+            per_group = 1 if self.keep_heads else 2  # running sum + head-sum scratch
+            needed = sum(per_group * p.bytes_per_call(rows, 4) for p in groups.values())
+            what = f"aggregated capture of {len(planned)} site(s) in {len(groups)} running sum(s)"
+        if self.budget is not None and needed > self.budget:
+            raise CaptureBudgetError(
+                f"{what} for {rows} row(s) needs {format_bytes(needed)}, over the budget of "
+                f"{format_bytes(self.budget)}. Raise budget=, select fewer steps, sites or resolutions, "
+                "average the heads, or pass stream_to=FOLDER to keep one step in memory"
+            )
+        return needed
+
+    def _selected_steps(self, ctx: HookContext) -> list[int]:
+        if ctx.num_steps is None:
+            return [ctx.step] if ctx.step is not None else [0]
+        return [s for s in range(ctx.num_steps) if self.selector.matches_step(s, ctx.num_steps)]
+
+    def _head_choice(self, site: Site) -> _Choice | None:
+        if site.name not in self._heads:
+            indices = self.selector.head_indices(site.heads)
+            self._heads[site.name] = None if indices is None else _Choice(indices, site.heads)
+        return self._heads[site.name]
+
+    def _check_same_rows(self, run: _Run, layout: BatchLayout) -> None:
+        rows = tuple(layout.rows[r] for r in run.row_indices) if layout.batch_size == run.layout.batch_size else None
+        if rows != run.rows:
+            raise ValueError(
+                "the batch changed during one capture run; call capture.reset() (or start a new pipeline "
+                "call) before capturing a different batch"
+            )
+        run.layout = layout
+
+    # -- results ---------------------------------------------------------------------
+    def bytes_held(self) -> int:
+        """Bytes of maps and buffers this capture holds in memory now."""
+        run = self._run
+        if run is None:
+            return 0
+        layers = sum(layer.nbytes for layer in run.layers.values())
+        scratch = sum(t.numel() * t.element_size() for t in run.scratch.values())
+        return layers + scratch
+
+    @property
+    def planned_bytes(self) -> int:
+        """What the plan at the first call said this run would hold (0 before any call)."""
+        return 0 if self._run is None else self._run.planned_bytes
+
+    def maps(self):
+        """The word maps of the last pipeline call (see :class:`xattn.capture.WordMaps`)."""
+        from .heatmaps import WordMaps
+
+        run = self._run
+        if run is None:
+            raise RuntimeError(
+                "nothing was captured: run the pipeline inside `with xattn.hooks(pipe, capture):` first "
+                "(and check that the selector matches some site, step and resolution)"
+            )
+        if self.stream_to is not None:
+            self._flush_stream(run)
+        layers = []
+        for group, layer in run.layers.items():
+            if not self.per_step:
+                layer = replace(layer, sites=tuple(sorted(run.sites[group])), steps=tuple(sorted(run.steps[group])))
+            layers.append(layer)
+        layout = run.layout
+        return WordMaps(
+            layers,
+            rows=run.rows,
+            columns=run.columns,
+            prompts=list(layout.prompts),
+            token_maps=list(layout.token_maps),
+            image_size=run.image_hw,
+            num_steps=run.num_steps,
+            info=dict(self.model_info),
+        )
