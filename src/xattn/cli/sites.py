@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
             help="Only sites of this kind.")] = None,
     ):
         """List every attention site (module path, kind, block, heads) of a model."""
-        from .. import sites as site_module
+        from ..sites import format_table, sites as list_sites
         from ..runner import load_pipeline
 
         with common.user_errors():
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
                 raise common.runner.OptionError(
                     f"two models given ({model_arg!r} and --model {model!r}); pass one")
             pipe = load_pipeline(model_arg or model, device="cpu", dtype="float32")
-            listed = site_module.sites(pipe)
+            listed = list_sites(pipe)
             if kind in ("cross", "self"):
                 listed = [s for s in listed if s.kind == kind]
-            typer.echo(site_module.format_table(listed))
+            typer.echo(format_table(listed))
