@@ -252,7 +252,6 @@ class Capture(Controller):
         if not held:
             return
         step = run.streaming_step
-        self._prepare_stream_folder(run)
         shard = self.stream_to / f"step_{'none' if step is None else f'{step:04d}'}.safetensors"
         if shard.exists():
             raise FileExistsError(f"{shard} already exists; stream each run to a new folder")
@@ -262,9 +261,8 @@ class Capture(Controller):
             layer.shard, layer.key, layer.data = shard, layer.sites[0], None
         run.shards.append(shard)
 
-    def _prepare_stream_folder(self, run: _Run) -> None:
-        if run.shards:
-            return
+    def _prepare_stream_folder(self) -> None:
+        """Refuse a used folder at the start of a run, so no earlier maps are overwritten."""
         folder = self.stream_to
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(
@@ -285,6 +283,8 @@ class Capture(Controller):
         image_hw = (latent_hw[0] * self._vae_scale, latent_hw[1] * self._vae_scale)
         run = _Run(layout, rows, columns, key_length, latent_hw, image_hw, ctx.num_steps)
         run.planned_bytes = self._check_budget(run, ctx, key_length)
+        if self.stream_to is not None:
+            self._prepare_stream_folder()
         self._run = run
         return run
 
