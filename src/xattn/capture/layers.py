@@ -46,6 +46,13 @@ class MapLayer:
         with safe_open(str(self.shard), framework="pt") as handle:
             return handle.get_tensor(self.key).float()
 
+    def stored(self) -> torch.Tensor:
+        """The summed maps in the dtype they were stored in (fp16 for per-step maps)."""
+        if self.data is not None:
+            return self.data
+        with safe_open(str(self.shard), framework="pt") as handle:
+            return handle.get_tensor(self.key)
+
     @property
     def nbytes(self) -> int:
         """Bytes this layer holds in memory (0 when it lives on disk)."""
