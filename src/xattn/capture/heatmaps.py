@@ -140,6 +140,29 @@ class WordMaps:
             total += F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
         return total, count
 
+    def totals_by_step_and_res(self, words: list[str | int], prompt: int = 0, image: int = 0, *,
+                               size: tuple[int, int] | None = None) -> dict[tuple[int | None, tuple[int, int]], tuple[torch.Tensor, int]]:
+        """Upsampled word sums for every (step, resolution) separately, in one pass over the layers.
+
+        Keys are ``(step, res)`` for per-step captures and ``(None, res)`` for
+        aggregated ones; values are (``[len(words), H, W]`` float64 sums, calls).
+        A viewer adds the sums of the steps and resolutions it wants and
+        divides by the added calls, which gives exactly :meth:`word`'s mean.
+        """
+        row = self._row(prompt, image, True)
+        positions = [self._positions(word, prompt) for word in words]
+        size = self.image_size if size is None else (int(size[0]), int(size[1]))
+        out: dict = {}
+        for layer in self._cross():
+            maps = layer.tensor()[row].double().mean(dim=0)  # [i, j], heads averaged
+            per_word = torch.stack([maps[:, cols].sum(dim=-1) for cols in positions])  # [words, i]
+            grid = per_word.view(1, len(words), *layer.res)  # [1, words, h, w]
+            upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]  # [words, H, W]
+            key = (layer.steps[0] if self.per_step and layer.steps else None, layer.res)
+            total, count = out.get(key, (0, 0))
+            out[key] = (total + upsampled, count + layer.count)
+        return out
+
     def token_totals(self, prompt: int = 0, image: int = 0) -> dict[str, float]:
         """Share of all captured attention that each word (and ``<start>``, ``<end>``, ``<pad>``) gets.
 
