@@ -161,8 +161,13 @@ def model_identity(model: str | os.PathLike | None, path: Path) -> dict[str, Any
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU."""
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise OptionError(f"device {device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+    if device != "auto":
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError):
+            parsed = None
+        if parsed is None or parsed.type not in DEVICES:
+            raise OptionError(f"device {device!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
