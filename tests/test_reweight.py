@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import tiny_models
 import xattn
+from xattn.capture import Capture
 from xattn.hookpoints import BatchLayout, Row
 from xattn.prompt_syntax import PromptSyntaxError
 from xattn.reweight import Ramp, Reweight, ReweightError
@@ -319,3 +320,25 @@ def test_reset_between_runs_resolves_the_new_prompt(sd1_pipe):
     seen = _observed_weights(sd1_pipe, reweight, prompt="a big red circle", steps=1)
     for weights in seen.values():
         assert weights[cond, 3].item() == 0.5 and weights[cond, 2].item() == 1.0
+
+
+def test_xattn_capture_in_the_same_session_shows_the_change(sd1_pipe):
+    """One step from the same noise: the captured 'red' map is the weight times the plain one.
+
+    Only at the first cross site, whose input the reweighting cannot have changed yet.
+    """
+    first = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    assert first in {s.name for s in xattn.sites(sd1_pipe.unet) if s.kind == "cross"}
+
+    def captured(*controllers):
+        capture = Capture(f"sites={first}")
+        with xattn.hooks(sd1_pipe, capture, *controllers):  # capture first: order does not matter
+            sd1_pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="latent",
+                     generator=torch.Generator().manual_seed(0))
+        maps = capture.maps()
+        return {word: maps.word(word, normalize=False).double() for word in ("red", "circle")}
+
+    plain, weighted = captured(), captured(Reweight({"red": 3.0}))
+    assert plain["red"].abs().max() > 0
+    assert torch.allclose(weighted["red"], 3.0 * plain["red"], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(weighted["circle"], plain["circle"], rtol=1e-4, atol=1e-7)
