@@ -89,3 +89,14 @@ def test_existing_output_folder_is_not_overwritten(sd1_path, tmp_path):
     result = invoke("a red circle", "--model", str(sd1_path), "--out", str(out), *COMMON)
     assert result.exit_code == 2 and "not empty" in result.output
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_a_config_file_sets_the_sweep(sd1_path, tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text('word: circle\nweights: "0.5,2"\nmodes: bias\nseeds: "4,6"\n')
+    out = tmp_path / "run"
+    result = invoke("a red circle", "--model", str(sd1_path), "--out", str(out), "--config", str(config), *COMMON)
+    assert result.exit_code == 0, result.output
+    cells = json.loads((out / "manifest.json").read_text())["reweight"]["cells"]
+    assert [(c["mode"], c["weight"], c["seed"]) for c in cells] == [
+        ("bias", 0.5, 4), ("bias", 0.5, 6), ("bias", 2.0, 4), ("bias", 2.0, 6)]

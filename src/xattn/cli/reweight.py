@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Optional
 
 import typer
@@ -48,41 +49,79 @@ def register(app: typer.Typer) -> None:
         """Reweight words at the attention level; with --word and --weights, write a labelled grid."""
         options = dict(locals())
         with common.user_errors(ReweightError, PromptSyntaxError):
-            # Every option is checked before the model loads.
-            if mode is not None and modes is not None:
-                raise ReweightError("give --mode or --modes, not both")
-            mode_list = [m.strip() for m in (modes or mode or "scale").split(",")]
-            for name in mode_list:
-                mode_named(name)
-            Reweight.from_prompt(prompt, steps=window, selector=select)  # the syntax, window and sites
-            weight_list = parse_weights(weights) if weights is not None else None
-            seed_list = parse_seeds(seeds) if seeds is not None else None
-            run = common.start("reweight", options, slug=prompt)
-            if seed_list is None:
-                seed_list = [int(run.settings["seed"])]
+            # Read and check every reweighting option (command line > --config) before the model loads.
+            sweep = _Sweep.from_settings(common.merge_settings(options, config_path=config))
+            run = common.start("reweight", options, slug=sweep.prompt)
+            seed_list = sweep.seeds if sweep.seeds is not None else [int(run.settings["seed"])]
 
             def generate(clean_prompt: str, first: int, count: int) -> list:
                 return run.generate(clean_prompt, seed=first, num_images_per_prompt=count)
 
-            cells = run_sweep(run.pipe, prompt, generate, word=word, weights=weight_list, modes=mode_list,
-                              seeds=seed_list, steps=window, selector=select, rows="all" if all_rows else "cond")
+            cells = run_sweep(run.pipe, sweep.prompt, generate, word=sweep.word, weights=sweep.weights,
+                              modes=sweep.modes, seeds=seed_list, **sweep.reweight_options)
             for cell in cells:
                 if cell.image is not None:
                     run.save_png(cell.image, cell.file_name, prompt=cell.reweight["prompt"], seed=cell.seed,
                                  xattn={"reweight": cell.reweight})
-            title = prompt if word is None else f"{prompt}: weight of {word!r}, {', '.join(mode_list)}"
-            grid_path = run.folder / GRID
-            if grid_path.exists():
-                raise RunFolderError(f"{grid_path} exists; a run never overwrites its files")
-            save_image_atomic(sweep_sheet(cells, title=title), grid_path)
-            run.outputs.append(GRID)
-            run.finish(grid=GRID, reweight={
-                "prompt": prompt, "word": word, "weights": weight_list, "modes": mode_list, "seeds": seed_list,
-                "window": window, "select": select, "rows": "all" if all_rows else "cond",
-                "cells": [{"mode": c.mode, "weight": c.weight, "seed": c.seed,
-                           "file": None if c.image is None else c.file_name, "skipped": c.skipped}
-                          for c in cells],
-            })
+            _save_grid(run, sweep_sheet(cells, title=sweep.title))
+            run.finish(grid=GRID, reweight={**sweep.describe(), "seeds": seed_list, "cells": [
+                {"mode": c.mode, "weight": c.weight, "seed": c.seed,
+                 "file": None if c.image is None else c.file_name, "skipped": c.skipped} for c in cells]})
             skipped = [c for c in cells if c.skipped]
             if skipped:
                 typer.echo(f"note: {len(skipped)} cell(s) left grey: {skipped[0].skipped}", err=True)
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """The reweighting options of one run, read and checked from the merged settings."""
+
+    prompt: str
+    word: str | None
+    weights: list[float] | None
+    modes: list[str]
+    seeds: list[int] | None  # None: the run's --seed
+    window: str | None
+    select: str | None
+    rows: str
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "_Sweep":
+        if settings.get("mode") is not None and settings.get("modes") is not None:
+            raise ReweightError("give --mode or --modes, not both")
+        modes = [m.strip() for m in (settings.get("modes") or settings.get("mode") or "scale").split(",")]
+        for name in modes:
+            mode_named(name)
+        sweep = cls(
+            prompt=settings["prompt"], word=settings.get("word"),
+            weights=parse_weights(settings["weights"]) if settings.get("weights") is not None else None,
+            modes=modes, seeds=parse_seeds(settings["seeds"]) if settings.get("seeds") is not None else None,
+            window=settings.get("window"), select=settings.get("select"),
+            rows="all" if settings.get("all_rows") else "cond",
+        )
+        if (sweep.word is None) != (sweep.weights is None):
+            raise ReweightError("give --word and --weights together (the word to sweep and its weights)")
+        Reweight.from_prompt(sweep.prompt, **sweep.reweight_options)  # checks the syntax, window and sites
+        return sweep
+
+    @property
+    def reweight_options(self) -> dict:
+        return {"steps": self.window, "selector": self.select, "rows": self.rows}
+
+    @property
+    def title(self) -> str:
+        if self.word is None:
+            return f"{self.prompt} ({', '.join(self.modes)})"
+        return f"{self.prompt}: weight of {self.word!r}, {', '.join(self.modes)}"
+
+    def describe(self) -> dict:
+        return {"prompt": self.prompt, "word": self.word, "weights": self.weights, "modes": self.modes,
+                "window": self.window, "select": self.select, "rows": self.rows}
+
+
+def _save_grid(run: common.Run, sheet) -> None:
+    path = run.folder / GRID
+    if path.exists():
+        raise RunFolderError(f"{path} exists; a run never overwrites its files")
+    save_image_atomic(sheet, path)
+    run.outputs.append(GRID)
