@@ -1,0 +1,184 @@
+"""`xattn generate` and `xattn sites` through the CLI, on a tiny saved pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from xattn import pngmeta
+from xattn.cli import app
+
+FAST = ["--steps", "2", "--size", "32", "--no-progress"]
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    """Invoke the app in a scratch working directory (default run folders land in tmp/outputs)."""
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_help_lists_commands_with_examples(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in ("generate", "sites", "sweep"):
+        assert command in result.output
+    assert "$ xattn generate" in result.output
+    generate_help = cli("generate", "--help").output
+    for option in ("--model", "--device", "--dtype", "--scheduler", "--seed", "--steps", "--guidance",
+                   "--size", "--out", "--config", "--from-png"):
+        assert option in generate_help
+    assert "Examples:" in generate_help
+
+
+def test_generate_writes_png_and_manifest(cli, sd1_path, tmp_path):
+    result = cli("generate", "a red circle", "--model", sd1_path, "--seed", 5, "--images", 2, *FAST)
+    assert result.exit_code == 0, result.output
+    (folder,) = (tmp_path / "outputs").iterdir()
+    assert folder.name.startswith("generate-") and folder.name.endswith("-a-red-circle")
+    assert sorted(p.name for p in folder.iterdir()) == ["image-0.png", "image-1.png", "manifest.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["settings"]["seed"] == 5 and manifest["settings"]["steps"] == 2
+    assert manifest["model"]["path"] == str(sd1_path)
+    assert manifest["versions"]["diffusers"] and manifest["timings"]["generate"] > 0
+    second = pngmeta.read_parameters(folder / "image-1.png")
+    assert (second["seed"], second["steps"], second["width"], second["sampler"]) == (6, 2, 32, "DDIM")
+
+
+def test_same_command_twice_is_bit_identical(cli, sd1_path, tmp_path):
+    for out in ("a", "b"):
+        result = cli("generate", "a blue square", "--model", sd1_path, "--seed", 9, "--out", out, *FAST)
+        assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(tmp_path / "a" / "image-0.png"), pixels(tmp_path / "b" / "image-0.png"))
+
+
+def test_png_reproduces_from_its_parameters(cli, sd1_path, tmp_path):
+    result = cli("generate", "a red circle, big", "--model", sd1_path, "--seed", 4, "--guidance", 3.5,
+                 "--scheduler", "euler", "-n", "blurry", "--out", "first", *FAST)
+    assert result.exit_code == 0, result.output
+    original = tmp_path / "first" / "image-0.png"
+    result = cli("generate", "--from-png", original, "--out", "again", "--no-progress")
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "again" / "image-0.png"
+    assert np.array_equal(pixels(original), pixels(again))
+    params = pngmeta.read_parameters(again)
+    assert (params["prompt"], params["negative_prompt"], params["cfg_scale"], params["sampler"]) == (
+        "a red circle, big", "blurry", 3.5, "Euler")
+
+
+def test_png_matches_an_independent_diffusers_call(cli, sd1_path, tmp_path):
+    import diffusers
+
+    assert cli("generate", "a red circle", "--model", sd1_path, "--seed", 2, "--out", "o", *FAST).exit_code == 0
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd1_path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, width=32, height=32,
+                     generator=torch.Generator().manual_seed(2)).images[0]
+    assert np.array_equal(pixels(tmp_path / "o" / "image-0.png"), np.asarray(reference))
+
+
+def test_config_fills_options_and_command_line_wins(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"model: {sd1_path}\nsteps: 3\nguidance: 2.5\nsize: 32\nseed: 8\n")
+    result = cli("generate", "a red circle", "--config", "c.yaml", "--steps", 2, "--out", "o", "--no-progress")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "o" / "manifest.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"], settings["seed"], settings["size"]) == (2, 2.5, 8, "32x32")
+
+
+def test_model_defaults_file_is_used(cli, sd1_path, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sd1_path, model)
+    (model / "xattn_defaults.json").write_text(json.dumps({"steps": 3, "guidance": 4.0, "size": 32}))
+    assert cli("generate", "x", "--model", model, "--out", "o", "--no-progress").exit_code == 0
+    settings = json.loads((tmp_path / "o" / "manifest.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"], settings["size"]) == (3, 4.0, "32x32")
+
+
+# -- errors -------------------------------------------------------------------------------
+
+def test_missing_model_is_a_clear_error(cli, tmp_path):
+    result = cli("generate", "x", "--model", tmp_path / "nowhere", *FAST)
+    assert result.exit_code == 2
+    assert "Error: model folder" in result.output and "nowhere" in result.output
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_uncached_hub_id_is_a_clear_error_offline(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    result = cli("generate", "x", "--model", "nobody/nothing", *FAST)
+    assert result.exit_code == 2
+    assert "nobody/nothing" in result.output and "HF_HUB_OFFLINE" in result.output
+
+
+def test_bad_config_key_is_named(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text("stpes: 3\n")
+    result = cli("generate", "x", "--model", sd1_path, "--config", "c.yaml", *FAST)
+    assert result.exit_code == 2 and "unknown key 'stpes'" in result.output
+
+
+def test_bad_selector_in_config_is_named(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text('sites: "kind=sideways"\n')
+    result = cli("generate", "x", "--model", sd1_path, "--config", "c.yaml", *FAST)
+    assert result.exit_code == 2 and "key 'sites'" in result.output and "sideways" in result.output
+
+
+def test_existing_output_folder_is_refused_and_kept(cli, sd1_path, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    result = cli("generate", "x", "--model", sd1_path, "--out", out, *FAST)
+    assert result.exit_code == 2 and "exists" in result.output and "pass a new folder" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_bad_option_values(cli, sd1_path):
+    assert cli("generate", "x", "--model", sd1_path, "--scheduler", "dpm9").exit_code == 2
+    result = cli("generate", "x", "--model", sd1_path, "--size", "33", "--steps", "2")
+    assert result.exit_code == 2 and "size" in result.output
+    result = cli("generate", "--model", sd1_path)
+    assert result.exit_code == 2 and "no prompt" in result.output
+
+
+def test_from_png_without_parameters(cli, tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    result = cli("generate", "--from-png", tmp_path / "plain.png")
+    assert result.exit_code == 2 and "parameters" in result.output
+
+
+# -- sites ----------------------------------------------------------------------------------
+
+def test_sites_prints_every_site(cli, sd1_path):
+    from diffusers import UNet2DConditionModel
+
+    result = cli("sites", sd1_path)
+    assert result.exit_code == 0, result.output
+    unet = UNet2DConditionModel.from_pretrained(sd1_path / "unet")
+    expected = [key.removesuffix(".processor") for key in unet.attn_processors]
+    listed = [line.split()[0] for line in result.stdout.strip().splitlines()[2:]]
+    assert sorted(listed) == sorted(expected)
+    cross = cli("sites", "--model", sd1_path, "--kind", "cross").stdout.strip().splitlines()[2:]
+    assert {line.split()[0] for line in cross} == {n for n in expected if n.endswith("attn2")}
+
+
+def test_sites_missing_model(cli, tmp_path):
+    result = cli("sites", tmp_path / "nothing")
+    assert result.exit_code == 2 and "nothing" in result.output
