@@ -1,0 +1,203 @@
+"""Sweeps in one process: the grid, resuming after a crash, errors, results and contact sheet."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from xattn import pngmeta, runner, sweep
+from xattn.cli import app
+from xattn.config import ConfigError
+
+GRID = {"prompts": ["a red circle", "a blue square"], "seeds": [0, 1], "words": ["a"], "weights": [0.5, 2.0]}
+
+
+def write_config(path, model, *, job="reweight", grid=None, extra=""):
+    grid = grid or GRID
+    lines = [f"job: {job}", f"model: {model}", "steps: 2", "size: 32", extra, "grid:"]
+    lines += [f"  {key}: {json.dumps(value)}" for key, value in grid.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runner_ = CliRunner()
+    return lambda *args: runner_.invoke(app, [str(a) for a in args])
+
+
+def read_results(folder):
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+def test_plan_is_the_full_product_in_a_fixed_order():
+    grid = {**GRID, "modes": ["scale", "bias"], "step_windows": [None, "0:0.5"]}
+    jobs = sweep.plan_jobs(sweep.check_grid(grid, "reweight"), "reweight")
+    expected = list(itertools.product(grid["prompts"], grid["seeds"], grid["words"], grid["weights"],
+                                      grid["modes"], grid["step_windows"]))
+    assert [(j.prompt, j.seed, j.word, j.weight, j.mode, j.window) for j in jobs] == expected
+    assert [j.index for j in jobs] == list(range(len(expected)))
+    again = sweep.plan_jobs(sweep.check_grid(grid, "reweight"), "reweight")
+    assert [j.name for j in again] == [j.name for j in jobs]
+    assert len({j.name for j in jobs}) == len(jobs)
+
+
+def test_seed_ranges_and_generate_grids():
+    jobs = sweep.plan_jobs(sweep.check_grid({"prompts": ["x"], "seeds": "2:5"}, "generate"), "generate")
+    assert [j.seed for j in jobs] == [2, 3, 4] and all(j.word is None for j in jobs)
+
+
+@pytest.mark.parametrize("grid, kind, message", [
+    ({**GRID, "wieghts": [1]}, "reweight", "unknown key 'grid.wieghts'"),
+    ({"prompts": ["x"], "seeds": [0], "words": ["x"]}, "reweight", "'grid.weights' is missing"),
+    ({**GRID, "weights": ["big"]}, "reweight", "'grid.weights' must be a non-empty list of numbers"),
+    ({**GRID, "seeds": "5:2"}, "reweight", "'grid.seeds' must be a range"),
+    ({**GRID, "modes": ["loud"]}, "reweight", "'grid.modes'.*'loud'"),
+    ({"prompts": ["x"], "seeds": [0], "words": ["x"]}, "generate", "'grid.words' has no meaning for job: generate"),
+    ({"prompts": [], "seeds": [0]}, "generate", "'grid.prompts'"),
+])
+def test_grid_errors_name_the_key(grid, kind, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.check_grid(grid, kind)
+
+
+# -- running ----------------------------------------------------------------------------------
+
+def test_sweep_writes_results_images_and_contact_sheet(cli, sd1_path, tmp_path):
+    config = write_config(tmp_path / "s.yaml", sd1_path)
+    result = cli("sweep", config, "--out", "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "run"
+    records = read_results(folder)
+    planned = [entry["job"] for entry in json.loads((folder / "plan.json").read_text())["jobs"]]
+    assert [r["job"] for r in records] == planned and len(planned) == 8
+    for record in records:
+        params = pngmeta.read_parameters(folder / record["image"])
+        assert (params["prompt"], params["seed"]) == (record["prompt"], record["seed"])
+        assert params["xattn"]["job"] == record["job"] and params["xattn"]["weight"] == record["weight"]
+    with Image.open(folder / "contact-sheet.png") as sheet:
+        assert sheet.width > 2 * 32 and sheet.height > 4 * 32  # 4 rows (prompt x seed), 2 columns (weights)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["finished_jobs"] == 8
+
+
+def test_sweep_images_equal_plain_generation(cli, sd1_path, tmp_path):
+    """Independent reference: a generate-kind sweep cell is runner.generate with the job's seed."""
+    config = write_config(tmp_path / "s.yaml", sd1_path, job="generate", grid={"prompts": ["a red circle"], "seeds": [3, 4]})
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0
+    pipe = runner.load_pipeline(sd1_path, device="cpu")
+    for record in read_results(tmp_path / "run"):
+        expected = runner.generate(pipe, "a red circle", seed=record["seed"], steps=2, guidance=5.0, size=32)[0]
+        assert np.array_equal(pixels(tmp_path / "run" / record["image"]), np.asarray(expected))
+
+
+def test_weight_one_is_the_plain_image_and_other_weights_are_not(cli, sd1_path, tmp_path):
+    grid = {"prompts": ["a red circle"], "seeds": [0], "words": ["red"], "weights": [1.0, 8.0]}
+    config = write_config(tmp_path / "s.yaml", sd1_path, grid=grid)
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0, "sweep failed"
+    unit, strong = read_results(tmp_path / "run")
+    pipe = runner.load_pipeline(sd1_path, device="cpu")
+    plain = np.asarray(runner.generate(pipe, "a red circle", seed=0, steps=2, guidance=5.0, size=32)[0])
+    assert np.array_equal(pixels(tmp_path / "run" / unit["image"]), plain)
+    assert not np.array_equal(pixels(tmp_path / "run" / strong["image"]), plain)
+
+
+def test_killed_sweep_resumes_without_redoing_or_losing_jobs(cli, sd1_path, tmp_path, monkeypatch):
+    config = write_config(tmp_path / "s.yaml", sd1_path)
+    real = sweep.JOB_KINDS["reweight"]
+    calls = []
+
+    def crashes_on_the_fourth(pipe, job, settings):
+        calls.append(job.name)
+        if len(calls) == 4:
+            raise RuntimeError("simulated kill")
+        return real(pipe, job, settings)
+
+    monkeypatch.setitem(sweep.JOB_KINDS, "reweight", crashes_on_the_fourth)
+    result = cli("sweep", config, "--out", "run", "--no-progress")
+    assert result.exit_code != 0 and "simulated kill" in str(result.exception)
+    folder = tmp_path / "run"
+    done_first = [r["job"] for r in read_results(folder)]
+    assert done_first == calls[:3]
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "failed"
+    first_bytes = {name: (folder / "images" / f"{name}.png").read_bytes() for name in done_first}
+    mtimes = {name: (folder / "jobs" / f"{name}.json").stat().st_mtime_ns for name in done_first}
+
+    calls.clear()
+    monkeypatch.setitem(sweep.JOB_KINDS, "reweight", lambda *a: (calls.append(a[1].name), real(*a))[1])
+    result = cli("sweep", config, "--out", "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "5 jobs here, 3 were already done" in result.output
+    assert not set(calls) & set(done_first) and len(calls) == 5  # nothing redone
+    records = read_results(folder)
+    planned = [entry["job"] for entry in json.loads((folder / "plan.json").read_text())["jobs"]]
+    assert [r["job"] for r in records] == planned  # nothing missing, each once
+    assert all((folder / "images" / f"{name}.png").read_bytes() == data for name, data in first_bytes.items())
+    assert all((folder / "jobs" / f"{n}.json").stat().st_mtime_ns == t for n, t in mtimes.items())
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "finished"
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def test_unknown_word_fails_before_any_job(cli, sd1_path, tmp_path):
+    grid = {**GRID, "words": ["purple"]}
+    config = write_config(tmp_path / "s.yaml", sd1_path, grid=grid)
+    result = cli("sweep", config, "--no-progress")
+    assert result.exit_code == 2 and "purple" in result.output
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_selector_is_named(cli, sd1_path, tmp_path):
+    config = write_config(tmp_path / "s.yaml", sd1_path, extra='sites: "res=huge"')
+    result = cli("sweep", config, "--no-progress")
+    assert result.exit_code == 2 and "key 'sites'" in result.output
+
+
+def test_bad_config_key_is_named(cli, sd1_path, tmp_path):
+    config = write_config(tmp_path / "s.yaml", sd1_path, extra="gudiance: 3")
+    result = cli("sweep", config, "--no-progress")
+    assert result.exit_code == 2 and "unknown key 'gudiance'" in result.output
+
+
+def test_missing_model_is_named(cli, tmp_path):
+    config = write_config(tmp_path / "s.yaml", tmp_path / "no-model")
+    result = cli("sweep", config)
+    assert result.exit_code == 2 and "no-model" in result.output
+
+
+def test_folder_of_another_sweep_or_other_files_is_refused(cli, sd1_path, tmp_path):
+    small = {"prompts": ["a red circle"], "seeds": [0]}
+    assert cli("sweep", write_config(tmp_path / "a.yaml", sd1_path, job="generate", grid=small),
+               "--out", "run", "--no-progress").exit_code == 0
+    other = write_config(tmp_path / "b.yaml", sd1_path, job="generate", grid={**small, "seeds": [0, 1]})
+    result = cli("sweep", other, "--out", "run", "--no-progress")
+    assert result.exit_code == 2 and "different sweep" in result.output
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("mine")
+    result = cli("sweep", other, "--out", "notes", "--no-progress")
+    assert result.exit_code == 2 and "holds no sweep" in result.output
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["x.txt"]
+
+
+def test_example_config_is_a_valid_grid_of_at_least_eight_jobs():
+    from pathlib import Path
+
+    from xattn.config import load_config, one_of
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "sweep-example.yaml"
+    data = load_config(path, extra_keys={"job": one_of(sweep.JOB_KINDS), "grid": None})
+    jobs = sweep.plan_jobs(sweep.check_grid(data["grid"], data["job"]), data["job"])
+    assert len(jobs) >= 8 and "model" not in data  # runs on the embedded model
