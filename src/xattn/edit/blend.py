@@ -1,0 +1,208 @@
+"""LocalBlend: change only where the edited words are, keep every other latent pixel from the source.
+
+prompt-to-prompt (Hertz et al. 2022, section 3.2 "local editing") builds a
+mask from the cross-attention maps of chosen words in the source and target
+prompts and, after each step, puts the source's latent back outside it::
+
+    z_tgt <- z_src + mask * (z_tgt - z_src)
+
+Here the maps are collected by a ``probs`` hook at the chosen cross-attention
+sites during the step, averaged over heads and calls, resized from each
+site's own map size to the latent size of the call (so any resolution and
+aspect ratio works), widened by a small max-pool, divided by their maximum
+and thresholded. The mask of a target is the union of the source's and the
+target's word masks. Blending happens in ``callback_on_step_end``, which
+diffusers pipelines call after every scheduler step::
+
+    blend = LocalBlend(["circle"])
+    with xattn.hooks(pipe, blend, Replace()):
+        pipe([source, target], latents=..., callback_on_step_end=blend)
+
+The maps are the target's *own* attention (as prompt-to-prompt stores them
+before replacing): put ``LocalBlend`` before the edit controllers in ``hooks``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..hookpoints import BatchLayout, Controller, HookContext
+from ..selector import Selector, SelectorError
+from ..tokens import TokenError, TokenMap
+from .controllers import token_maps_of
+from .errors import EditError
+from .windows import WindowSpec, describe, parse_window, steps_in
+
+
+@dataclass(frozen=True)
+class _BlendPlan:
+    """Rows to read and the word slots of each, built once per run."""
+
+    rows: torch.Tensor  # [n] long: the conditional row of each (prompt, image), prompt-major
+    slots: torch.Tensor  # [n, j] float: 1 on the blend words' slots of that row's prompt
+    num_prompts: int
+    images: int
+    steps: frozenset[int]
+
+
+class LocalBlend(Controller):
+    """Keep the source's latent outside the aggregated maps of ``words``.
+
+    Args:
+        words: words or phrases (``"circle"``, ``"red circle"``, ``"circle#2"``)
+            looked up in the source and in each target prompt; each must occur
+            in the source or in every target.
+        threshold: a latent pixel is edited where a word map, divided by its
+            maximum, exceeds this (0..1; prompt-to-prompt uses 0.3).
+        steps: window of steps after which to blend (``None``: every step).
+        res: which cross-attention map sizes to read (``"<=16"``, ``"16"``);
+            ``None`` reads every cross-attention site.
+        selector: further restricts the cross-attention sites.
+        dilate: latent pixels by which to widen the mask (a max-pool of
+            ``2 * dilate + 1``); 0 keeps it as thresholded.
+
+    After a blend, :attr:`last_masks` holds the ``[n_targets * images, H, W]``
+    boolean masks used, for inspection.
+    """
+
+    def __init__(self, words: str | Sequence[str], threshold: float = 0.3, *, steps: WindowSpec = "0:1.0",
+                 res: str | None = None, selector: Selector | str | dict | None = None, dilate: int = 1):
+        self.words = [words] if isinstance(words, str) else list(words)
+        if not self.words or not all(isinstance(w, str) and w.strip() for w in self.words):
+            raise EditError(f"LocalBlend needs one or more words, not {words!r}")
+        if not 0.0 <= float(threshold) < 1.0:
+            raise EditError(f"LocalBlend threshold is a fraction of the map's maximum in [0, 1), not {threshold!r}")
+        self.threshold = float(threshold)
+        if isinstance(dilate, bool) or not isinstance(dilate, int) or dilate < 0:
+            raise EditError(f"LocalBlend dilate is a whole number of latent pixels >= 0, not {dilate!r}")
+        self.dilate = dilate
+        self.window = parse_window(steps, what="LocalBlend steps")
+        try:
+            selector = Selector.coerce(selector)
+            if res is not None:
+                selector = replace(selector, res=Selector.parse(f"res={res}").res)
+        except SelectorError as error:
+            raise EditError(f"LocalBlend: {error}") from None
+        if selector.kind not in (None, "cross") or selector.steps is not None or selector.tokens is not None:
+            raise EditError("LocalBlend reads cross-attention; its selector may name sites and res only")
+        self.selector = replace(selector, kind="cross")
+        self.reset()
+
+    # -- protocol ----------------------------------------------------------------
+    def reset(self) -> None:
+        self._plan: _BlendPlan | None = None
+        self._plan_key: tuple | None = None
+        self._step: int | None = None
+        self._sums: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> [n, h, w] summed maps
+        self._calls = 0
+        self.last_masks: torch.Tensor | None = None
+
+    def active(self, ctx: HookContext) -> bool:
+        return ctx.step in self.plan(ctx.layout, ctx.num_steps, ctx.step).steps
+
+    def probs(self, x: torch.Tensor, ctx: HookContext) -> None:
+        plan = self._plan
+        if ctx.step != self._step:  # a new step: forget the last one's maps
+            self._sums, self._calls, self._step = {}, 0, ctx.step
+        rows = x[plan.rows.to(x.device)]  # [n, h, i, j]
+        maps = (rows.float() * plan.slots.to(x.device)[:, None, None, :]).sum(-1).mean(1)  # [n, i]
+        height, width = ctx.res
+        maps = maps.view(len(plan.rows), height, width)  # [n, h, w]
+        total = self._sums.get(ctx.res)
+        self._sums[ctx.res] = maps if total is None else total + maps
+        self._calls += 1
+        return None
+
+    # -- per run -----------------------------------------------------------------
+    def word_slots(self, token_maps: list[TokenMap]) -> list[list[int]]:
+        """The blend words' slots in each prompt (a word absent from a prompt adds nothing there)."""
+        per_prompt = []
+        for token_map in token_maps:
+            slots = []
+            for word in self.words:
+                try:
+                    slots += token_map.indices(word)
+                except TokenError:
+                    pass
+            per_prompt.append(sorted(set(slots)))
+        for target, slots in enumerate(per_prompt[1:], start=1):
+            if not per_prompt[0] and not slots:
+                raise EditError(f"LocalBlend words {self.words} are neither in the source {token_maps[0].prompt!r} "
+                                f"nor in the target {token_maps[target].prompt!r}")
+        return per_prompt
+
+    def plan(self, layout: BatchLayout, num_steps: int | None, step: int | None = None) -> _BlendPlan:
+        key = (id(layout), layout.prompts, num_steps, None if num_steps is not None else step)
+        if key == self._plan_key:
+            return self._plan
+        token_maps = token_maps_of(layout)
+        if len(token_maps) < 2:
+            raise EditError("LocalBlend needs the source prompt and at least one target prompt in the batch")
+        word_slots = self.word_slots(token_maps)
+        images = layout.images_per_prompt
+        rows, slots = [], []
+        for prompt in range(layout.num_prompts):
+            for image in range(images):
+                found = layout.row_indices(cond=True, prompt=prompt, image=image)
+                if not found:
+                    raise EditError(f"LocalBlend found no conditional row for prompt {prompt}, image {image}")
+                rows.append(found[0])
+                mask = torch.zeros(token_maps[prompt].max_length)
+                mask[word_slots[prompt]] = 1.0
+                slots.append(mask)
+        self._plan = _BlendPlan(torch.tensor(rows, dtype=torch.long), torch.stack(slots), layout.num_prompts, images,
+                                steps_in(self.window, num_steps, "LocalBlend steps"))
+        self._plan_key = key
+        return self._plan
+
+    # -- between steps -----------------------------------------------------------
+    def masks(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """``[num_prompts * images, H, W]`` bool: each prompt's word mask from this step's maps."""
+        if not self._sums:
+            raise EditError("LocalBlend has no maps for this step: no cross-attention site matched its selector")
+        height, width = latent_hw
+        total = None
+        for maps in self._sums.values():  # each [n, h, w], resized to the latent's [n, H, W]
+            resized = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            total = resized if total is None else total + resized
+        mean = total / self._calls  # [n, H, W]
+        if self.dilate:
+            size = 2 * self.dilate + 1
+            mean = F.max_pool2d(mean[:, None], size, stride=1, padding=self.dilate)[:, 0]
+        peak = mean.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
+        has_words = self._plan.slots.sum(dim=1).to(mean.device) > 0  # prompts without the words add no mask
+        return (mean / peak > self.threshold) & has_words[:, None, None]
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end``: blend the targets' latents with the source's."""
+        latents = callback_kwargs["latents"]  # [num_prompts * images, C, H, W], prompt-major
+        plan = self._plan
+        if plan is None or self._step not in plan.steps or not self._sums:
+            return {}
+        if latents.shape[0] != plan.num_prompts * plan.images:
+            raise EditError(f"LocalBlend expected {plan.num_prompts * plan.images} latents "
+                            f"({plan.num_prompts} prompts x {plan.images} images), got {latents.shape[0]}")
+        word_masks = self.masks(tuple(latents.shape[-2:])).to(latents.device)
+        word_masks = word_masks.view(plan.num_prompts, plan.images, *latents.shape[-2:])  # [p, k, H, W]
+        masks = word_masks[1:] | word_masks[:1]  # union with the source's words: [p-1, k, H, W]
+        grouped = latents.view(plan.num_prompts, plan.images, *latents.shape[1:])  # [p, k, C, H, W]
+        source = grouped[:1]
+        keep = masks[:, :, None].to(latents.dtype)  # [p-1, k, 1, H, W]
+        blended = torch.cat([source, source + keep * (grouped[1:] - source)])
+        self.last_masks = masks.flatten(0, 1)
+        self._sums, self._calls = {}, 0
+        return {"latents": blended.view_as(latents)}
+
+    def to_dict(self) -> dict:
+        return {"edit": "local_blend", "words": self.words, "threshold": self.threshold,
+                "steps": describe(self.window), "selector": str(self.selector), "dilate": self.dilate}
+
+    def __repr__(self) -> str:
+        return f"LocalBlend({self.words!r}, threshold={self.threshold})"
+
+
+__all__ = ["LocalBlend"]

@@ -1,0 +1,10 @@
+"""The one error type of the edit package, so callers (and the CLI) can catch it."""
+
+from __future__ import annotations
+
+
+class EditError(ValueError):
+    """An edit that cannot be done as asked: mismatched prompts, bad windows, unknown words."""
+
+
+__all__ = ["EditError"]

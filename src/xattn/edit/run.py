@@ -1,0 +1,228 @@
+"""The library entry of prompt-to-prompt editing: one batch, one latent, outputs on disk.
+
+:func:`edit` samples the source prompt and every target prompt in *one*
+pipeline call from the *same* initial latent (Hertz et al. 2022), with the
+edit controllers installed, then samples each target plainly from that latent
+(the "re-prompt", for contrast). Everything that can be checked before
+sampling is checked first: words are resolved to token slots and mappers are
+built at this boundary, so a typo fails in milliseconds, not after a run.
+
+    result = edit(pipe, "a red circle and a blue square", ["a green circle and a blue square"],
+                  blend=["circle"], seed=3)
+    result.save("outputs/my-edit")     # source.png, target.png, reprompt.png, sheet.png, edit.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..grid import labelled_grid
+from ..runfolder import RunFolderError, save_image_atomic, write_json_atomic
+from ..session import hooks
+from ..tokens import TokenMap
+from .align import choose_mode
+from .blend import LocalBlend
+from .controllers import AutoEdit, Refine, Replace, SelfInject
+from .errors import EditError
+from .windows import WindowSpec
+
+MODES = {"auto": AutoEdit, "replace": Replace, "refine": Refine}
+MANIFEST = "edit.json"
+
+
+@dataclass
+class EditResult:
+    """Images of one edit and what made them.
+
+    Attributes:
+        source: the source prompt's image (row 0 of the edit batch).
+        targets: one edited image per target prompt.
+        reprompts: each target prompt sampled plainly from the same latent (empty if not asked).
+        settings: prompts, seed, steps, windows... as recorded in manifests.
+    """
+
+    source: Any
+    targets: list
+    reprompts: list
+    settings: dict = field(default_factory=dict)
+
+    def file_names(self) -> dict[str, list[str]]:
+        """``source.png``, ``target.png`` / ``target-1.png``..., ``reprompt.png`` / ``reprompt-1.png``..."""
+        def numbered(stem: str, count: int) -> list[str]:
+            return [f"{stem}.png"] if count == 1 else [f"{stem}-{k}.png" for k in range(1, count + 1)]
+        return {"source": ["source.png"], "targets": numbered("target", len(self.targets)),
+                "reprompts": numbered("reprompt", len(self.reprompts)) if self.reprompts else []}
+
+    def sheet(self, cell_scale: int = 2):
+        """A side-by-side sheet: source and edited targets on top, plain re-prompts below."""
+        prompts = [self.settings.get("source", "source"), *self.settings.get("targets", [])]
+        rows = [[self.source, *self.targets]]
+        labels = ["prompt-to-prompt"]
+        if self.reprompts:
+            rows.append([None, *self.reprompts])
+            labels.append("plain re-prompt")
+        return labelled_grid(rows, row_labels=labels, col_labels=prompts, cell_scale=cell_scale,
+                             title=f"seed {self.settings.get('seed')}")
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write the images, ``sheet.png`` and ``edit.json`` into ``folder``; never overwrites a file."""
+        folder = Path(folder)
+        names = self.file_names()
+        images = [(name, image) for key, items in (("source", [self.source]), ("targets", self.targets),
+                                                   ("reprompts", self.reprompts))
+                  for name, image in zip(names[key], items)]
+        planned = [name for name, _ in images] + ["sheet.png", MANIFEST]
+        clashes = [name for name in planned if (folder / name).exists()]
+        if clashes:
+            raise RunFolderError(f"{folder} already holds {', '.join(clashes)}; an edit never overwrites files")
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [save_image_atomic(image, folder / name) for name, image in images]
+        written.append(save_image_atomic(self.sheet(), folder / "sheet.png"))
+        written.append(write_json_atomic(folder / MANIFEST, {"settings": self.settings, "files": names}))
+        return written
+
+
+def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: str = "auto",
+                      cross_steps: WindowSpec | Mapping[str, WindowSpec] = 0.8, self_steps: WindowSpec = 0.4,
+                      self_res: str | None = "<=32", blend: str | Sequence[str] | None = None,
+                      threshold: float = 0.3, blend_res: str | None = None,
+                      reweight: Mapping[str, float] | None = None, rows: str = "cond") -> list:
+    """The controllers of an edit, in the order they must run, checked against the prompts.
+
+    Order: LocalBlend (reads the targets' own maps), Reweight per target (the
+    equalizer), the cross-attention edit (which applies those weights to the
+    replaced maps), self-attention injection.
+
+    Args:
+        tokenizer: the pipeline's (first) tokenizer.
+        source: the source prompt.
+        targets: one or more target prompts.
+        mode: ``"replace"`` (word swap), ``"refine"`` (added words) or ``"auto"``.
+        cross_steps: window of cross-attention replacement, or a dict per word.
+        self_steps: window of self-attention injection (``None``: none).
+        self_res: map sizes where self-attention is injected.
+        blend: words for :class:`LocalBlend` (``None``: no blending).
+        threshold: LocalBlend's threshold.
+        blend_res: map sizes LocalBlend reads (``None``: all cross sites).
+        reweight: word -> weight for the target prompts (prompt-to-prompt's equalizer, ``scale`` mode).
+        rows: ``"cond"`` or ``"all"`` (see :mod:`xattn.edit.pairs`).
+
+    Raises:
+        EditError: no targets, unknown mode, prompts a word swap cannot align,
+            words (blend, reweight, per-word windows) that are not in the prompts.
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets:
+        raise EditError("an edit needs at least one target prompt")
+    if mode not in MODES:
+        raise EditError(f"edit mode must be one of {', '.join(MODES)}, not {mode!r}")
+    token_maps = [TokenMap(tokenizer, prompt) for prompt in (source, *targets)]
+    cross = MODES[mode](cross_steps, rows=rows)
+    cross.mappers(token_maps)  # raises for prompts the mode cannot align
+    cross.slot_windows(token_maps)  # raises for per-word windows naming absent words
+    controllers: list = []
+    if blend:
+        local_blend = LocalBlend(blend, threshold, res=blend_res)
+        local_blend.word_slots(token_maps)  # raises for absent words
+        controllers.append(local_blend)
+    if reweight:
+        from ..reweight import Reweight  # the reweighting controller, used as prompt-to-prompt's equalizer
+
+        for prompt_index, target_map in enumerate(token_maps[1:], start=1):
+            for word in reweight:
+                target_map.indices(word)  # raises TokenError naming the word and the prompt's words
+            controllers.append(Reweight(dict(reweight), mode="scale", prompt_index=prompt_index))
+    controllers.append(cross)
+    if self_steps is not None:
+        controllers.append(SelfInject(self_steps, self_res, rows=rows))
+    return controllers
+
+
+def initial_latent(pipe, seed: int, width: int, height: int) -> torch.Tensor:
+    """``[1, C, height / f, width / f]``: the latent ``pipe`` would draw for one image with ``seed``.
+
+    Drawn the way diffusers draws it for a per-image CPU generator, so the
+    source of an edit is the image ``xattn generate --seed`` makes.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    factor = pipe.vae_scale_factor
+    if width % factor or height % factor:
+        raise EditError(f"size {width}x{height} must be a multiple of the VAE's factor {factor}")
+    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(int(seed)),
+                        device=pipe.device, dtype=pipe.unet.dtype)
+
+
+def _image_size(pipe, size) -> tuple[int, int]:
+    from ..runner import parse_size
+
+    dims = parse_size(size)
+    if dims is not None:
+        return dims
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side
+
+
+def _sample(pipe, prompts: list[str], latent: torch.Tensor, *, seed: int, steps: int, guidance: float,
+            width: int, height: int, negative_prompt: str | None, **kwargs) -> list:
+    count = len(prompts)
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in range(count)]  # same noise in every row
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = [negative_prompt] * count
+    result = pipe(prompt=prompts, latents=latent.expand(count, -1, -1, -1).clone(), generator=generators,
+                  num_inference_steps=int(steps), guidance_scale=float(guidance), width=width, height=height,
+                  output_type="pil", **kwargs)
+    return list(result.images)
+
+
+def edit(pipe, source: str, targets: str | Sequence[str], *, mode: str = "auto",
+         cross_steps: WindowSpec | Mapping[str, WindowSpec] = 0.8, self_steps: WindowSpec = 0.4,
+         self_res: str | None = "<=32", blend: str | Sequence[str] | None = None, threshold: float = 0.3,
+         blend_res: str | None = None, reweight: Mapping[str, float] | None = None, rows: str = "cond",
+         seed: int = 0, steps: int = 25, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
+         reprompt: bool = True) -> EditResult:
+    """Edit the source prompt's image into each target prompt's (prompt-to-prompt).
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        source: the source prompt.
+        targets: one target prompt or several (all edited in the same batch).
+        mode, cross_steps, self_steps, self_res, blend, threshold, blend_res,
+            reweight, rows: see :func:`build_controllers`.
+        seed: seed of the shared initial latent and of the sampler's noise.
+        steps: number of denoising steps.
+        guidance: classifier-free guidance scale.
+        size: ``64`` or ``"WIDTHxHEIGHT"``; ``None`` for the model's size.
+        negative_prompt: one negative prompt for every row.
+        reprompt: also sample each target plainly from the same latent.
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    controllers = build_controllers(pipe.tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
+                                    self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
+                                    blend_res=blend_res, reweight=reweight, rows=rows)
+    width, height = _image_size(pipe, size)
+    latent = initial_latent(pipe, seed, width, height)  # [1, C, h, w], shared by every row
+    common = dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                  negative_prompt=negative_prompt)
+    local_blend = next((c for c in controllers if isinstance(c, LocalBlend)), None)
+    extra = {"callback_on_step_end": local_blend} if local_blend is not None else {}
+    with hooks(pipe, *controllers):
+        images = _sample(pipe, [source, *targets], latent, **common, **extra)
+    reprompts = _sample(pipe, targets, latent, **common) if reprompt else []
+    token_maps = [TokenMap(pipe.tokenizer, p) for p in (source, *targets)]
+    settings = {
+        "source": source, "targets": targets, "seed": int(seed), "steps": int(steps), "guidance": float(guidance),
+        "size": f"{width}x{height}", "negative_prompt": negative_prompt,
+        "modes": [choose_mode(token_maps[0], t) if mode == "auto" else mode for t in token_maps[1:]],
+        "controllers": [c.to_dict() for c in controllers],
+    }
+    return EditResult(images[0], images[1:], reprompts, settings)
+
+
+__all__ = ["EditResult", "MODES", "build_controllers", "edit", "initial_latent"]
