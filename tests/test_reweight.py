@@ -342,3 +342,36 @@ def test_xattn_capture_in_the_same_session_shows_the_change(sd1_pipe):
     assert plain["red"].abs().max() > 0
     assert torch.allclose(weighted["red"], 3.0 * plain["red"], rtol=1e-4, atol=1e-7)
     assert torch.allclose(weighted["circle"], plain["circle"], rtol=1e-4, atol=1e-7)
+
+
+def _final_norm(encoder) -> str:
+    names = [name for name, _ in encoder.named_modules() if name.endswith("final_layer_norm")]
+    assert len(names) == 1, names
+    return names[0]
+
+
+def test_embedding_mode_equals_emphasising_the_prompt_embeddings_once(sd1_pipe):
+    """A1111's emphasis done by hand on the encoder output, in float64, gives the same latents."""
+    prompt, weight = "a red circle", 1.7
+    with torch.no_grad():  # a trained encoder's final norm has a bias, so rows do not average to 0
+        dict(sd1_pipe.text_encoder.named_modules())[_final_norm(sd1_pipe.text_encoder)].bias.fill_(0.5)
+    cond, uncond = sd1_pipe.encode_prompt(prompt, "cpu", 1, True)
+    e = cond.double()
+    scaled = e.clone()
+    scaled[:, 2] *= weight  # "red" is slot 2
+    emphasised = (scaled * (e.mean() / scaled.mean())).float()  # one row: the batch mean is the row mean
+    common = dict(num_inference_steps=3, guidance_scale=5.0, height=32, width=32, output_type="latent")
+    by_hand = sd1_pipe(prompt_embeds=emphasised, negative_prompt_embeds=uncond,
+                       generator=torch.Generator().manual_seed(0), **common).images
+    with xattn.hooks(sd1_pipe, Reweight({"red": weight}, mode="embedding")):
+        ours = sd1_pipe(prompt, generator=torch.Generator().manual_seed(0), **common).images
+    plain = sd1_pipe(prompt, generator=torch.Generator().manual_seed(0), **common).images
+    assert (ours - by_hand).abs().max().item() <= 1e-4
+    assert (ours - plain).abs().max().item() > 1e-3
+
+
+def test_embedding_mode_refuses_rows_that_average_to_zero(sd1_pipe):
+    """The tiny encoder's final layer norm has no bias: every row's mean is ~0, so no mean to restore."""
+    with xattn.hooks(sd1_pipe, Reweight({"red": 2.0}, mode="embedding")), pytest.raises(
+            ReweightError, match="average to about 0.*'scale' or 'bias'"):
+        sd1_pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="latent")

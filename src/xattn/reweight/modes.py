@@ -33,6 +33,10 @@ from dataclasses import dataclass
 import torch
 
 
+# Embedding mode refuses rows whose mean is below this fraction of their mean absolute value.
+MEAN_TOLERANCE = 1e-3
+
+
 class ReweightError(ValueError):
     """A weight, mode or option that the reweighting controller refuses."""
 
@@ -85,7 +89,11 @@ def check_weight(mode: Mode, name: str, value: object) -> float:
 def emphasise(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111-style emphasis: scale token rows of ``context`` [b, j, d] by ``weights`` [b, j], keep each row's mean.
 
-    Rows whose weights are all 1 come back unchanged.
+    Rows whose weights are all 1 come back unchanged. Restoring a mean is
+    only meaningful when the mean is not ~0 next to the values themselves
+    (a text encoder whose final layer norm has no bias gives exactly such
+    rows); then this raises instead of multiplying by a ratio of two
+    rounding errors.
     """
     dtype = context.dtype
     if dtype in (torch.float16, torch.bfloat16):  # means of half tensors lose digits
@@ -93,8 +101,14 @@ def emphasise(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     original_mean = context.mean(dim=(1, 2), keepdim=True)  # [b, 1, 1]
     scaled = context * weights[:, :, None]
     new_mean = scaled.mean(dim=(1, 2), keepdim=True)
-    ratio = original_mean / new_mean
-    if not torch.isfinite(ratio).all():
-        raise ReweightError("embedding mode: the weighted embeddings have a zero mean, so the mean cannot be "
-                            "restored; use mode 'scale' or 'bias' for these weights")
+    changed = (weights != 1).any(dim=1)  # [b]
+    magnitude = context.abs().mean(dim=(1, 2), keepdim=True)
+    tiny = (original_mean.abs() < MEAN_TOLERANCE * magnitude) | (new_mean.abs() < MEAN_TOLERANCE * magnitude)
+    if (tiny.flatten() & changed).any():
+        raise ReweightError(
+            "embedding mode: this model's text embeddings average to about 0 (|mean| < "
+            f"{MEAN_TOLERANCE:g} x mean |value|), so A1111's mean restoration is undefined here; "
+            "use mode 'scale' or 'bias'"
+        )
+    ratio = torch.where(changed[:, None, None], original_mean / new_mean, torch.ones_like(new_mean))
     return (scaled * ratio).to(dtype)
