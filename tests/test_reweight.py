@@ -375,3 +375,11 @@ def test_embedding_mode_refuses_rows_that_average_to_zero(sd1_pipe):
     with xattn.hooks(sd1_pipe, Reweight({"red": 2.0}, mode="embedding")), pytest.raises(
             ReweightError, match="average to about 0.*'scale' or 'bias'"):
         sd1_pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="latent")
+
+
+def test_sdxl_pipeline_weights_the_word_in_the_conditional_rows(sdxl_pipe):
+    uncond, cond = _uncond_cond(sdxl_pipe)
+    seen = _observed_weights(sdxl_pipe, Reweight({"red": 0.0}), steps=2)
+    assert seen
+    for weights in seen.values():
+        assert weights[cond, 2].item() == 0.0 and torch.all(weights[uncond] == 1.0)
