@@ -182,3 +182,17 @@ def test_sites_prints_every_site(cli, sd1_path):
 def test_sites_missing_model(cli, tmp_path):
     result = cli("sites", tmp_path / "nothing")
     assert result.exit_code == 2 and "nothing" in result.output
+
+
+def test_a_failed_run_is_marked_failed(cli, sd1_path, tmp_path, monkeypatch):
+    from xattn import runner as runner_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runner_module, "generate", broken)
+    result = cli("generate", "x", "--model", sd1_path, "--out", "o", *FAST)
+    assert result.exit_code != 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "out of memory" in manifest["error"]
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["manifest.json"]

@@ -171,6 +171,10 @@ def test_model_defaults(tmp_path):
     assert runner.model_defaults(tmp_path) == {}
     (tmp_path / "xattn_defaults.json").write_text(json.dumps({"steps": 25, "guidance": 5.0, "size": 64}))
     assert runner.model_defaults(tmp_path) == {"steps": 25, "guidance": 5.0, "size": 64}
+    # the shapes-world exporter writes diffusers' argument names
+    (tmp_path / "xattn_defaults.json").write_text(
+        '{"guidance_scale": 4.0, "num_inference_steps": 25, "height": 64, "width": 96}')
+    assert runner.model_defaults(tmp_path) == {"guidance": 4.0, "steps": 25, "size": "96x64"}
     (tmp_path / "xattn_defaults.json").write_text("[1, 2]")
     with pytest.raises(runner.OptionError, match="xattn_defaults.json"):
         runner.model_defaults(tmp_path)

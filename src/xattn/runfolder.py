@@ -85,6 +85,20 @@ def default_folder_name(command: str, slug: str = "", now: datetime | None = Non
     return f"{command}-{stamp}" + (f"-{tail}" if tail else "")
 
 
+def check_out_folder(out: str | os.PathLike, *, resume: bool = False) -> Path:
+    """Raise unless ``out`` may be written: new, empty, or (``resume``) any folder.
+
+    Raises:
+        RunFolderError: ``out`` is a file, or a non-empty folder and ``resume`` is False.
+    """
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out {folder} exists and is a file; pass a new folder")
+    if folder.is_dir() and any(folder.iterdir()) and not resume:
+        raise RunFolderError(f"--out {folder} exists and is not empty; pass a new folder")
+    return folder
+
+
 def create_run_folder(command: str, *, slug: str = "", out: str | os.PathLike | None = None,
                       root: str | os.PathLike = DEFAULT_ROOT, resume: bool = False) -> Path:
     """Make the folder a run writes into, never reusing finished work by accident.
@@ -100,11 +114,7 @@ def create_run_folder(command: str, *, slug: str = "", out: str | os.PathLike | 
         RunFolderError: ``out`` exists with files in it and ``resume`` is False.
     """
     if out is not None:
-        folder = Path(out)
-        if folder.exists() and not folder.is_dir():
-            raise RunFolderError(f"--out {folder} exists and is a file; pass a new folder")
-        if folder.is_dir() and any(folder.iterdir()) and not resume:
-            raise RunFolderError(f"--out {folder} exists and is not empty; pass a new folder")
+        folder = check_out_folder(out, resume=resume)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     root = Path(root)

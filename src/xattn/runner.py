@@ -131,7 +131,10 @@ def _cached_snapshot(repo_id: str) -> Path:
 
 
 def model_defaults(path: str | os.PathLike) -> dict[str, Any]:
-    """The model's own generation defaults (``xattn_defaults.json``), or ``{}``.
+    """The model's own generation defaults (``xattn_defaults.json``), or ``{}``, in the CLI's names.
+
+    ``guidance_scale`` becomes ``guidance``, ``num_inference_steps`` ``steps``,
+    and ``width``/``height`` a ``size`` of ``"WxH"``.
 
     Args:
         path: the pipeline folder.
@@ -142,7 +145,16 @@ def model_defaults(path: str | os.PathLike) -> dict[str, Any]:
     data = json.loads(file.read_text())
     if not isinstance(data, dict):
         raise OptionError(f"{file} must hold a JSON object of defaults, not {type(data).__name__}")
-    return data
+    # The file may use diffusers' argument names; the CLI's names are the canonical ones.
+    defaults = {_DEFAULT_ALIASES.get(key, key): value for key, value in data.items()
+                if key not in ("height", "width")}
+    if "size" not in defaults and ("height" in data or "width" in data):
+        height = data.get("height", data.get("width"))
+        defaults["size"] = f"{data.get('width', height)}x{height}"
+    return defaults
+
+
+_DEFAULT_ALIASES = {"guidance_scale": "guidance", "num_inference_steps": "steps"}
 
 
 def model_identity(model: str | os.PathLike | None, path: Path) -> dict[str, Any]:

@@ -385,8 +385,8 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
     timings = Timings()
     if out is not None:  # every process checks the same folder the same way: all fail or none
         check_existing_folder(Path(out), jobs)
-    if device == "auto" and state.num_processes > 1:
-        device = str(state.device)
+    if state.num_processes > 1 and device in ("auto", state.device.type):
+        device = str(state.device)  # each process on its own GPU (or the CPU)
     with timings.phase("load"):
         pipe = runner.load_pipeline(settings.get("model"), device=device, dtype=settings.get("dtype") or "auto",
                                     scheduler=settings.get("scheduler"))

@@ -17,10 +17,10 @@ How a new command uses this module (``src/xattn/cli/mycommand.py``)::
         ):
             \"\"\"One line that says what the command does.\"\"\"
             with common.user_errors():
-                run = common.start("mycommand", locals(), slug=prompt)
-                images = run.generate(prompt)          # uses the merged seed/steps/guidance/size
-                run.save_png(images[0], "image.png", prompt=prompt, seed=run.settings["seed"])
-                run.finish(outputs=["image.png"])
+                with common.start("mycommand", locals(), slug=prompt) as run:  # failed runs say so
+                    images = run.generate(prompt)      # uses the merged seed/steps/guidance/size
+                    run.save_png(images[0], "image.png", prompt=prompt, seed=run.settings["seed"])
+                    run.finish()
 
 Every option defaults to ``None`` so a ``--config`` file can fill it; what is
 still unset falls back to the model's ``xattn_defaults.json``, then to
@@ -33,7 +33,6 @@ printed as one ``Error:`` line with exit code 2 by :func:`user_errors`.
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from ..runfolder import (
     RunFolderError,
     Timings,
     build_manifest,
+    check_out_folder,
     create_run_folder,
     save_image_atomic,
     write_manifest,
@@ -248,6 +248,14 @@ class Run:
                               timings=self.timings.as_dict(), status=status,
                               extra={"outputs": list(self.outputs), **extra})
 
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Used as ``with common.start(...) as run:``, a run that raises is marked ``failed``."""
+        if exc is not None:
+            write_manifest(self.folder, self.manifest("failed", error=f"{type(exc).__name__}: {exc}"))
+
     def finish(self, **extra: Any) -> Path:
         """Write the final manifest (status ``finished``) and print the folder."""
         path = write_manifest(self.folder, self.manifest("finished", **extra))
@@ -287,12 +295,9 @@ def start(command: str, options: Mapping[str, Any], *, slug: str = "", resume: b
     if settings.get("size") is not None:
         width, height = runner.parse_size(settings["size"])
         settings["size"] = f"{width}x{height}"
-    # Check --out before the slow load, so a bad folder fails at once.
     folder_kwargs = {"slug": slug, "out": settings.get("out"), "resume": resume}
     if folder_kwargs["out"] is not None:
-        out = Path(folder_kwargs["out"])
-        if out.is_dir() and any(out.iterdir()) and not resume:
-            raise RunFolderError(f"--out {out} exists and is not empty; pass a new folder")
+        check_out_folder(folder_kwargs["out"], resume=resume)  # before the slow load, so it fails at once
     timings = Timings()
     with timings.phase("load"):
         pipe = load(settings, device=device)
@@ -302,8 +307,3 @@ def start(command: str, options: Mapping[str, Any], *, slug: str = "", resume: b
     run = Run(command, settings, pipe, folder, timings)
     write_manifest(folder, run.manifest("running"))
     return run
-
-
-def echo_error(message: str) -> None:
-    """Print a one-line error for the user."""
-    print(f"Error: {message}", file=sys.stderr)

@@ -36,12 +36,13 @@ def register(app: typer.Typer) -> None:
                 options = _from_png(from_png, options)
             if not options.get("prompt"):
                 raise common.runner.OptionError("no prompt given; pass a PROMPT or --from-png FILE")
-            run = common.start("generate", options, slug=options["prompt"])
-            settings = run.settings
-            pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"])
-            for index, image in enumerate(pictures):
-                run.save_png(image, f"image-{index}.png", prompt=settings["prompt"], seed=settings["seed"] + index)
-            run.finish()
+            with common.start("generate", options, slug=options["prompt"]) as run:
+                settings = run.settings
+                pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"])
+                for index, image in enumerate(pictures):
+                    run.save_png(image, f"image-{index}.png", prompt=settings["prompt"],
+                                 seed=settings["seed"] + index)
+                run.finish()
 
 
 def _from_png(png: Path, options: dict) -> dict:
