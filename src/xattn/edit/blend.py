@@ -191,8 +191,8 @@ class LocalBlend(Controller):
         masks = word_masks[1:] | word_masks[:1]  # union with the source's words: [p-1, k, H, W]
         grouped = latents.view(plan.num_prompts, plan.images, *latents.shape[1:])  # [p, k, C, H, W]
         source = grouped[:1]
-        keep = masks[:, :, None].to(latents.dtype)  # [p-1, k, 1, H, W]
-        blended = torch.cat([source, source + keep * (grouped[1:] - source)])
+        edited = torch.where(masks[:, :, None], grouped[1:], source)  # [p-1, k, C, H, W]; exact, no arithmetic
+        blended = torch.cat([source, edited])
         self.last_masks = masks.flatten(0, 1)
         self._sums, self._calls = {}, 0
         return {"latents": blended.view_as(latents)}
