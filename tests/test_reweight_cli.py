@@ -100,3 +100,16 @@ def test_a_config_file_sets_the_sweep(sd1_path, tmp_path):
     cells = json.loads((out / "manifest.json").read_text())["reweight"]["cells"]
     assert [(c["mode"], c["weight"], c["seed"]) for c in cells] == [
         ("bias", 0.5, 4), ("bias", 0.5, 6), ("bias", 2.0, 4), ("bias", 2.0, 6)]
+
+
+def test_a_mode_that_fails_while_running_leaves_grey_cells(sd1_path, tmp_path):
+    """The tiny encoder's rows average to 0, so embedding mode cannot restore the mean (w != 1)."""
+    out = tmp_path / "run"
+    result = invoke("a red circle", "--word", "red", "--weights", "0,1", "--modes", "scale,embedding",
+                    "--model", str(sd1_path), "--out", str(out), *COMMON)
+    assert result.exit_code == 0, result.output
+    cells = json.loads((out / "manifest.json").read_text())["reweight"]["cells"]
+    skipped = [(c["mode"], c["weight"]) for c in cells if c["skipped"]]
+    assert skipped == [("embedding", 0.0)]
+    assert "average to about 0" in next(c["skipped"] for c in cells if c["skipped"])
+    assert (out / "embedding_w1_seed0.png").is_file() and (out / "grid.png").is_file()

@@ -3,8 +3,9 @@
 The CLI's ``xattn reweight --word red --weights 0,1,2 --modes scale,bias
 --seeds 0:4`` and ``scripts/reweight_curve.py`` both call :func:`run_sweep`;
 :func:`sweep_sheet` lays the result out as a labelled grid (rows weights,
-columns mode x seed). A weight a mode rejects (``bias`` with ``w <= 0``)
-becomes a skipped cell with its reason, never a silent gap.
+columns mode x seed). A weight a mode rejects (``bias`` with ``w <= 0``, or
+``embedding`` on an encoder whose rows average to 0) becomes a skipped cell
+with its reason, never a silent gap.
 """
 
 from __future__ import annotations
@@ -115,11 +116,19 @@ def run_sweep(pipe, prompt: str, generate: GenerateFn, *, word: str | None = Non
                 cells.extend(Cell(mode, weight, seed, skipped=str(error)) for seed in seeds)
                 continue
             made: dict[int, Image.Image] = {}
-            with hooks(pipe, controller):
-                for first, count in _runs_of_consecutive(seeds):
-                    for index, image in enumerate(generate(controller.prompt, first, count)):
-                        made[first + index] = image
+            try:
+                with hooks(pipe, controller):
+                    for first, count in _runs_of_consecutive(seeds):
+                        for index, image in enumerate(generate(controller.prompt, first, count)):
+                            made[first + index] = image
+            except ReweightError as error:  # found while running, e.g. embedding mode on a mean-0 encoder
+                if weight is None:
+                    raise
+                cells.extend(Cell(mode, weight, seed, skipped=str(error)) for seed in seeds)
+                continue
             cells.extend(Cell(mode, weight, seed, made[seed], reweight=controller.to_dict()) for seed in seeds)
+    if all(cell.skipped for cell in cells):
+        raise ReweightError(f"no cell of the sweep could be made: {cells[0].skipped}")
     return cells
 
 
