@@ -201,3 +201,20 @@ def test_example_config_is_a_valid_grid_of_at_least_eight_jobs():
     data = load_config(path, extra_keys={"job": one_of(sweep.JOB_KINDS), "grid": None})
     jobs = sweep.plan_jobs(sweep.check_grid(data["grid"], data["job"]), data["job"])
     assert len(jobs) >= 8 and "model" not in data  # runs on the embedded model
+
+
+def test_modes_and_step_windows_reach_the_controller(cli, sd1_path, tmp_path):
+    grid = {"prompts": ["a red circle"], "seeds": [0], "words": ["red"], "weights": [8.0],
+            "modes": ["scale", "bias"], "step_windows": [None, "0:0.5"]}
+    config = write_config(tmp_path / "s.yaml", sd1_path, grid=grid)
+    result = cli("sweep", config, "--out", "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    records = read_results(tmp_path / "run")
+    assert [(r["mode"], r["window"]) for r in records] == [("scale", None), ("scale", "0:0.5"),
+                                                           ("bias", None), ("bias", "0:0.5")]
+    for record in records:
+        assert record["reweight"]["mode"] == record["mode"]
+        assert record["reweight"]["weights"] == {"red": 8.0}
+    images = [pixels(tmp_path / "run" / r["image"]) for r in records]
+    # weighting only the first of two steps is not the same as weighting both
+    assert not np.array_equal(images[0], images[1])
