@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -342,7 +343,6 @@ def _warn_if_one_cpu_process(state) -> None:
     correctly). torchrun-based launching gives N CPU processes over gloo.
     """
     import os
-    import sys
 
     if (state.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
             and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ):
@@ -399,6 +399,8 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
             write_json_atomic(folder / PLAN, {"jobs": [{"job": job.name, **asdict(job)} for job in jobs]})
         folder_box[0] = str(folder)
     folder = Path(broadcast_object_list(folder_box)[0])
+    if state.is_main_process:
+        print(f"sweep folder: {folder} (if it stops early, rerun with --out {folder} to resume)", file=sys.stderr)
 
     state.wait_for_everyone()  # every process lists the done jobs before any writes new ones
     already = {job.name for job in finished_jobs(folder, jobs)}

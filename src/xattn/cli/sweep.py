@@ -39,7 +39,6 @@ def register(app: typer.Typer) -> None:
             result = run_sweep(settings, jobs, out=settings.get("out"), slug=config.stem, progress=progress)
             typer.echo(f"ran {len(result.ran)} jobs here, {len(result.skipped)} were already done, "
                        f"{result.total} in the grid: {result.folder}")
-            typer.echo(f"(if it stops early, resume with: xattn sweep {config} --out {result.folder})", err=True)
 
 
 def sweep_settings(config: Path, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list], str]:
