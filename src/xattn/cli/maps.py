@@ -1,0 +1,128 @@
+"""``xattn maps``: generate with a capture running, then write the word maps every way a person reads them.
+
+A run folder gets: ``image-<k>.png`` (the generated images), ``words.png``
+(every word of the prompt over the first image), ``resolutions.png`` (the
+first shown word per resolution), ``steps.png`` (with ``--per-step``: how it
+evolves), ``report.html`` (explore words, steps, resolutions in a browser),
+``maps.safetensors`` and ``manifest.json`` (the run's settings with the maps'
+manifest under ``"maps"``; ``xattn.capture.export.load_maps(folder)`` reads it back).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..capture import Capture, CaptureBudgetError, pictures
+from ..capture.controller import DEFAULT_BUDGET
+from ..capture.export import MAPS_FILE, maps_manifest, save_maps
+from ..capture.report import write_report
+from ..runfolder import RunFolderError, save_image_atomic
+from ..selector import Selector
+from ..tokens import TokenMap
+from . import common
+
+WORD_GRID = "words.png"
+RESOLUTIONS = "resolutions.png"
+STEP_STRIP = "steps.png"
+REPORT = "report.html"
+
+
+def capture_selector(sites: list[str] | None, res: list[str] | None, steps: str | None) -> Selector:
+    """The capture's selector from the command line's ``--site``, ``--res`` and ``--window``."""
+    fields = {"kind": "cross"}
+    if sites:
+        fields["sites"] = list(sites)
+    if res:
+        fields["res"] = list(res)
+    if steps:
+        fields["steps"] = steps
+    return Selector.from_dict(fields)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(epilog=common.examples(
+        'xattn maps "a red circle and a blue square"',
+        'xattn maps "a red circle and a blue square" --token red --token circle --res 16 --out outputs/maps-red',
+        'xattn maps "a green triangle" --per-step --window 0:10 --site "up_blocks.*"',
+    ))
+    def maps(
+        prompt: Annotated[str, typer.Argument(show_default=False, help="The prompt.")],
+        token: Annotated[Optional[list[str]], typer.Option(
+            "--token", "-t", help="A word or phrase to show (repeat for several): red, circle#2, 'red circle'.",
+            show_default="every word")] = None,
+        site: Annotated[Optional[list[str]], typer.Option(
+            help="Capture only sites matching this glob (repeatable): 'up_blocks.*'.",
+            show_default="every cross-attention site")] = None,
+        res: Annotated[Optional[list[str]], typer.Option(
+            help="Capture only maps of this size (repeatable): 16, '<=16', 16x24.", show_default="every size")] = None,
+        window: Annotated[Optional[str], typer.Option(
+            help="Capture only these steps: 0:10, 5:, or fractions 0:0.5 (--steps is the number of steps).",
+            show_default="every step")] = None,
+        per_step: Annotated[bool, typer.Option(
+            "--per-step", help="Keep a map per step and site (fp16, under --budget) to see how maps evolve.")] = False,
+        budget: Annotated[str, typer.Option(help="Most memory the capture may hold: 256MB, 2GiB.")] = DEFAULT_BUDGET,
+        images: Annotated[int, typer.Option("--images", "-i", min=1, help="Images to make; image i uses seed + i.")] = 1,
+        negative_prompt: common.NegativePrompt = None,
+        model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
+        scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
+        guidance: common.Guidance = None, size: common.Size = None, out: common.Out = None,
+        config: common.Config = None, progress: common.Progress = False,
+    ):
+        """Capture where each word of the prompt lands: images, word grid, HTML report, maps and manifest."""
+        options = dict(locals())
+        with common.user_errors(CaptureBudgetError):
+            capture = _capture(site, res, window, per_step, budget)  # bad options fail before loading
+            selector = capture.selector
+            run = common.start("maps", options, slug=prompt)
+            token_map = TokenMap(run.pipe.tokenizer, prompt)
+            shown = list(token) if token else None
+            for word in shown or []:
+                token_map.indices(word)  # an unknown word fails before generating
+            with _hooks(run.pipe, capture):
+                pictures_made = run.generate(prompt, num_images_per_prompt=images)
+            word_maps = capture.maps()
+            first_seed = int(run.settings["seed"])
+            for index, image in enumerate(pictures_made):
+                run.save_png(image, f"image-{index}.png", prompt=prompt, seed=first_seed + index,
+                             xattn={"maps": {"selector": str(selector), "per_step": per_step}})
+            shown = shown or word_maps.words(0)
+            _save(run, WORD_GRID, pictures.word_grid(pictures_made[0], word_maps, words=shown))
+            _save(run, RESOLUTIONS, pictures.resolution_breakdown(pictures_made[0], word_maps, shown[0]))
+            if per_step:
+                _save(run, STEP_STRIP, pictures.step_strip(pictures_made[0], word_maps, shown[0]))
+            _new_file(run, REPORT)
+            write_report(word_maps, pictures_made, run.folder / REPORT, title=prompt)
+            run.outputs.append(REPORT)
+            _new_file(run, MAPS_FILE)
+            save_maps(word_maps, run.folder, manifest=False)
+            run.outputs.append(MAPS_FILE)
+            seeds = [first_seed + k for k in range(len(pictures_made))]
+            run.finish(maps=maps_manifest(word_maps, seed=seeds, extra={
+                "selector": str(selector), "per_step": per_step, "budget": budget, "shown_words": shown}))
+
+
+def _capture(site, res, window, per_step: bool, budget: str) -> Capture:
+    selector = capture_selector(site, res, window)
+    try:
+        return Capture(selector, per_step=per_step, budget=budget)
+    except ValueError as error:  # a bad --budget
+        raise common.runner.OptionError(str(error)) from None
+
+
+def _hooks(pipe, capture):
+    from .. import hooks
+
+    return hooks(pipe, capture)
+
+
+def _new_file(run, name: str) -> None:
+    if (run.folder / name).exists():
+        raise RunFolderError(f"{run.folder / name} exists; a run never overwrites its files")
+
+
+def _save(run, name: str, picture) -> None:
+    _new_file(run, name)
+    save_image_atomic(picture, run.folder / name)
+    run.outputs.append(name)
