@@ -15,6 +15,7 @@ from .session import Session, hooks
 from .sites import Site, resolution_of, sites
 from .tokens import TokenError, TokenMap
 from .reweight import Reweight  # noqa: F401  (issue 5: attention-level word weights)
+from .capture import Capture, WordMaps  # noqa: F401  (issue 4: capture, word maps, report, export)
 
 __version__ = "0.1.0"
 
