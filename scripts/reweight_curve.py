@@ -11,7 +11,7 @@ segmenter:
 It also measures a step window (weight 0 only in steps 0:0.3) against every
 step. Prints a markdown table; ``--json`` keeps the numbers (never overwritten).
 
-    python scripts/reweight_curve.py --seeds 16 --json docs/reweight_curve.json
+    python scripts/reweight_curve.py --seeds 16 --weights=-1,0,0.5,1,2,4 --json /tmp/curve.json
 """
 
 from __future__ import annotations
@@ -72,20 +72,22 @@ def main() -> None:
     plain = {prompt: images(prompt, Reweight({})) for prompt in PROMPTS}
     for mode in modes:
         for weight in weights:
-            per_prompt = []
+            per_prompt, refused = [], None
             for prompt in PROMPTS:
                 (word, _), (other, _) = parse_caption(prompt)[:2]
-                try:
-                    controller = Reweight({word: weight}, mode=mode)
-                except ReweightError:
-                    break  # this mode does not define this weight (bias, w <= 0)
-                made = plain[prompt] if weight == 1.0 else images(prompt, controller)
+                try:  # bias refuses w <= 0; embedding refuses rows whose mean it cannot restore
+                    made = plain[prompt] if weight == 1.0 else images(prompt, Reweight({word: weight}, mode=mode))
+                except ReweightError as error:
+                    refused = str(error)
+                    break
                 per_prompt.append((colour_share(made, word), colour_share(made, other),
                                    float(np.abs(made - plain[prompt]).mean())))
-            if per_prompt:
-                word_share, other_share, change = (float(np.mean(column)) for column in zip(*per_prompt))
-                rows.append({"mode": mode, "weight": weight, "word_share": word_share,
-                             "other_share": other_share, "pixel_change": change})
+            if refused is not None:
+                rows.append({"mode": mode, "weight": weight, "refused": refused})
+                continue
+            word_share, other_share, change = (float(np.mean(column)) for column in zip(*per_prompt))
+            rows.append({"mode": mode, "weight": weight, "word_share": word_share,
+                         "other_share": other_share, "pixel_change": change})
     window = {}
     for label, steps in ((f"steps {WINDOW}", WINDOW), ("every step", None)):
         changes = []
@@ -98,6 +100,9 @@ def main() -> None:
     print("| mode | weight | swept colour share | other colour share | mean abs pixel change |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
+        if "refused" in row:
+            print(f"| {row['mode']} | {row['weight']:g} | refused: {row['refused'].split(';')[0]} | | |")
+            continue
         print(f"| {row['mode']} | {row['weight']:g} | {row['word_share']:.4f} | {row['other_share']:.4f} "
               f"| {row['pixel_change']:.2f} |")
     print()

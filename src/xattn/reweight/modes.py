@@ -34,7 +34,7 @@ import torch
 
 
 # Embedding mode refuses rows whose mean is below this fraction of their mean absolute value.
-MEAN_TOLERANCE = 1e-3
+MEAN_TOLERANCE = 1e-4
 
 
 class ReweightError(ValueError):
@@ -106,8 +106,8 @@ def emphasise(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     tiny = (original_mean.abs() < MEAN_TOLERANCE * magnitude) | (new_mean.abs() < MEAN_TOLERANCE * magnitude)
     if (tiny.flatten() & changed).any():
         raise ReweightError(
-            "embedding mode: this model's text embeddings average to about 0 (|mean| < "
-            f"{MEAN_TOLERANCE:g} x mean |value|), so A1111's mean restoration is undefined here; "
+            "embedding mode: this model's text embeddings average to about 0 (the mean is under "
+            f"{MEAN_TOLERANCE:g} of the mean magnitude), so A1111's mean restoration is undefined here; "
             "use mode 'scale' or 'bias'"
         )
     ratio = torch.where(changed[:, None, None], original_mean / new_mean, torch.ones_like(new_mean))
