@@ -170,15 +170,15 @@ def _image_size(pipe, size) -> tuple[int, int]:
 
 
 def _sample(pipe, prompts: list[str], latent: torch.Tensor, *, seed: int, steps: int, guidance: float,
-            width: int, height: int, negative_prompt: str | None, **kwargs) -> list:
+            width: int, height: int, negative_prompt: str | None, output_type: str, **kwargs) -> list:
     count = len(prompts)
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in range(count)]  # same noise in every row
     if negative_prompt is not None:
         kwargs["negative_prompt"] = [negative_prompt] * count
     result = pipe(prompt=prompts, latents=latent.expand(count, -1, -1, -1).clone(), generator=generators,
                   num_inference_steps=int(steps), guidance_scale=float(guidance), width=width, height=height,
-                  output_type="pil", **kwargs)
-    return list(result.images)
+                  output_type=output_type, **kwargs)
+    return list(result.images)  # PIL images, or [C, h, w] latents for output_type="latent"
 
 
 def edit(pipe, source: str, targets: str | Sequence[str], *, mode: str = "auto",
@@ -186,7 +186,7 @@ def edit(pipe, source: str, targets: str | Sequence[str], *, mode: str = "auto",
          self_res: str | None = "<=32", blend: str | Sequence[str] | None = None, threshold: float = 0.3,
          blend_res: str | None = None, reweight: Mapping[str, float] | None = None, rows: str = "cond",
          seed: int = 0, steps: int = 25, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
-         reprompt: bool = True) -> EditResult:
+         reprompt: bool = True, output_type: str = "pil") -> EditResult:
     """Edit the source prompt's image into each target prompt's (prompt-to-prompt).
 
     Args:
@@ -201,7 +201,11 @@ def edit(pipe, source: str, targets: str | Sequence[str], *, mode: str = "auto",
         size: ``64`` or ``"WIDTHxHEIGHT"``; ``None`` for the model's size.
         negative_prompt: one negative prompt for every row.
         reprompt: also sample each target plainly from the same latent.
+        output_type: ``"pil"``, or ``"latent"`` for the final latents ``[C, h, w]``
+            (for analysis; :meth:`EditResult.save` and ``sheet`` need PIL images).
     """
+    if output_type not in ("pil", "latent"):
+        raise EditError(f"output_type must be 'pil' or 'latent', not {output_type!r}")
     targets = [targets] if isinstance(targets, str) else list(targets)
     controllers = build_controllers(pipe.tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
                                     self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
@@ -209,7 +213,7 @@ def edit(pipe, source: str, targets: str | Sequence[str], *, mode: str = "auto",
     width, height = _image_size(pipe, size)
     latent = initial_latent(pipe, seed, width, height)  # [1, C, h, w], shared by every row
     common = dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
-                  negative_prompt=negative_prompt)
+                  negative_prompt=negative_prompt, output_type=output_type)
     local_blend = next((c for c in controllers if isinstance(c, LocalBlend)), None)
     extra = {"callback_on_step_end": local_blend} if local_blend is not None else {}
     with hooks(pipe, *controllers):

@@ -5,7 +5,7 @@ first part of sampling (``cross_replace_steps=0.8``) and lets the target
 prompt finish the details, and allows a different window per word. A window
 here is written like a selector's ``steps``: step indices ``"0:20"``,
 fractions ``"0:0.8"`` (step ``i`` of ``N`` sits at ``i / N``), a float ``0.8``
-(short for ``0:0.8``), a pair ``(0, 0.8)``, or ``None`` for no step at all.
+or ``"0.8"`` (short for ``0:0.8``; a bare integer ``"2"`` is step 2 alone), a pair ``(0, 0.8)``, or ``None`` for no step at all.
 Windows are turned into sets of step indices once ``N`` is known, never by
 counting layer calls.
 """
@@ -32,6 +32,11 @@ def parse_window(spec: WindowSpec, *, what: str) -> tuple[Span, ...]:
         return ()
     if isinstance(spec, bool):
         raise EditError(f"{what}: {spec!r} is not a step window; write e.g. '0:0.8' or '0:20'")
+    if isinstance(spec, str) and ":" not in spec and "." in spec:
+        try:
+            spec = float(spec)  # "0.8" on a command line means the same as 0.8
+        except ValueError:
+            pass
     if isinstance(spec, (int, float)):
         if not 0.0 <= float(spec) <= 1.0:
             raise EditError(f"{what}: a single number is a fraction of the schedule in 0..1 (e.g. 0.8 = '0:0.8'), "

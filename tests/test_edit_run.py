@@ -1,0 +1,132 @@
+"""edit(): one batch from one latent, several targets, SDXL, files on disk, and `xattn edit`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import xattn
+from xattn import TokenError, runner
+from xattn.cli import app
+from xattn.edit import EditError, build_controllers, edit
+from xattn.runfolder import RunFolderError
+
+import tiny_models
+
+SOURCE = "a red circle and a blue square"
+TARGET = "a green circle and a blue square"
+FAST = dict(steps=3, guidance=5.0, seed=3)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def plain_latent(pipe, prompt, seed=3, steps=3, guidance=5.0):
+    """What `xattn generate --seed` samples, as the final latent."""
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+def test_source_is_the_plain_sample_of_its_seed_and_reprompt_the_targets(sd1_pipe):
+    result = edit(sd1_pipe, SOURCE, TARGET, blend="circle", output_type="latent", **FAST)
+    # The edit never touches the source rows; fused vs explicit attention may differ by rounding only.
+    assert (result.source - plain_latent(sd1_pipe, SOURCE)).abs().max() <= 1e-4
+    assert (result.reprompts[0] - plain_latent(sd1_pipe, TARGET)).abs().max() <= 1e-4
+    assert (result.targets[0] - result.reprompts[0]).abs().max() > 1e-2  # the edit changed the target
+
+
+def test_images_of_the_edit_are_those_of_runner_generate(sd1_pipe):
+    result = edit(sd1_pipe, SOURCE, TARGET, **FAST)
+    assert np.abs(pixels(result.source) - pixels(runner.generate(sd1_pipe, SOURCE, **FAST)[0])).max() <= 1
+    assert np.abs(pixels(result.reprompts[0]) - pixels(runner.generate(sd1_pipe, TARGET, **FAST)[0])).max() <= 1
+
+
+def test_several_targets_in_one_batch_equal_separate_edits(sd1_pipe):
+    targets = ["a green circle and a blue square", "a red circle and a blue triangle"]
+    together = edit(sd1_pipe, SOURCE, targets, reprompt=False, output_type="latent", **FAST)
+    for index, target in enumerate(targets):
+        alone = edit(sd1_pipe, SOURCE, target, reprompt=False, output_type="latent", **FAST)
+        assert (together.targets[index] - alone.targets[0]).abs().max() <= 1e-4, target
+    assert (together.targets[0] - together.targets[1]).abs().max() > 1e-2
+    assert len(together.targets) == 2 and together.reprompts == []
+
+
+def test_swap_then_reweight_changes_the_target_only(sd1_pipe):
+    plain = edit(sd1_pipe, SOURCE, TARGET, reprompt=False, output_type="latent", **FAST)
+    weighted = edit(sd1_pipe, SOURCE, TARGET, reweight={"green": 4.0}, reprompt=False, output_type="latent", **FAST)
+    assert torch.equal(weighted.source, plain.source)
+    assert (weighted.targets[0] - plain.targets[0]).abs().max() > 1e-2
+    kinds = [c["edit"] if "edit" in c else "reweight" for c in weighted.settings["controllers"]]
+    assert kinds == ["reweight", "autoedit", "self_inject"]
+
+
+def test_sdxl_architecture_runs_an_edit_end_to_end(sdxl_pipe):
+    result = edit(sdxl_pipe, "a red circle", ["a red square", "a big red circle"], blend="circle",
+                  self_res="<=16", **FAST)
+    size = sdxl_pipe.unet.config.sample_size * sdxl_pipe.vae_scale_factor
+    assert result.source.size == (size, size) and len(result.targets) == 2 and len(result.reprompts) == 2
+    assert result.settings["modes"] == ["replace", "refine"]
+    latents = edit(sdxl_pipe, "a red circle", "a red square", blend="circle", self_res="<=16", output_type="latent",
+                   **FAST)
+    assert (latents.targets[0] - latents.reprompts[0]).abs().max() > 1e-2
+
+
+def test_save_writes_every_file_and_never_overwrites(sd1_pipe, tmp_path):
+    result = edit(sd1_pipe, SOURCE, TARGET, **FAST)
+    written = result.save(tmp_path / "run")
+    assert sorted(p.name for p in written) == ["edit.json", "reprompt.png", "sheet.png", "source.png", "target.png"]
+    manifest = json.loads((tmp_path / "run" / "edit.json").read_text())
+    assert manifest["settings"]["targets"] == [TARGET] and manifest["settings"]["seed"] == 3
+    before = (tmp_path / "run" / "source.png").read_bytes()
+    with pytest.raises(RunFolderError, match="already holds source.png, .*edit.json; an edit never overwrites"):
+        result.save(tmp_path / "run")
+    assert (tmp_path / "run" / "source.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(targets=[]), EditError, "at least one target"),
+    (dict(mode="swap"), EditError, "one of auto, replace, refine, not .swap."),
+    (dict(mode="replace", targets=["a big red circle and a blue square"]), EditError, "same number of words"),
+    (dict(blend="hat"), EditError, r"\['hat'\] are neither in the source"),
+    (dict(reweight={"hat": 2.0}), TokenError, "'hat' is not in the prompt"),
+    (dict(cross_steps={"default": 0.8, "hat": 0.2}), EditError, "'hat', which is in no target"),
+    (dict(self_steps="0:x"), EditError, "not a number"),
+])
+def test_bad_edits_fail_before_sampling(options, error, message):
+    arguments = dict(targets=[TARGET])
+    arguments.update(options)
+    targets = arguments.pop("targets")
+    with pytest.raises(error, match=message):
+        build_controllers(tiny_models.tokenizer(), SOURCE, targets, **arguments)
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runner_ = CliRunner()
+    return lambda *args: runner_.invoke(app, [str(a) for a in args])
+
+
+def test_cli_edit_writes_source_target_reprompt_sheet_and_manifest(cli, sd1_path, tmp_path):
+    result = cli("edit", "--source", SOURCE, "--target", TARGET, "--blend", "circle", "--cross-steps", "0:0.8",
+                 "--self-steps", "0:0.4", "--seed", 3, "--steps", 3, "--model", sd1_path, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["manifest.json", "reprompt.png", "sheet.png", "source.png", "target.png"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["edit"]["targets"] == [TARGET]
+    assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["local_blend", "autoedit", "self_inject"]
+
+
+def test_cli_edit_refuses_bad_options_before_loading(cli, tmp_path):
+    result = cli("edit", "--source", SOURCE, "--target", TARGET, "--word-steps", "circle", "--model", tmp_path / "nope")
+    assert result.exit_code == 2 and "--word-steps takes WORD=WINDOW" in result.output
+    result = cli("edit", "--source", SOURCE, "--target", TARGET, "--cross-steps", "1.5", "--model", tmp_path / "nope")
+    assert result.exit_code == 2 and "fraction of the schedule" in result.output
+    result = cli("edit", "--source", SOURCE, "--target", TARGET, "--reweight", "green=lots")
+    assert result.exit_code == 2 and "must be a number" in result.output
