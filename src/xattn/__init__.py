@@ -16,6 +16,7 @@ from .sites import Site, resolution_of, sites
 from .tokens import TokenError, TokenMap
 from .reweight import Reweight  # noqa: F401  (issue 5: attention-level word weights)
 from .capture import Capture, WordMaps  # noqa: F401  (issue 4: capture, word maps, report, export)
+from .edit import EditError, LocalBlend, Refine, Replace, SelfInject  # noqa: F401  (issue 6: prompt-to-prompt; xattn.edit.edit runs one)
 
 __version__ = "0.1.0"
 
