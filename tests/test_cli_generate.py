@@ -196,3 +196,30 @@ def test_a_failed_run_is_marked_failed(cli, sd1_path, tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "out of memory" in manifest["error"]
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["manifest.json"]
+
+
+def test_config_beats_an_option_default_but_not_a_typed_option(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"model: {sd1_path}\nsteps: 2\nsize: 32\nimages: 2\n")
+    assert cli("generate", "x", "--config", "c.yaml", "--out", "a", "--no-progress").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == ["image-0.png", "image-1.png"]
+    assert cli("generate", "x", "--config", "c.yaml", "--images", 1, "--out", "b", "--no-progress").exit_code == 0
+    assert [p.name for p in (tmp_path / "b").glob("*.png")] == ["image-0.png"]
+    (tmp_path / "bad.yaml").write_text("images: many\n")
+    result = cli("generate", "x", "--model", sd1_path, "--config", "bad.yaml", *FAST)
+    assert result.exit_code == 2 and "key 'images'" in result.output
+
+
+def test_png_settings_beat_model_defaults_and_typed_options_beat_the_png(cli, sd1_path, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sd1_path, model)
+    (model / "xattn_defaults.json").write_text(json.dumps({"num_inference_steps": 3, "guidance_scale": 4.0}))
+    assert cli("generate", "a red circle", "--model", model, "--steps", 2, "--guidance", 6, "--size", 32,
+               "--out", "a", "--no-progress").exit_code == 0
+    assert cli("generate", "--from-png", tmp_path / "a" / "image-0.png", "--out", "b", "--no-progress").exit_code == 0
+    assert np.array_equal(pixels(tmp_path / "a" / "image-0.png"), pixels(tmp_path / "b" / "image-0.png"))
+    assert cli("generate", "--from-png", tmp_path / "a" / "image-0.png", "--seed", 9, "--out", "c",
+               "--no-progress").exit_code == 0
+    params = pngmeta.read_parameters(tmp_path / "c" / "image-0.png")
+    assert (params["seed"], params["steps"], params["cfg_scale"]) == (9, 2, 6.0)

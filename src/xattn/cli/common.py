@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Mapping, Optional, Sequence
 
-import click
 import typer
 
 from .. import runner
@@ -126,55 +125,78 @@ def user_errors(*more: type[BaseException]) -> Iterator[None]:
 
 # -- settings -----------------------------------------------------------------------------
 
-def _command_params() -> dict[str, click.Parameter]:
-    context = click.get_current_context(silent=True)
+def _current_context():
+    """The running command's context, or None outside a command (library use).
+
+    Typer >= 0.20 carries its own copy of click; older Typer runs on click.
+    """
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - older typer
+        from click import get_current_context
+    return get_current_context(silent=True)
+
+
+def _is_default(name: str) -> bool:
+    """True when option ``name`` was not typed on the command line."""
+    context = _current_context()
     if context is None:
-        return {}
-    return {param.name: param for param in context.command.params if param.name}
+        return False
+    source = context.get_parameter_source(name)
+    return source is None or source.name in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _like(default: Any):
+    """A config check for a command-specific option: same kind of value as its default."""
+    def check(value: Any) -> Any:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError("true or false")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError("an integer")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError("a number")
+            value = float(value)
+        elif isinstance(default, str):
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError("a string")
+            value = str(value)
+        return value
+
+    return check
 
 
 def _config_extra_keys(options: Mapping[str, Any]) -> dict[str, Any]:
     """Command-specific keys a config may set: the command's own option names."""
-    params = _command_params()
-    context = click.get_current_context(silent=True)
-    extra: dict[str, Any] = {}
-    for name in options:
-        if name in COMMON_KEYS or name in ("config", "progress"):
-            continue
-        param = params.get(name)
-        if param is None:
-            extra[name] = None
-            continue
-
-        def check(value, param=param):  # reuse the command line's own type conversion
-            try:
-                return param.type_cast_value(context, value)
-            except click.BadParameter as error:
-                raise ValueError(error.message) from None
-
-        extra[name] = check
-    return extra
+    return {name: _like(value) for name, value in options.items()
+            if name not in COMMON_KEYS and name not in ("config", "progress")}
 
 
 def merge_settings(options: Mapping[str, Any], *, config_path: str | Path | None = None,
-                   model_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Merge command line > config file > model defaults > :data:`DEFAULTS`.
+                   model_defaults: Mapping[str, Any] | None = None,
+                   pinned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Merge, first match wins: typed options, ``pinned``, config file, model defaults,
+    the options' own defaults, :data:`DEFAULTS`.
 
-    A value of ``None`` on the command line means "not given".
+    An option counts as typed when it is not ``None`` and did not come from its
+    default; so a config value beats ``--images``'s default of 1 but not ``--images 1``.
 
     Args:
         options: the command's parameters (``locals()`` of the command function).
         config_path: the ``--config`` file, if any.
         model_defaults: the model's ``xattn_defaults.json`` content.
+        pinned: values that beat the config but not typed options (a PNG's parameters).
     """
-    given = {k: v for k, v in options.items() if k not in ("config",) and v is not None}
+    typed = {k: v for k, v in options.items() if k != "config" and v is not None and not _is_default(k)}
+    own_defaults = {k: v for k, v in options.items() if k != "config" and k not in typed}
     from_file = load_config(config_path, extra_keys=_config_extra_keys(options)) if config_path else {}
     known_defaults = {k: v for k, v in (model_defaults or {}).items() if k in DEFAULTS}
-    merged = {**DEFAULTS, **known_defaults, **from_file, **given}
-    for key, value in options.items():  # command-specific options unset everywhere keep their own default
-        merged.setdefault(key, value)
-    merged.pop("config", None)
-    return merged
+    # An option's own default (e.g. --images 1) only fills what nothing else set.
+    own_defaults = {k: v for k, v in own_defaults.items() if v is not None or k not in DEFAULTS}
+    return {**DEFAULTS, **own_defaults, **known_defaults, **from_file, **dict(pinned or {}), **typed}
+
 
 
 # -- a run ------------------------------------------------------------------------------
@@ -277,7 +299,7 @@ def load(settings: Mapping[str, Any], *, device: str | None = None):
 
 
 def start(command: str, options: Mapping[str, Any], *, slug: str = "", resume: bool = False,
-          device: str | None = None) -> Run:
+          device: str | None = None, pinned: Mapping[str, Any] | None = None) -> Run:
     """Merge settings, load the pipeline, make the run folder, write a first manifest.
 
     Args:
@@ -286,12 +308,14 @@ def start(command: str, options: Mapping[str, Any], *, slug: str = "", resume: b
         slug: words for the folder name (the prompt, the config's name).
         resume: allow ``--out`` to be an existing folder (sweeps).
         device: override the device (e.g. accelerate's process device).
+        pinned: values above the config and below typed options (see :func:`merge_settings`).
     """
     options = dict(options)
     config_path = options.get("config")
-    preliminary = merge_settings(options, config_path=config_path)
+    preliminary = merge_settings(options, config_path=config_path, pinned=pinned)
     model_path = runner.resolve_model(preliminary.get("model"))  # fails fast, before any folder is made
-    settings = merge_settings(options, config_path=config_path, model_defaults=runner.model_defaults(model_path))
+    settings = merge_settings(options, config_path=config_path, model_defaults=runner.model_defaults(model_path),
+                              pinned=pinned)
     if settings.get("size") is not None:
         width, height = runner.parse_size(settings["size"])
         settings["size"] = f"{width}x{height}"

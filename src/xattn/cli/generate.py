@@ -32,11 +32,11 @@ def register(app: typer.Typer) -> None:
         with common.user_errors():
             options = dict(locals())
             options.pop("from_png")
-            if from_png is not None:
-                options = _from_png(from_png, options)
-            if not options.get("prompt"):
+            pinned = _from_png(from_png) if from_png is not None else {}
+            text = prompt or pinned.get("prompt")
+            if not text:
                 raise common.runner.OptionError("no prompt given; pass a PROMPT or --from-png FILE")
-            with common.start("generate", options, slug=options["prompt"]) as run:
+            with common.start("generate", options, slug=text, pinned=pinned) as run:
                 settings = run.settings
                 pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"])
                 for index, image in enumerate(pictures):
@@ -45,8 +45,8 @@ def register(app: typer.Typer) -> None:
                 run.finish()
 
 
-def _from_png(png: Path, options: dict) -> dict:
-    """Fill every option not given on the command line from a PNG's parameters."""
+def _from_png(png: Path) -> dict:
+    """The generation settings stored in a PNG's parameters (typed options still win)."""
     from ..pngmeta import read_parameters
     from ..runner import scheduler_from_a1111
 
@@ -63,8 +63,4 @@ def _from_png(png: Path, options: dict) -> dict:
         "model": own.get("model", params["model"]),
         "dtype": own.get("dtype"),
     }
-    merged = dict(options)
-    for key, value in stored.items():
-        if merged.get(key) is None:
-            merged[key] = value
-    return merged
+    return {key: value for key, value in stored.items() if value is not None}
