@@ -93,3 +93,18 @@ def test_world_scoring_finds_objects_by_colour():
     blank = [np.full_like(images[0], 255)] + images[1:]  # nothing drawn in the first image
     partial = scoring.score_world_images(_maps_from_masks(scenes, swap=False), blank)
     assert len(partial.skipped) == 1 and "object drawn" in partial.skipped[0][2]
+
+
+def test_objects_are_the_largest_region_of_their_colour_and_must_not_touch():
+    from xattn.world.scenes import COLORS
+
+    image = np.full((20, 20, 3), 255, np.uint8)
+    image[2:8, 2:8] = COLORS["red"]  # the red object
+    image[15, 15] = COLORS["red"]  # a stray red pixel far away
+    image[12:18, 2:8] = COLORS["blue"]
+    mask = scoring.object_mask(image, "red")
+    assert mask.sum() == 36 and not mask[15, 15]
+    blue = scoring.object_mask(image, "blue")
+    assert not scoring._touch(mask, blue)
+    image[8:12, 2:8] = COLORS["blue"]  # now the blue region reaches the red one
+    assert scoring._touch(mask, scoring.object_mask(image, "blue"))

