@@ -54,10 +54,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` atomically (see :func:`write_bytes_atomic`)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically; values JSON lacks (paths) become strings."""
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
@@ -80,6 +82,7 @@ def slugify(text: str, max_length: int = 40) -> str:
 
 
 def default_folder_name(command: str, slug: str = "", now: datetime | None = None) -> str:
+    """``<command>-<UTC YYYYmmdd-HHMMSS>-<slug>``: sorts by time, says what ran."""
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
     tail = slugify(slug)
     return f"{command}-{stamp}" + (f"-{tail}" if tail else "")
@@ -189,8 +192,10 @@ def build_manifest(command: str, settings: dict[str, Any], *, model: dict[str, A
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` in ``folder`` atomically (it is rewritten as a run progresses)."""
     return write_json_atomic(Path(folder) / MANIFEST, manifest)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``manifest.json`` of a run folder."""
     return json.loads((Path(folder) / MANIFEST).read_text())

@@ -122,10 +122,11 @@ def _cached_snapshot(repo_id: str) -> Path:
                 "HF_HUB_OFFLINE=1 forbids downloading it; pass a pipeline folder, or download it "
                 f"first with `hf download {repo_id}`"
             ) from None
+    from diffusers import DiffusionPipeline
+
     try:
-        return Path(snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-        ))
+        # diffusers picks the files the pipeline needs (not every checkpoint in the repo).
+        return Path(DiffusionPipeline.download(repo_id, use_safetensors=True, trust_remote_code=False))
     except Exception as error:  # network, auth, missing repo: all say the same to the user
         raise ModelNotFoundError(f"could not get model {repo_id!r} from the Hub: {error}") from None
 

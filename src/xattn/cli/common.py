@@ -290,7 +290,12 @@ def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load(settings: Mapping[str, Any], *, device: str | None = None):
-    """Load the pipeline the merged ``settings`` name."""
+    """Load the pipeline the merged ``settings`` name.
+
+    Args:
+        settings: merged settings (``model``, ``device``, ``dtype``, ``scheduler``, ``progress``).
+        device: overrides ``settings["device"]``.
+    """
     return runner.load_pipeline(
         settings.get("model"), device=device or settings.get("device") or "auto",
         dtype=settings.get("dtype") or "auto", scheduler=settings.get("scheduler"),
