@@ -238,3 +238,36 @@ def test_per_word_window_for_an_absent_word_is_refused(sd1_pipe):
     with xattn.hooks(sd1_pipe, Replace(steps={"default": 0.8, "hat": 0.2})):
         with pytest.raises(EditError, match="'hat', which is in no target prompt"):
             sd1_pipe(["a red circle", "a green circle"], num_inference_steps=2, output_type="latent")
+
+
+class _Schedule:
+    """Stands in for a scheduler on a bare UNet call: the step clock reads ``timesteps``."""
+
+    def __init__(self, timesteps):
+        self.timesteps = torch.tensor(timesteps)
+
+
+def test_edit_batch_on_a_bare_unet_with_a_given_layout(sd1_pipe):
+    """The benchmark's setting: a bare UNet call of [uncond src, uncond tgt, cond src, cond tgt]."""
+    unet, tokenizer = sd1_pipe.unet, sd1_pipe.tokenizer
+    prompts = ("a red circle", "a green circle")
+    layout = xattn.BatchLayout(
+        rows=(xattn.Row(False, 0, 0), xattn.Row(False, 1, 0), xattn.Row(True, 0, 0), xattn.Row(True, 1, 0)),
+        prompts=prompts, token_maps=tuple(xattn.TokenMap(tokenizer, p) for p in prompts))
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=generator).expand(4, -1, -1, -1)
+    text = torch.randn(4, 77, unet.config.cross_attention_dim, generator=generator)
+    touched = defaultdict(set)
+
+    def compare(p, ctx):
+        touched[(ctx.kind, ctx.step)].update(r for r in range(4) if not torch.equal(p[r], before[ctx.site.name][r]))
+
+    before = {}
+    keep = xattn.Hook("probs", lambda p, ctx: before.__setitem__(ctx.site.name, p.clone()), selector="kind=all")
+    after = xattn.Hook("probs", compare, selector="kind=all")
+    controllers = (keep, Replace(steps="0:0.8"), SelfInject(steps="0:0.4", res="<=8"), after)
+    with xattn.hooks(unet, *controllers, scheduler=_Schedule([999, 500, 1]), layout=layout), torch.no_grad():
+        for timestep in (999, 500, 1):  # steps 0, 1, 2 of 3: self window 0:0.4 -> 0, 1; cross 0:0.8 -> 0, 1, 2
+            unet(sample, timestep, text)
+    assert touched[("cross", 0)] == touched[("cross", 1)] == touched[("cross", 2)] == {3}
+    assert touched[("self", 0)] == touched[("self", 1)] == {3} and touched[("self", 2)] == set()

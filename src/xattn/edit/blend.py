@@ -108,8 +108,8 @@ class LocalBlend(Controller):
         plan = self._plan
         if ctx.step != self._step:  # a new step: forget the last one's maps
             self._sums, self._calls, self._step = {}, 0, ctx.step
-        rows = x[plan.rows.to(x.device)]  # [n, h, i, j]
-        maps = (rows.float() * plan.slots.to(x.device)[:, None, None, :]).sum(-1).mean(1)  # [n, i]
+        rows = x[plan.rows.to(x.device)].float()  # [n, h, i, j]
+        maps = torch.einsum("nhij,nj->ni", rows, plan.slots.to(x.device)) / rows.shape[1]  # words summed, heads averaged: [n, i]
         height, width = ctx.res
         maps = maps.view(len(plan.rows), height, width)  # [n, h, w]
         total = self._sums.get(ctx.res)

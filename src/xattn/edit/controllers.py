@@ -186,8 +186,7 @@ class CrossAttentionEdit(Controller):
         if x.shape[-1] != plan.matrix.shape[-1]:
             raise EditError(f"{ctx.name} attends to {x.shape[-1]} text slots but the prompts' token maps have "
                             f"{plan.matrix.shape[-1]}; edits need one token sequence per prompt")
-        matrix, weight = self._tensors(plan, ctx.step, x)
-        source, target = plan.pairs.source.to(x.device), plan.pairs.target.to(x.device)
+        source, target, matrix, weight = self._tensors(plan, ctx.step, x)
         mapped = torch.matmul(x[source], matrix)  # [n, h, i, j_src] @ [n, 1, j_src, j_tgt] -> [n, h, i, j_tgt]
         if self._scale is not None:
             mapped = mapped * self._scale[target][:, None, None, :]  # the target rows' token weights
@@ -196,11 +195,14 @@ class CrossAttentionEdit(Controller):
         return out
 
     def _tensors(self, plan: _CrossPlan, step: int, x: torch.Tensor):
+        """Row indices, mappers and this step's slot weights on ``x``'s device and dtype, once per step."""
         key = (step, x.dtype, x.device)
         if key not in self._cast:
+            source = plan.pairs.source.to(x.device)
+            target = plan.pairs.target.to(x.device)
             matrix = plan.matrix.to(dtype=x.dtype, device=x.device)[:, None]  # [n, 1, j, j]
             weight = plan.weight[step].to(dtype=x.dtype, device=x.device)[:, None, None, :]  # [n, 1, 1, j]
-            self._cast[key] = (matrix, weight)
+            self._cast[key] = (source, target, matrix, weight)
         return self._cast[key]
 
     def to_dict(self) -> dict:
