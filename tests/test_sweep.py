@@ -147,7 +147,10 @@ def test_killed_sweep_resumes_without_redoing_or_losing_jobs(cli, sd1_path, tmp_
     assert [r["job"] for r in records] == planned  # nothing missing, each once
     assert all((folder / "images" / f"{name}.png").read_bytes() == data for name, data in first_bytes.items())
     assert all((folder / "jobs" / f"{n}.json").stat().st_mtime_ns == t for n, t in mtimes.items())
-    assert json.loads((folder / "manifest.json").read_text())["status"] == "finished"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["already_done"] == 3
+    assert [run["status"] for run in manifest["earlier_runs"]] == ["failed"]
+    assert manifest["earlier_runs"][0]["finished_jobs"] == 3
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -351,6 +351,18 @@ def _warn_if_one_cpu_process(state) -> None:
               "`accelerate launch --multi_gpu --num_processes N -m xattn sweep ...`.", file=sys.stderr)
 
 
+def _earlier_runs(folder: Path) -> list[dict[str, Any]]:
+    """Summaries of the runs that wrote this folder before, from its manifest."""
+    from .runfolder import MANIFEST
+
+    path = folder / MANIFEST
+    if not path.is_file():
+        return []
+    previous = json.loads(path.read_text())
+    summary = {key: previous.get(key) for key in ("created_utc", "status", "timings", "finished_jobs", "processes")}
+    return [*previous.get("earlier_runs", []), summary]
+
+
 @dataclass
 class SweepResult:
     folder: Path
@@ -405,9 +417,11 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
     state.wait_for_everyone()  # every process lists the done jobs before any writes new ones
     already = {job.name for job in finished_jobs(folder, jobs)}
     todo = [job for job in jobs if job.name not in already]
+    history = _earlier_runs(folder) if state.is_main_process else []  # a resumed sweep keeps its past
     if state.is_main_process:
         write_manifest(folder, build_manifest("sweep", dict(settings), model=pipe.xattn_identity, status="running",
-                                              extra={"jobs": len(jobs), "already_done": len(already)}))
+                                              extra={"jobs": len(jobs), "already_done": len(already),
+                                                     "earlier_runs": history}))
     state.wait_for_everyone()
 
     ran: list[str] = []
@@ -431,5 +445,5 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
             write_manifest(folder, build_manifest(
                 "sweep", dict(settings), model=pipe.xattn_identity, timings=timings.as_dict(), status=status,
                 extra={"jobs": len(jobs), "finished_jobs": len(records), "already_done": len(already),
-                       "processes": state.num_processes}))
+                       "processes": state.num_processes, "earlier_runs": history}))
     return SweepResult(folder, ran, sorted(already), len(jobs))
