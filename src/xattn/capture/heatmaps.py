@@ -11,7 +11,6 @@ result is the mean attention probability on the word at each pixel; with
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 
 import torch

@@ -8,7 +8,7 @@ on either mode, in memory, streamed to disk or loaded back from an export.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +35,6 @@ class MapLayer:
     data: torch.Tensor | None = None  # [rows, heads, i, j], in memory
     shard: Path | None = None  # or: a safetensors file ...
     key: str | None = None  # ... and the tensor's name in it
-    extra: dict = field(default_factory=dict)
 
     def tensor(self) -> torch.Tensor:
         """The summed maps ``[rows, heads, i, j]`` as float32 (read from disk if streamed)."""
