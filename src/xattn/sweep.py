@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ from . import runner
 from .config import ConfigError
 from .pngmeta import format_parameters, png_info
 from .runfolder import (
+    MANIFEST,
     RunFolderError,
     Timings,
     build_manifest,
@@ -327,8 +329,6 @@ def contact_sheet(folder: Path, jobs: Sequence[Job]):
 
 def _wants_cpu(device: str) -> bool:
     """Whether processes should join over CPU (gloo): asked for, or no GPU to use."""
-    import os
-
     import torch
 
     asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -342,8 +342,6 @@ def _warn_if_one_cpu_process(state) -> None:
     (``--mpirun_hostfile``); without it, one process runs every job (still
     correctly). torchrun-based launching gives N CPU processes over gloo.
     """
-    import os
-
     if (state.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
             and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ):
         print("xattn sweep: accelerate started one CPU process (its --cpu launcher needs MPI for more); "
@@ -353,8 +351,6 @@ def _warn_if_one_cpu_process(state) -> None:
 
 def _earlier_runs(folder: Path) -> list[dict[str, Any]]:
     """Summaries of the runs that wrote this folder before, from its manifest."""
-    from .runfolder import MANIFEST
-
     path = folder / MANIFEST
     if not path.is_file():
         return []
@@ -365,6 +361,8 @@ def _earlier_runs(folder: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class SweepResult:
+    """What one process's :func:`run_sweep` did."""
+
     folder: Path
     ran: list[str]  # names of the jobs this process ran
     skipped: list[str]  # names of jobs already done when this run started
