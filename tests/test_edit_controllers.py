@@ -55,7 +55,8 @@ class Observed:
         handles = []
         for site in xattn.sites(self.pipe):
             def pre(module, args, kwargs, name=site.name):
-                self.inputs[name].append((args[0] if args else kwargs["hidden_states"], kwargs.get("encoder_hidden_states")))
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.inputs[name].append((hidden, kwargs.get("encoder_hidden_states")))
             handles.append(modules[site.name].register_forward_pre_hook(pre, with_kwargs=True))
         try:
             with xattn.hooks(self.pipe, self.hook("before"), *controllers, self.hook("after")):

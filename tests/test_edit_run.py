@@ -9,7 +9,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import xattn
 from xattn import TokenError, runner
 from xattn.cli import app
 from xattn.edit import EditError, build_controllers, edit
@@ -125,8 +124,33 @@ def test_cli_edit_writes_source_target_reprompt_sheet_and_manifest(cli, sd1_path
 
 def test_cli_edit_refuses_bad_options_before_loading(cli, tmp_path):
     result = cli("edit", "--source", SOURCE, "--target", TARGET, "--word-steps", "circle", "--model", tmp_path / "nope")
-    assert result.exit_code == 2 and "--word-steps takes WORD=WINDOW" in result.output
+    assert result.exit_code == 2 and "--word-steps takes WORD=VALUE, e.g. --word-steps circle=0:0.4" in result.output
     result = cli("edit", "--source", SOURCE, "--target", TARGET, "--cross-steps", "1.5", "--model", tmp_path / "nope")
     assert result.exit_code == 2 and "fraction of the schedule" in result.output
     result = cli("edit", "--source", SOURCE, "--target", TARGET, "--reweight", "green=lots")
     assert result.exit_code == 2 and "must be a number" in result.output
+
+
+def test_cli_edit_several_targets_and_no_self_injection(cli, sd1_path, tmp_path):
+    result = cli("edit", "--source", "a red circle", "--target", "a red square", "--target", "a big red circle",
+                 "--self-steps", "none", "--word-steps", "square=0:0.3", "--steps", 2, "--model", sd1_path,
+                 "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["manifest.json", "reprompt-1.png", "reprompt-2.png", "sheet.png", "source.png",
+                     "target-1.png", "target-2.png"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["edit"]["modes"] == ["replace", "refine"]
+    assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["autoedit"]  # no self injection
+    assert manifest["edit"]["controllers"][0]["steps"] == {"default": "0.0:0.8", "square": "0.0:0.3"}
+
+
+def test_cli_edit_takes_its_options_from_a_config(cli, sd1_path, tmp_path):
+    config = tmp_path / "edit.yaml"
+    config.write_text("mode: refine\nself_steps: none\nsteps: 2\n")
+    result = cli("edit", "--source", "a red circle", "--target", "a big red circle", "--config", config,
+                 "--model", sd1_path, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["edit"]["modes"] == ["refine"] and manifest["settings"]["steps"] == 2
+    assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["refine"]

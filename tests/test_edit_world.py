@@ -131,5 +131,6 @@ def test_local_blend_leaves_the_other_object_unchanged(world):
         blended_ok += unchanged(target)
         plain_ok += unchanged(unblended)
     print(f"\nlocal blend on 'circle' over {cases} images: the {other} object's pixels stay within "
-          f"{OTHER_LEVELS} levels in {blended_ok / cases:.0%} of blended edits, {plain_ok / cases:.0%} without blending")
+          f"{OTHER_LEVELS} levels in {blended_ok / cases:.0%} of blended edits, "
+          f"{plain_ok / cases:.0%} without blending")
     assert blended_ok / cases >= KEEP_RATE

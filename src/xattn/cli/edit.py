@@ -1,8 +1,13 @@
-"""``xattn edit``: prompt-to-prompt editing from the command line, thin over :func:`xattn.edit.edit`."""
+"""``xattn edit``: prompt-to-prompt editing from the command line, thin over :func:`xattn.edit.edit`.
+
+Writes ``source.png``, ``target.png`` (``target-1.png``... for several
+targets), ``reprompt.png`` (the target prompt sampled plainly from the same
+seed, for contrast), ``sheet.png`` (side by side) and the run's ``manifest.json``.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Mapping, Optional
 
 import typer
 
@@ -13,33 +18,53 @@ from ..runfolder import RunFolderError, save_image_atomic
 from . import common
 
 SHEET = "sheet.png"
-NO_WINDOW = ("none", "off", "")
+NO_WINDOW = ("none", "off")
+# Defaults of the edit's own options; they are None on the command line so a --config file can set them.
+EDIT_DEFAULTS: dict[str, Any] = {"mode": "auto", "threshold": 0.3, "cross_steps": "0:0.8", "self_steps": "0:0.4",
+                                 "self_res": "<=32"}
 
 
-def _pairs(items: list[str] | None, option: str, what: str) -> dict[str, str]:
+def _pairs(items: list[str] | None, option: str, example: str) -> dict[str, str]:
     """``["circle=0:0.4", ...]`` -> ``{"circle": "0:0.4"}``, with an error naming the option."""
     out: dict[str, str] = {}
     for item in items or []:
         word, sep, value = item.partition("=")
         if not sep or not word.strip() or not value.strip():
-            raise EditError(f"{option} takes WORD={what.upper()}, e.g. {option} circle={'0:0.4' if what == 'window' else '2'}; "
-                            f"got {item!r}")
+            raise EditError(f"{option} takes WORD=VALUE, e.g. {option} {example}; got {item!r}")
         out[word.strip()] = value.strip()
     return out
 
 
-def _weights(items: list[str] | None) -> dict[str, float]:
+def edit_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the command's edit options and turn them into :func:`xattn.edit.edit` arguments.
+
+    Runs twice: on the command line before the model loads (a typo fails at
+    once), and on the settings merged with ``--config``.
+    """
+    given = {key: values.get(key) for key in EDIT_DEFAULTS}
+    merged = {key: EDIT_DEFAULTS[key] if value is None else value for key, value in given.items()}
+    if merged["mode"] not in MODES:
+        raise EditError(f"--mode must be one of {', '.join(MODES)}, not {merged['mode']!r}")
+    windows = {DEFAULT_KEY: merged["cross_steps"], **_pairs(values.get("word_steps"), "--word-steps", "circle=0:0.4")}
+    for word, window in windows.items():
+        parse_window(window, what="--cross-steps" if word == DEFAULT_KEY else f"--word-steps {word}")
+    self_steps = merged["self_steps"]
+    if isinstance(self_steps, str) and self_steps.strip().lower() in NO_WINDOW:
+        self_steps = None
+    parse_window(self_steps, what="--self-steps")
     weights = {}
-    for word, value in _pairs(items, "--reweight", "weight").items():
+    for word, value in _pairs(values.get("reweight"), "--reweight", "green=2").items():
         try:
             weights[word] = float(value)
         except ValueError:
             raise EditError(f"--reweight {word}={value}: the weight must be a number") from None
-    return weights
-
-
-def _window(text: str | None):
-    return None if text is None or text.strip().lower() in NO_WINDOW else text
+    blend = values.get("blend")
+    return {
+        "mode": merged["mode"], "cross_steps": windows, "self_steps": self_steps, "self_res": merged["self_res"],
+        "blend": [w.strip() for w in blend.split(",") if w.strip()] if blend else None,
+        "threshold": float(merged["threshold"]), "reweight": weights or None,
+        "rows": "all" if values.get("all_rows") else "cond",
+    }
 
 
 def register(app: typer.Typer) -> None:
@@ -47,23 +72,33 @@ def register(app: typer.Typer) -> None:
         'xattn edit --source "a red circle and a blue square" --target "a green circle and a blue square" --seed 3',
         'xattn edit --source "a red circle and a blue square" --target "a green circle and a blue square" '
         '--blend circle --cross-steps 0:0.8 --self-steps 0:0.4',
-        'xattn edit --source "a red circle" --target "a red square" --target "a red triangle" --word-steps square=0:0.3',
+        'xattn edit --source "a red circle" --target "a red square" --target "a red triangle" '
+        '--word-steps square=0:0.3',
         'xattn edit --source "a red circle" --target "a big red circle" --mode refine --reweight big=2',
     ))
     def edit_command(
         source: Annotated[str, typer.Option(help="The source prompt.", show_default=False)],
         target: Annotated[list[str], typer.Option(help="A target prompt; repeat for several, all in one batch.",
                                                   show_default=False)],
-        mode: Annotated[str, typer.Option(help=f"How target tokens take the source's maps: {', '.join(MODES)} "
-                                               "(auto: replace when the word counts match, refine otherwise).")] = "auto",
-        blend: Annotated[Optional[str], typer.Option(help="Local blend: words whose maps bound the change, e.g. "
-                                                          "circle or 'circle,square'.", show_default="no blending")] = None,
-        threshold: Annotated[float, typer.Option(help="Local blend threshold, a fraction of the map's peak.")] = 0.3,
-        cross_steps: Annotated[str, typer.Option(help="Steps where cross-attention is replaced: 0:0.8 or 0:20.")] = "0:0.8",
+        mode: Annotated[Optional[str], typer.Option(
+            help=f"How target tokens take the source's maps: {', '.join(MODES)} (auto: replace when the word "
+                 "counts match, refine otherwise).", show_default=EDIT_DEFAULTS["mode"])] = None,
+        blend: Annotated[Optional[str], typer.Option(
+            help="Local blend: words whose maps bound the change, e.g. circle or 'circle,square'.",
+            show_default="no blending")] = None,
+        threshold: Annotated[Optional[float], typer.Option(
+            help="Local blend threshold, a fraction of the map's peak.",
+            show_default=str(EDIT_DEFAULTS["threshold"]))] = None,
+        cross_steps: Annotated[Optional[str], typer.Option(
+            help="Steps where cross-attention is replaced: 0:0.8 (fractions) or 0:20 (indices).",
+            show_default=EDIT_DEFAULTS["cross_steps"])] = None,
         word_steps: Annotated[Optional[list[str]], typer.Option(
             help="A word's own cross-attention window: circle=0:0.4 (repeatable).", show_default=False)] = None,
-        self_steps: Annotated[str, typer.Option(help="Steps where self-attention is injected (none: never).")] = "0:0.4",
-        self_res: Annotated[str, typer.Option(help="Map sizes where self-attention is injected.")] = "<=32",
+        self_steps: Annotated[Optional[str], typer.Option(
+            help="Steps where self-attention is injected (none: never).",
+            show_default=EDIT_DEFAULTS["self_steps"])] = None,
+        self_res: Annotated[Optional[str], typer.Option(
+            help="Map sizes where self-attention is injected.", show_default=EDIT_DEFAULTS["self_res"])] = None,
         reweight: Annotated[Optional[list[str]], typer.Option(
             help="Weight a target word (prompt-to-prompt's equalizer, scale mode): green=2 (repeatable).",
             show_default=False)] = None,
@@ -77,29 +112,17 @@ def register(app: typer.Typer) -> None:
         """Edit an image by editing attention: source and targets from one latent, plus a plain re-prompt."""
         options = dict(locals())
         with common.user_errors(EditError):
-            # Everything that needs no model is checked before it loads.
-            if mode not in MODES:
-                raise EditError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-            windows = {DEFAULT_KEY: cross_steps, **_pairs(word_steps, "--word-steps", "window")}
-            for word, window in windows.items():
-                parse_window(window, what="--cross-steps" if word == DEFAULT_KEY else f"--word-steps {word}")
-            self_window = _window(self_steps)
-            parse_window(self_window, what="--self-steps")
-            weights = _weights(reweight)
-            blend_words = [w.strip() for w in blend.split(",") if w.strip()] if blend else None
+            edit_options(options)  # fail on a typo before the model loads
             run = common.start("edit", options, slug=target[0] if target else source)
             settings = run.settings
-            with run.timings.phase("generate"):
-                result = edit(
-                    run.pipe, source, list(target), mode=mode, cross_steps=windows, self_steps=self_window,
-                    self_res=self_res, blend=blend_words, threshold=threshold, reweight=weights or None,
-                    rows="all" if all_rows else "cond", seed=int(settings["seed"]), steps=int(settings["steps"]),
-                    guidance=float(settings["guidance"]), size=settings.get("size"),
-                    negative_prompt=settings.get("negative_prompt"),
-                )
+            arguments = edit_options(settings)
             seed_value = int(settings["seed"])
+            with run.timings.phase("generate"):
+                result = edit(run.pipe, source, list(target), **arguments, seed=seed_value,
+                              steps=int(settings["steps"]), guidance=float(settings["guidance"]),
+                              size=settings.get("size"), negative_prompt=settings.get("negative_prompt"))
             names = result.file_names()
-            record = {"edit": {k: result.settings[k] for k in ("source", "modes", "controllers")}}
+            record = {"edit": {key: result.settings[key] for key in ("source", "modes", "controllers")}}
             run.save_png(result.source, names["source"][0], prompt=source, seed=seed_value, xattn=record)
             for name, prompt, image in zip(names["targets"], target, result.targets):
                 run.save_png(image, name, prompt=prompt, seed=seed_value, xattn=record)

@@ -109,7 +109,8 @@ class LocalBlend(Controller):
         if ctx.step != self._step:  # a new step: forget the last one's maps
             self._sums, self._calls, self._step = {}, 0, ctx.step
         rows = x[plan.rows.to(x.device)].float()  # [n, h, i, j]
-        maps = torch.einsum("nhij,nj->ni", rows, plan.slots.to(x.device)) / rows.shape[1]  # words summed, heads averaged: [n, i]
+        # words summed, heads averaged: [n, i]
+        maps = torch.einsum("nhij,nj->ni", rows, plan.slots.to(x.device)) / rows.shape[1]
         height, width = ctx.res
         maps = maps.view(len(plan.rows), height, width)  # [n, h, w]
         total = self._sums.get(ctx.res)

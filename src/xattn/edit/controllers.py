@@ -170,7 +170,10 @@ class CrossAttentionEdit(Controller):
             for slot in range(length):
                 for s in step_sets[describe(slot_window[slot])]:
                     weight[s, n, slot] = mapper.alpha[slot]
-        matrix = torch.stack([mappers[p - 1].matrix for p in pairs.prompt]) if len(pairs) else torch.zeros(0, length, length)
+        if len(pairs):
+            matrix = torch.stack([mappers[p - 1].matrix for p in pairs.prompt])  # [n, j, j]
+        else:
+            matrix = torch.zeros(0, length, length, dtype=torch.float64)
         active_steps = frozenset(int(s) for s in torch.nonzero(weight.sum(dim=(1, 2))).flatten().tolist())
         self._plan, self._plan_key = _CrossPlan(pairs, matrix, weight, active_steps), key
         self._cast: dict = {}

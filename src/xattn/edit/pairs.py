@@ -68,7 +68,8 @@ def row_pairs(layout: BatchLayout, rows: str = "cond") -> RowPairs:
                 continue
             matches = layout.row_indices(cond=cond, prompt=0, image=row.image)
             if not matches:
-                raise EditError(f"row {row_index} (prompt {row.prompt}, image {row.image}) has no source row to copy from")
+                raise EditError(f"row {row_index} (prompt {row.prompt}, image {row.image}) has no source row "
+                                "to copy from")
             source.append(matches[0])
             target.append(row_index)
             prompt.append(row.prompt)

@@ -5,7 +5,8 @@ first part of sampling (``cross_replace_steps=0.8``) and lets the target
 prompt finish the details, and allows a different window per word. A window
 here is written like a selector's ``steps``: step indices ``"0:20"``,
 fractions ``"0:0.8"`` (step ``i`` of ``N`` sits at ``i / N``), a float ``0.8``
-or ``"0.8"`` (short for ``0:0.8``; a bare integer ``"2"`` is step 2 alone), a pair ``(0, 0.8)``, or ``None`` for no step at all.
+or ``"0.8"`` (short for ``0:0.8``; a bare integer ``"2"`` is step 2 alone),
+a pair ``(0, 0.8)``, or ``None`` for no step at all.
 Windows are turned into sets of step indices once ``N`` is known, never by
 counting layer calls.
 """
