@@ -10,6 +10,7 @@ while importing it is raised, so a broken command is never hidden.
 from __future__ import annotations
 
 import importlib
+from typing import Annotated
 
 import typer
 
@@ -37,6 +38,22 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"xattn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print xattn's version and exit.")] = False,
+) -> None:
+    """Options before the command name."""
 
 
 def _register_all(target: typer.Typer) -> list[str]:
