@@ -279,3 +279,32 @@ def test_batch_maps_match_maps_computed_one_at_a_time(sd1_pipe):
                 expected = single.maps().word(word, normalize=False)
                 got = batch_maps.word(word, prompt=p, image=i, normalize=False)
                 assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item() + 1e-7, (p, i, word)
+
+
+def test_self_attention_counts_against_the_budget(sd1_pipe):
+    with pytest.raises(CaptureBudgetError, match="over the budget"):
+        # self maps at 16x16 are [256, 256]: a running sum and a scratch of 256 KiB each
+        run(sd1_pipe, Capture(self_attention=True, self_res=16, budget="600KB"))
+    run(sd1_pipe, Capture(budget="600KB"))  # the same budget holds cross-attention alone (about 200 KB)
+
+
+def test_kept_heads_average_to_the_default_maps(sd2_pipe):
+    kept, averaged = Capture(keep_heads=True), Capture()
+    run(sd2_pipe, kept, averaged)
+    kept_maps = kept.maps()
+    assert {layer.sites for layer in kept_maps.layers} == {(s.name,) for s in cross_sites(sd2_pipe)}  # one sum per site
+    assert torch.allclose(kept_maps.word("cat", normalize=False), averaged.maps().word("cat", normalize=False),
+                          atol=1e-7)
+    one_head = kept_maps.layers[0].heads[:1]
+    first = kept_maps.word("cat", heads=one_head, res=kept_maps.layers[0].res)
+    assert not torch.allclose(first, kept_maps.word("cat", res=kept_maps.layers[0].res))
+
+
+def test_two_calls_per_step_add_into_one_map(sd1_pipe):
+    from diffusers import HeunDiscreteScheduler
+
+    sd1_pipe.scheduler = HeunDiscreteScheduler.from_config(sd1_pipe.scheduler.config)
+    capture = Capture("res=4", per_step=True)
+    run(sd1_pipe, capture, steps=3)
+    counts = sorted(layer.count for layer in capture.maps().layers)
+    assert counts == [1, 2, 2]  # Heun's 2 * 3 - 1 UNet calls fall into 3 steps, one map each
