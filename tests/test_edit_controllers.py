@@ -16,7 +16,7 @@ import torch
 
 import xattn
 import xattn.processor as processor_module
-from xattn.edit import EditError, Refine, Replace, SelfInject
+from xattn.edit import EditError, Refine, Replace, SelfInject, edit_layout
 from xattn.reweight import Reweight
 
 STEPS = 4
@@ -250,11 +250,9 @@ class _Schedule:
 
 def test_edit_batch_on_a_bare_unet_with_a_given_layout(sd1_pipe):
     """The benchmark's setting: a bare UNet call of [uncond src, uncond tgt, cond src, cond tgt]."""
-    unet, tokenizer = sd1_pipe.unet, sd1_pipe.tokenizer
-    prompts = ("a red circle", "a green circle")
-    layout = xattn.BatchLayout(
-        rows=(xattn.Row(False, 0, 0), xattn.Row(False, 1, 0), xattn.Row(True, 0, 0), xattn.Row(True, 1, 0)),
-        prompts=prompts, token_maps=tuple(xattn.TokenMap(tokenizer, p) for p in prompts))
+    unet = sd1_pipe.unet
+    layout = edit_layout(sd1_pipe.tokenizer, "a red circle", ["a green circle"])
+    assert [(row.cond, row.prompt) for row in layout.rows] == [(False, 0), (False, 1), (True, 0), (True, 1)]
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 4, 16, 16, generator=generator).expand(4, -1, -1, -1)
     text = torch.randn(4, 77, unet.config.cross_attention_dim, generator=generator)

@@ -14,9 +14,10 @@ from .align import Mapper, align_tokens, refine_mapper, replace_mapper, stretch
 from .blend import LocalBlend
 from .controllers import AutoEdit, Refine, Replace, SelfInject
 from .errors import EditError
+from .pairs import edit_layout
 from .run import EditResult, build_controllers, edit, initial_latent
 
 __all__ = [
     "AutoEdit", "EditError", "EditResult", "LocalBlend", "Mapper", "Refine", "Replace", "SelfInject",
-    "align_tokens", "build_controllers", "edit", "initial_latent", "refine_mapper", "replace_mapper", "stretch",
+    "align_tokens", "build_controllers", "edit", "edit_layout", "initial_latent", "refine_mapper", "replace_mapper", "stretch",
 ]

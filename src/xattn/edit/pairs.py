@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hookpoints import BatchLayout
+from ..hookpoints import BatchLayout, Row
+from ..tokens import TokenMap
 from .errors import EditError
 
 ROWS = ("cond", "all")
@@ -76,4 +77,23 @@ def row_pairs(layout: BatchLayout, rows: str = "cond") -> RowPairs:
     return RowPairs(torch.tensor(source, dtype=torch.long), torch.tensor(target, dtype=torch.long), tuple(prompt))
 
 
-__all__ = ["ROWS", "RowPairs", "check_rows", "row_pairs"]
+def edit_layout(tokenizer, source: str, targets: list[str], *, guidance: bool = True) -> BatchLayout:
+    """The layout of an edit batch for a bare UNet call (benchmarks, custom loops).
+
+    Rows are ordered as diffusers' SD pipelines order them: every prompt's
+    unconditional row (with guidance), then every prompt's conditional row;
+    prompt 0 is the source. Pass it as ``xattn.hooks(unet, ..., layout=...)``.
+
+    Args:
+        tokenizer: the pipeline's (first) tokenizer.
+        source: the source prompt.
+        targets: the target prompts.
+        guidance: whether the batch holds classifier-free guidance's unconditional rows.
+    """
+    prompts = (source, *targets)
+    halves = (False, True) if guidance else (True,)
+    rows = tuple(Row(cond, prompt, 0) for cond in halves for prompt in range(len(prompts)))
+    return BatchLayout(rows=rows, prompts=prompts, token_maps=tuple(TokenMap(tokenizer, p) for p in prompts))
+
+
+__all__ = ["ROWS", "RowPairs", "check_rows", "edit_layout", "row_pairs"]
