@@ -14,7 +14,8 @@ attention with the source's:
   processor keeps the fused SDPA path.
 
 All of them run at the ``probs`` point, so only the sites and steps they
-select compute the explicit map. Word -> slot lookups and windows are
+select compute the explicit map, and they write the target rows in place
+(no copy of the map; a hook that runs earlier and keeps a map must clone it). Word -> slot lookups and windows are
 resolved once per run (per batch layout and step count), never per layer.
 Rows: see :mod:`xattn.edit.pairs`.
 
@@ -193,9 +194,8 @@ class CrossAttentionEdit(Controller):
         mapped = torch.matmul(x[source], matrix)  # [n, h, i, j_src] @ [n, 1, j_src, j_tgt] -> [n, h, i, j_tgt]
         if self._scale is not None:
             mapped = mapped * self._scale[target][:, None, None, :]  # the target rows' token weights
-        out = x.clone()
-        out[target] = mapped * weight + x[target] * (1 - weight)
-        return out
+        x[target] = mapped * weight + x[target] * (1 - weight)  # in place: no copy of the whole map
+        return x
 
     def _tensors(self, plan: _CrossPlan, step: int, x: torch.Tensor):
         """Row indices, mappers and this step's slot weights on ``x``'s device and dtype, once per step."""
@@ -265,8 +265,6 @@ class SelfInject(Controller):
         selector: further restricts the self-attention sites.
         rows: ``"cond"`` (default) or ``"all"``.
 
-    The target rows' maps are replaced in place, so hooks that run after this
-    one see the injected map.
     """
 
     def __init__(self, steps: WindowSpec = 0.4, res: str | None = "<=32", *,
