@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from xattn import TokenError, runner
 from xattn.cli import app
-from xattn.edit import EditError, build_controllers, edit
+from xattn.edit import EditError, build_controllers, edit, initial_latent
 from xattn.runfolder import RunFolderError
 
 import tiny_models
@@ -154,3 +154,10 @@ def test_cli_edit_takes_its_options_from_a_config(cli, sd1_path, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["edit"]["modes"] == ["refine"] and manifest["settings"]["steps"] == 2
     assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["refine"]
+
+
+def test_edit_refuses_an_unknown_output_type_and_a_latent_size_off_the_vae_grid(sd1_pipe):
+    with pytest.raises(EditError, match="output_type must be 'pil' or 'latent', not 'np'"):
+        edit(sd1_pipe, SOURCE, TARGET, output_type="np")
+    with pytest.raises(EditError, match="size 33x32 must be a multiple of the VAE's factor 2"):
+        initial_latent(sd1_pipe, 0, 33, 32)

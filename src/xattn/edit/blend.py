@@ -54,8 +54,9 @@ class LocalBlend(Controller):
 
     Args:
         words: words or phrases (``"circle"``, ``"red circle"``, ``"circle#2"``)
-            looked up in the source and in each target prompt; each must occur
-            in the source or in every target.
+            looked up in the source and in each target prompt. A word may be
+            missing from some prompts (an added word is only in the target),
+            but every target needs one of them in itself or in the source.
         threshold: a latent pixel is edited where a word map, divided by its
             maximum, exceeds this (0..1; prompt-to-prompt uses 0.3).
         steps: window of steps after which to blend (``None``: every step).

@@ -225,10 +225,11 @@ class Replace(CrossAttentionEdit):
     may be swapped for one of ``m`` pieces (its maps are stretched, see
     :func:`xattn.edit.align.stretch`). Arguments as :class:`CrossAttentionEdit`.
 
-    Example::
+    Example (both rows start from one latent; :func:`xattn.edit.edit` does this for you)::
 
-        pipe(["a red circle", "a green circle"], latents=same_latent_twice) inside
-        xattn.hooks(pipe, Replace(steps=0.8), SelfInject(steps=0.4))
+        latent = torch.randn(1, 4, 64, 64).expand(2, -1, -1, -1)
+        with xattn.hooks(pipe, Replace(steps=0.8), SelfInject(steps=0.4)):
+            pipe(["a red circle", "a green circle"], latents=latent)
     """
 
     mode = "replace"
