@@ -5,7 +5,8 @@ maps per (step, resolution) as base64 bytes, matplotlib's colormap as a
 lookup table, and a few lines of plain JavaScript (no CDN, no framework)
 that add the chosen maps, divide by their call count, scale to [0, 1] and
 paint the overlay on a canvas. The prompt's tokens are listed with their
-share of the attention; clicking one shows its map.
+share of the attention; clicking one shows its map. The page opens on the
+most attended word.
 """
 
 from __future__ import annotations
@@ -273,7 +274,10 @@ function showItem() {
   const item = data.items[Number($("item").value)];
   const previous = $("word").value;
   fill($("word"), item.words.map((w) => [w, w]));
-  if (item.words.includes(previous)) $("word").value = previous;
+  const shares = new Map(item.tokens.map((t) => [t.name, t.share]));
+  const words = item.words.filter((w) => !w.startsWith("<"));
+  const mostAttended = words.reduce((best, w) => (shares.get(w) > shares.get(best) ? w : best), words[0]);
+  $("word").value = item.words.includes(previous) ? previous : mostAttended;
   const tokens = $("tokens");
   tokens.innerHTML = "";
   const largest = Math.max(...item.tokens.map((t) => t.share));

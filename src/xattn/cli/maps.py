@@ -2,8 +2,8 @@
 
 A run folder gets: ``image-<k>.png`` (the generated images), ``words.png``
 (every word of the prompt over the first image), ``resolutions.png`` (the
-first shown word per resolution), ``steps.png`` (with ``--per-step``: how it
-evolves), ``report.html`` (explore words, steps, resolutions in a browser),
+first ``--token``, else the most attended word, per resolution), ``steps.png``
+(with ``--per-step``: how it evolves), ``report.html`` (explore words, steps, resolutions in a browser),
 ``maps.safetensors`` and ``manifest.json`` (the run's settings with the maps'
 manifest under ``"maps"``; ``xattn.capture.export.load_maps(folder)`` reads it back).
 """
@@ -87,11 +87,12 @@ def register(app: typer.Typer) -> None:
             for index, image in enumerate(pictures_made):
                 run.save_png(image, f"image-{index}.png", prompt=prompt, seed=first_seed + index,
                              xattn={"maps": {"selector": str(selector), "per_step": per_step}})
+            focus = shown[0] if shown else _most_attended(word_maps)
             shown = shown or word_maps.words(0)
             _save(run, WORD_GRID, pictures.word_grid(pictures_made[0], word_maps, words=shown))
-            _save(run, RESOLUTIONS, pictures.resolution_breakdown(pictures_made[0], word_maps, shown[0]))
+            _save(run, RESOLUTIONS, pictures.resolution_breakdown(pictures_made[0], word_maps, focus))
             if per_step:
-                _save(run, STEP_STRIP, pictures.step_strip(pictures_made[0], word_maps, shown[0]))
+                _save(run, STEP_STRIP, pictures.step_strip(pictures_made[0], word_maps, focus))
             _new_file(run, REPORT)
             write_report(word_maps, pictures_made, run.folder / REPORT, title=prompt)
             run.outputs.append(REPORT)
@@ -100,7 +101,8 @@ def register(app: typer.Typer) -> None:
             run.outputs.append(MAPS_FILE)
             seeds = [first_seed + k for k in range(len(pictures_made))]
             run.finish(maps=maps_manifest(word_maps, seed=seeds, extra={
-                "selector": str(selector), "per_step": per_step, "budget": budget, "shown_words": shown}))
+                "selector": str(selector), "per_step": per_step, "budget": budget, "shown_words": shown,
+                "focus_word": focus}))
 
 
 def _capture(site, res, window, per_step: bool, budget: str) -> Capture:
@@ -109,6 +111,12 @@ def _capture(site, res, window, per_step: bool, budget: str) -> Capture:
         return Capture(selector, per_step=per_step, budget=budget)
     except ValueError as error:  # a bad --budget
         raise common.runner.OptionError(str(error)) from None
+
+
+def _most_attended(word_maps) -> str:
+    """The prompt's word with the largest share of attention (the first picture's focus when no --token)."""
+    totals = word_maps.token_totals(0, 0)
+    return max(word_maps.words(0), key=lambda word: totals.get(word, 0.0))
 
 
 def _hooks(pipe, capture):
