@@ -270,3 +270,23 @@ def test_edit_batch_on_a_bare_unet_with_a_given_layout(sd1_pipe):
             unet(sample, timestep, text)
     assert touched[("cross", 0)] == touched[("cross", 1)] == touched[("cross", 2)] == {3}
     assert touched[("self", 0)] == touched[("self", 1)] == {3} and touched[("self", 2)] == set()
+
+
+def test_each_target_image_is_edited_from_the_source_image_of_the_same_index(sd1_pipe):
+    before, after = {}, {}
+    keep = xattn.Hook("probs", lambda p, ctx: before.__setitem__((ctx.site.name, ctx.step), p.clone()),
+                      selector="kind=cross")
+    seen = xattn.Hook("probs", lambda p, ctx: after.__setitem__((ctx.site.name, ctx.step), p.clone()),
+                      selector="kind=cross")
+    generator = [torch.Generator().manual_seed(s) for s in range(4)]  # two different images per prompt
+    with xattn.hooks(sd1_pipe, keep, Replace(steps="0:1"), seen):
+        sd1_pipe(["a red circle", "a green circle"], num_images_per_prompt=2, num_inference_steps=2,
+                 guidance_scale=5.0, output_type="latent", generator=generator)
+    # rows: uncond (src img 0, src img 1, tgt img 0, tgt img 1), then cond in the same order
+    for (site, step), probs in after.items():
+        if step != 0:
+            continue
+        original = before[(site, step)]
+        assert not torch.equal(original[4], original[5])  # the two images differ
+        assert torch.equal(probs[6], original[4]) and torch.equal(probs[7], original[5])  # same words: identity map
+        assert all(torch.equal(probs[r], original[r]) for r in range(6))
