@@ -223,3 +223,21 @@ def test_png_settings_beat_model_defaults_and_typed_options_beat_the_png(cli, sd
                "--no-progress").exit_code == 0
     params = pngmeta.read_parameters(tmp_path / "c" / "image-0.png")
     assert (params["seed"], params["steps"], params["cfg_scale"]) == (9, 2, 6.0)
+
+
+def test_reweight_command_png_is_reproduced(cli, sd1_path, tmp_path):
+    result = cli("reweight", "a (red:3) circle", "--model", sd1_path, "--seed", 1, "--out", "r", *FAST)
+    assert result.exit_code == 0, result.output
+    (original,) = [p for p in (tmp_path / "r").glob("*.png") if p.name != "grid.png"]
+    assert "reweight" in pngmeta.read_parameters(original)["xattn"]
+    result = cli("generate", "--from-png", original, "--out", "again", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(original), pixels(tmp_path / "again" / "image-0.png"))
+
+
+def test_edited_png_is_refused_with_a_pointer(cli, tmp_path):
+    text = pngmeta.format_parameters(prompt="a blue circle", steps=2, sampler="DDIM", cfg_scale=5, seed=0,
+                                     width=32, height=32, xattn={"command": "edit", "edit": {"replace": "red"}})
+    Image.new("RGB", (32, 32)).save(tmp_path / "edited.png", pnginfo=pngmeta.png_info(text))
+    result = cli("generate", "--from-png", tmp_path / "edited.png")
+    assert result.exit_code == 2 and "xattn edit" in result.output

@@ -221,3 +221,18 @@ def test_modes_and_step_windows_reach_the_controller(cli, sd1_path, tmp_path):
     images = [pixels(tmp_path / "run" / r["image"]) for r in records]
     # weighting only the first of two steps is not the same as weighting both
     assert not np.array_equal(images[0], images[1])
+
+
+def test_reweighted_sweep_image_is_reproduced_from_its_png(cli, sd1_path, tmp_path):
+    grid = {"prompts": ["a red circle"], "seeds": [2], "words": ["red"], "weights": [6.0],
+            "modes": ["bias"], "step_windows": ["0:0.5"]}
+    config = write_config(tmp_path / "s.yaml", sd1_path, grid=grid)
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0
+    (record,) = read_results(tmp_path / "run")
+    original = tmp_path / "run" / record["image"]
+    result = cli("generate", "--from-png", original, "--out", "again", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(original), pixels(tmp_path / "again" / "image-0.png"))
+    pipe = runner.load_pipeline(sd1_path, device="cpu")
+    plain = np.asarray(runner.generate(pipe, "a red circle", seed=2, steps=2, guidance=5.0, size=32)[0])
+    assert not np.array_equal(pixels(original), plain)  # the reweighting was repeated, not dropped

@@ -263,13 +263,14 @@ def check_existing_folder(folder: Path, jobs: Sequence[Job]) -> None:
             "pass a new folder, or the config that made it to resume")
 
 
-def _parameters_text(pipe, job: Job, settings: Mapping[str, Any], image) -> str:
+def _parameters_text(pipe, job: Job, settings: Mapping[str, Any], image, info: Mapping[str, Any]) -> str:
     scheduler = settings.get("scheduler") or runner.scheduler_name(pipe.scheduler)
     spec = runner.SCHEDULERS.get(scheduler) if scheduler else None
     identity = getattr(pipe, "xattn_identity", {})
     own = {"command": "sweep", "model": settings.get("model"), "scheduler": scheduler,
            "dtype": settings.get("dtype"), "job": job.name,
-           **{k: v for k, v in job.params().items() if v is not None and k not in ("prompt", "seed")}}
+           **{k: v for k, v in job.params().items() if v is not None and k not in ("prompt", "seed")},
+           **info}  # e.g. the Reweight controller, so `xattn generate --from-png` can repeat the image
     return format_parameters(
         prompt=job.prompt, negative_prompt=settings.get("negative_prompt"), steps=settings["steps"],
         sampler=spec.a1111 if spec else type(pipe.scheduler).__name__, cfg_scale=settings["guidance"],
@@ -283,7 +284,7 @@ def run_job(pipe, job: Job, settings: Mapping[str, Any], folder: Path, *, rank: 
     start = time.perf_counter()
     image, info = (job_kinds or JOB_KINDS)[job.kind](pipe, job, settings)
     image_name = f"{IMAGES_DIR}/{job.name}.png"
-    save_image_atomic(image, folder / image_name, pnginfo=png_info(_parameters_text(pipe, job, settings, image)))
+    save_image_atomic(image, folder / image_name, pnginfo=png_info(_parameters_text(pipe, job, settings, image, info)))
     record = {"job": job.name, **asdict(job), "image": image_name, "rank": rank,
               "seconds": round(time.perf_counter() - start, 4), **info}
     write_json_atomic(done_record(folder, job), record)

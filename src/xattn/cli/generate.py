@@ -1,13 +1,23 @@
-"""``xattn generate``: prompt(s) to PNGs that carry their own generation parameters."""
+"""``xattn generate``: prompt(s) to PNGs that carry their own generation parameters.
+
+``--from-png`` reads a PNG's ``parameters`` chunk and makes the same image
+again: plain generations (``generate``, ``maps``, generate sweeps) and
+reweighted ones (``reweight`` and reweight sweeps record the controller under
+``xattn.reweight``). Edited images need ``xattn edit``, and say so.
+"""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from . import common
+
+# Commands whose images are a plain generation, or a reweighted one, of the PNG's settings.
+_REPRODUCIBLE = (None, "generate", "maps", "reweight", "sweep")
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +31,7 @@ def register(app: typer.Typer) -> None:
         prompt: Annotated[Optional[str], typer.Argument(show_default=False, help="The prompt.")] = None,
         images: Annotated[int, typer.Option("--images", "-i", min=1, help="Images to make; image i uses seed + i.")] = 1,
         from_png: Annotated[Optional[Path], typer.Option(
-            "--from-png", help="Regenerate a PNG from its 'parameters' chunk (other options override it).")] = None,
+            "--from-png", help="Make a PNG's image again from its 'parameters' chunk (typed options override it).")] = None,
         negative_prompt: common.NegativePrompt = None,
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
@@ -29,29 +39,52 @@ def register(app: typer.Typer) -> None:
         config: common.Config = None, progress: common.Progress = True,
     ):
         """Generate images from a prompt and save them as PNGs with A1111-style parameters."""
-        with common.user_errors():
+        from ..reweight import ReweightError
+
+        with common.user_errors(ReweightError):
             options = dict(locals())
             options.pop("from_png")
-            pinned = _from_png(from_png) if from_png is not None else {}
+            pinned, reweight = _from_png(from_png) if from_png is not None else ({}, None)
             text = prompt or pinned.get("prompt")
             if not text:
                 raise common.runner.OptionError("no prompt given; pass a PROMPT or --from-png FILE")
             with common.start("generate", options, slug=text, pinned=pinned) as run:
                 settings = run.settings
-                pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"])
+                record = {"reweight": reweight.to_dict()} if reweight is not None else None
+                with _session(run.pipe, reweight):
+                    pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"])
                 for index, image in enumerate(pictures):
                     run.save_png(image, f"image-{index}.png", prompt=settings["prompt"],
-                                 seed=settings["seed"] + index)
-                run.finish()
+                                 seed=settings["seed"] + index, xattn=record)
+                run.finish(**({"reweight": record["reweight"]} if record else {}))
 
 
-def _from_png(png: Path) -> dict:
-    """The generation settings stored in a PNG's parameters (typed options still win)."""
+def _session(pipe, controller):
+    """An xattn session with ``controller``, or nothing when there is none."""
+    if controller is None:
+        return nullcontext()
+    from ..session import hooks
+
+    return hooks(pipe, controller)
+
+
+def _from_png(png: Path) -> tuple[dict[str, Any], Any]:
+    """The generation settings stored in a PNG, and the Reweight controller it records (or None).
+
+    Raises:
+        PngMetadataError: no readable parameters.
+        OptionError: the image came from a command generate cannot repeat (``edit``).
+    """
     from ..pngmeta import read_parameters
-    from ..runner import scheduler_from_a1111
+    from ..runner import OptionError, scheduler_from_a1111
 
     params = read_parameters(png)
     own = params["xattn"]
+    command = own.get("command")
+    if command not in _REPRODUCIBLE or "edit" in own:
+        raise OptionError(
+            f"{png} was made by `xattn {command}`, which generate cannot repeat; "
+            f"rerun that command with the settings in its parameters: {own}")
     stored = {
         "prompt": params["prompt"],
         "negative_prompt": params["negative_prompt"],
@@ -63,4 +96,20 @@ def _from_png(png: Path) -> dict:
         "model": own.get("model", params["model"]),
         "dtype": own.get("dtype"),
     }
-    return {key: value for key, value in stored.items() if value is not None}
+    reweight = _reweight_from(own["reweight"]) if own.get("reweight") else None
+    return {key: value for key, value in stored.items() if value is not None}, reweight
+
+
+def _reweight_from(record: dict[str, Any]):
+    """Rebuild a Reweight controller from the ``Reweight.to_dict()`` a PNG records."""
+    from ..reweight import Ramp, Reweight
+
+    def key(name: str):
+        return int(name) if name.isdigit() else name  # token slots are stored as text
+
+    def value(weight):
+        return Ramp(*weight["ramp"]) if isinstance(weight, dict) else weight
+
+    weights = {key(name): value(weight) for name, weight in record["weights"].items()}
+    return Reweight(weights, mode=record["mode"], steps=record.get("steps"), selector=record.get("selector"),
+                    rows=record.get("rows", "cond"), prompt_index=record.get("prompt_index"))
