@@ -168,6 +168,7 @@ _PAGE = """<!doctype html>
   <label>Resolution <select id="res"></select></label>
   <label>From step <select id="step-from"></select></label>
   <label>To step <select id="step-to"></select></label>
+  <label>Map opacity <input type="range" id="alpha" min="0" max="1" step="0.05"></label>
 </div>
 <div class="view">
   <canvas id="view"></canvas>
@@ -249,7 +250,7 @@ function render() {
   const pixels = layerContext.createImageData(mapW, mapH);
   for (let k = 0; k < heat.length; k++) {
     const [r, g, b] = data.colormap[Math.min(255, Math.round(heat[k] * 255))];
-    pixels.data.set([r, g, b, Math.round(data.alpha * 255)], 4 * k);
+    pixels.data.set([r, g, b, Math.round(Number($("alpha").value) * 255)], 4 * k);
   }
   layerContext.putImageData(pixels, 0, 0);
   const view = $("view");
@@ -280,7 +281,9 @@ function showItem() {
   $("word").value = item.words.includes(previous) ? previous : mostAttended;
   const tokens = $("tokens");
   tokens.innerHTML = "";
-  const largest = Math.max(...item.tokens.map((t) => t.share));
+  // Bars are scaled to the most attended word; <start>, <end> and <pad> can take far more and are capped.
+  const wordShares = item.tokens.filter((t) => !t.name.startsWith("<")).map((t) => t.share);
+  const largest = Math.max(...(wordShares.length ? wordShares : item.tokens.map((t) => t.share)));
   for (const token of item.tokens) {
     const chip = document.createElement("div");
     chip.className = "token";
@@ -289,7 +292,7 @@ function showItem() {
     chip.innerHTML = "<div></div><div class='share'></div><div class='bar'></div>";
     chip.children[0].textContent = token.name;
     chip.children[1].textContent = (100 * token.share).toFixed(1) + "%";
-    chip.children[2].style.width = (100 * token.share / largest).toFixed(0) + "%";
+    chip.children[2].style.width = Math.min(100, (100 * token.share) / largest).toFixed(0) + "%";
     if (item.words.includes(token.name)) {
       chip.addEventListener("click", () => { $("word").value = token.name; render(); });
     } else {
@@ -314,8 +317,10 @@ function setup() {
   const view = $("view");
   [view.height, view.width] = data.view;
   [$("original").height, $("original").width] = data.view;
+  $("alpha").value = String(data.alpha);
   $("item").addEventListener("change", showItem);
   for (const id of ["word", "res", "step-from", "step-to"]) $(id).addEventListener("change", render);
+  $("alpha").addEventListener("input", render);
   showItem();
 }
 
