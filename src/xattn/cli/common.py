@@ -330,8 +330,6 @@ def start(command: str, options: Mapping[str, Any], *, slug: str = "", resume: b
     timings = Timings()
     with timings.phase("load"):
         pipe = load(settings, device=device)
-    if settings.get("steps") is None:
-        raise runner.OptionError("no steps set; pass --steps")
     folder = create_run_folder(command, **folder_kwargs)
     run = Run(command, settings, pipe, folder, timings)
     write_manifest(folder, run.manifest("running"))
