@@ -79,3 +79,27 @@ def test_example_sweep_completes_on_the_world_model(cli, tmp_path):
     plan = [e["job"] for e in json.loads((tmp_path / "run" / "plan.json").read_text())["jobs"]]
     done = [json.loads(line)["job"] for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert done == plan and len(plan) >= 8
+
+
+def test_example_sweep_under_accelerate_two_processes(tmp_path):
+    """The documented line, with the torchrun launcher: the union of both ranks is the grid, each once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from collections import Counter
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "xattn", "sweep", str(CONFIGS / "sweep-example.yaml"),
+               "--steps", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = [e["job"] for e in json.loads((tmp_path / "run" / "plan.json").read_text())["jobs"]]
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert Counter(r["job"] for r in records) == Counter(plan) and len(plan) >= 8
+    assert {r["rank"] for r in records} == {0, 1}
