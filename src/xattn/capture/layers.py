@@ -37,9 +37,12 @@ class MapLayer:
     key: str | None = None  # ... and the tensor's name in it
 
     def tensor(self) -> torch.Tensor:
-        """The summed maps ``[rows, heads, i, j]`` as float32 (read from disk if streamed)."""
+        """The summed maps ``[rows, heads, i, j]`` as float32 on the CPU (read from disk if streamed).
+
+        Capture keeps sums on the model's device; word maps are small, so they are made on the CPU.
+        """
         if self.data is not None:
-            return self.data.float()
+            return self.data.float().cpu()
         if self.shard is None or self.key is None:
             raise ValueError(f"layer {self.describe()} holds no data")
         with safe_open(str(self.shard), framework="pt") as handle:
