@@ -308,3 +308,16 @@ def test_two_calls_per_step_add_into_one_map(sd1_pipe):
     run(sd1_pipe, capture, steps=3)
     counts = sorted(layer.count for layer in capture.maps().layers)
     assert counts == [1, 2, 2]  # Heun's 2 * 3 - 1 UNet calls fall into 3 steps, one map each
+
+
+def test_maps_are_a_snapshot(sd1_pipe):
+    unet, capture = sd1_pipe.unet, Capture()
+    generator = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    with xattn.hooks(sd1_pipe.unet, capture, prompts=["a red cat"], tokenizer=sd1_pipe.tokenizer), torch.no_grad():
+        unet(sample, torch.tensor(500), text)
+        first = capture.maps()
+        before = first.word("cat", normalize=False).clone()
+        unet(sample * 2, torch.tensor(300), text)  # a bare model call: nothing resets the capture
+    assert capture.maps().layers[0].count == 2 * first.layers[0].count
+    assert torch.equal(first.word("cat", normalize=False), before)

@@ -386,7 +386,10 @@ class Capture(Controller):
         return 0 if self._run is None else self._run.planned_bytes
 
     def maps(self):
-        """The word maps of the last pipeline call (see :class:`xattn.capture.WordMaps`)."""
+        """The word maps of the last pipeline call (see :class:`xattn.capture.WordMaps`).
+
+        Aggregated sums are copied, so later calls do not change the returned maps.
+        """
         from .heatmaps import WordMaps
 
         run = self._run
@@ -399,8 +402,9 @@ class Capture(Controller):
             self._flush_stream(run)
         layers = []
         for group, layer in run.layers.items():
-            if not self.per_step:
-                layer = replace(layer, sites=tuple(sorted(run.sites[group])), steps=tuple(sorted(run.steps[group])))
+            if not self.per_step:  # a snapshot: the running sums go on growing if the model is called again
+                layer = replace(layer, data=layer.data.clone(), sites=tuple(sorted(run.sites[group])),
+                                steps=tuple(sorted(run.steps[group])))
             layers.append(layer)
         layout = run.layout
         return WordMaps(
