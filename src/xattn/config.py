@@ -18,6 +18,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
+from .runner import DEVICES, DTYPES, SCHEDULERS, OptionError, parse_size
+from .selector import Selector, SelectorError
+
 Validator = Callable[[Any], Any]
 
 
@@ -65,8 +68,6 @@ def one_of(choices: Iterable[str]) -> Validator:
 
 
 def size_value(value: Any) -> str:
-    from .runner import OptionError, parse_size
-
     try:
         width, height = parse_size(value)
     except (OptionError, TypeError, ValueError):
@@ -75,8 +76,6 @@ def size_value(value: Any) -> str:
 
 
 def selector_text(value: Any) -> str:
-    from .selector import Selector, SelectorError
-
     if not isinstance(value, (str, dict)):
         raise ValueError('a selector string such as "kind=cross res=16"')
     try:
@@ -85,28 +84,20 @@ def selector_text(value: Any) -> str:
         raise ValueError(f"a valid selector ({error})") from None
 
 
-def _common_keys() -> dict[str, Validator]:
-    from .runner import DEVICES, DTYPES, SCHEDULERS
-
-    return {
-        "model": optional_text,
-        "device": one_of(DEVICES),
-        "dtype": one_of(("auto", *DTYPES)),
-        "scheduler": one_of(SCHEDULERS),
-        "seed": non_negative_int,
-        "steps": positive_int,
-        "guidance": number,
-        "size": size_value,
-        "negative_prompt": optional_text,
-        "sites": selector_text,  # which sites to aggregate maps over
-        "out": optional_text,
-    }
-
-
-COMMON_KEYS: tuple[str, ...] = (
-    "model", "device", "dtype", "scheduler", "seed", "steps", "guidance", "size",
-    "negative_prompt", "sites", "out",
-)
+COMMON_CHECKS: dict[str, Validator] = {
+    "model": optional_text,
+    "device": one_of(DEVICES),
+    "dtype": one_of(("auto", *DTYPES)),
+    "scheduler": one_of(SCHEDULERS),
+    "seed": non_negative_int,
+    "steps": positive_int,
+    "guidance": number,
+    "size": size_value,
+    "negative_prompt": optional_text,
+    "sites": selector_text,  # which sites to aggregate maps over
+    "out": optional_text,
+}
+COMMON_KEYS: tuple[str, ...] = tuple(COMMON_CHECKS)
 
 
 def validate(data: Mapping[str, Any], *, source: str = "config",
@@ -123,7 +114,7 @@ def validate(data: Mapping[str, Any], *, source: str = "config",
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping of key: value, not {type(data).__name__}")
-    checks: dict[str, Validator | None] = {**_common_keys(), **dict(extra_keys or {})}
+    checks: dict[str, Validator | None] = {**COMMON_CHECKS, **dict(extra_keys or {})}
     cleaned: dict[str, Any] = {}
     for key, value in data.items():
         if key not in checks:
