@@ -236,3 +236,14 @@ def test_reweighted_sweep_image_is_reproduced_from_its_png(cli, sd1_path, tmp_pa
     pipe = runner.load_pipeline(sd1_path, device="cpu")
     plain = np.asarray(runner.generate(pipe, "a red circle", seed=2, steps=2, guidance=5.0, size=32)[0])
     assert not np.array_equal(pixels(original), plain)  # the reweighting was repeated, not dropped
+
+
+def test_without_out_each_run_gets_a_new_folder(cli, sd1_path, tmp_path):
+    config = write_config(tmp_path / "tiny-grid.yaml", sd1_path, job="generate",
+                          grid={"prompts": ["a red circle"], "seeds": [0]})
+    for _ in range(2):
+        result = cli("sweep", config, "--no-progress")
+        assert result.exit_code == 0, result.output
+    folders = sorted((tmp_path / "outputs").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("sweep-") and "tiny-grid" in f.name for f in folders)
+    assert all(len(read_results(f)) == 1 for f in folders)
