@@ -170,3 +170,19 @@ def test_maps_come_out_at_the_generated_image_size(sd1_pipe):
     assert tuple(heat.shape) == (image.height, image.width) == (32, 48)
     assert heat.min().item() == 0.0 and heat.max().item() == 1.0
     assert capture.maps().words() == ["a", "red", "cat"]
+
+
+def test_site_choice_needs_per_site_sums(sd1_pipe):
+    per_site, aggregated = Capture(per_step=True, storage_dtype=torch.float32), Capture()
+    with xattn.hooks(sd1_pipe, per_site, aggregated):
+        sd1_pipe("a red cat", num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
+    maps = per_site.maps()
+    up = maps.word("cat", sites="up_blocks.*", normalize=False)
+    down = maps.word("cat", sites="down_blocks.*", normalize=False)
+    middle = maps.word("cat", sites="mid_block.*", normalize=False)
+    calls = {name: sum(l.count for l in maps.layers if l.sites[0].startswith(name)) for name in ("up", "down", "mid")}
+    combined = (up * calls["up"] + down * calls["down"] + middle * calls["mid"]) / sum(calls.values())
+    assert torch.allclose(combined, maps.word("cat", normalize=False), atol=1e-6)  # the parts add up to the whole
+    with pytest.raises(ValueError, match="splits the summed map"):
+        aggregated.maps().word("cat", sites="up_blocks.*")
+    assert torch.allclose(aggregated.maps().word("cat", sites="*"), aggregated.maps().word("cat"))

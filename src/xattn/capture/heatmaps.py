@@ -11,6 +11,7 @@ result is the mean attention probability on the word at each pixel; with
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 
 import torch
@@ -92,8 +93,8 @@ class WordMaps:
 
     # -- word maps ----------------------------------------------------------------------
     def word(self, word: str | int, prompt: int = 0, image: int = 0, *, steps: StepsArg = None,
-             res: ResArg = None, heads: Iterable[int] | None = None, normalize: bool = True,
-             size: tuple[int, int] | None = None, cond: bool = True) -> torch.Tensor:
+             res: ResArg = None, sites: str | None = None, heads: Iterable[int] | None = None,
+             normalize: bool = True, size: tuple[int, int] | None = None, cond: bool = True) -> torch.Tensor:
         """The heat map of a word, phrase, ``<start>``/``<end>`` or slot index: ``[H, W]`` float32.
 
         Args:
@@ -103,19 +104,23 @@ class WordMaps:
             steps: a step range (``"0:10"``, ``"0:0.5"``, ``range(3)``, ``(0, 10)``); needs a per-step capture
                 unless it covers every captured step.
             res: only maps of this size (``16``, ``"<=16"``, ``(16, 16)``).
+            sites: only sites matching this glob (``"up_blocks.*"``); needs per-site sums
+                (``per_step=True`` or ``keep_heads=True``) unless it covers whole resolutions.
             heads: average only these heads (needs ``keep_heads=True`` at capture).
             normalize: min-max scale to [0, 1] (False: mean attention probability per pixel).
             size: output (H, W); default the generated image's size.
             cond: the conditional row (False: the unconditional one, if captured).
         """
-        total, count = self.word_total(word, prompt, image, steps=steps, res=res, heads=heads, size=size, cond=cond)
+        total, count = self.word_total(word, prompt, image, steps=steps, res=res, sites=sites, heads=heads,
+                                       size=size, cond=cond)
         heat = total / count
         if normalize:
             heat = _min_max(heat)
         return heat.float()
 
     def word_total(self, word: str | int, prompt: int = 0, image: int = 0, *, steps: StepsArg = None,
-                   res: ResArg = None, heads: Iterable[int] | None = None, size: tuple[int, int] | None = None,
+                   res: ResArg = None, sites: str | None = None, heads: Iterable[int] | None = None,
+                   size: tuple[int, int] | None = None,
                    cond: bool = True) -> tuple[torch.Tensor, int]:
         """The upsampled sum behind :meth:`word` and the number of attention calls in it (float64).
 
@@ -123,7 +128,7 @@ class WordMaps:
         """
         row = self._row(prompt, image, cond)
         positions = self._positions(word, prompt)
-        layers = self._select(steps, res)
+        layers = self._select(steps, res, sites)
         size = self.image_size if size is None else (int(size[0]), int(size[1]))
         at_res: dict[tuple[int, int], torch.Tensor] = {}
         count = 0
@@ -250,13 +255,20 @@ class WordMaps:
             raise ValueError(f"heads {missing} were not captured at {layer.sites[0]}; kept heads: {list(layer.heads)}")
         return [layer.heads.index(h) for h in wanted]
 
-    def _select(self, steps: StepsArg, res: ResArg) -> list[MapLayer]:
+    def _select(self, steps: StepsArg, res: ResArg, sites: str | None = None) -> list[MapLayer]:
         spec = _res_selector(res)
         wanted = None if steps is None else self._step_set(steps)
         chosen = []
         for layer in self._cross():
             if not spec.matches_res(layer.res):
                 continue
+            if sites is not None:
+                matching = [fnmatch.fnmatchcase(site, sites) for site in layer.sites]
+                if not any(matching):
+                    continue
+                if not all(matching):
+                    raise ValueError(f"sites={sites!r} splits the summed map {layer.describe()}; capture with "
+                                     "per_step=True or keep_heads=True to keep each site apart")
             if wanted is not None and layer.steps:
                 inside = set(layer.steps) & wanted
                 if not inside:
@@ -268,7 +280,7 @@ class WordMaps:
                     )
             chosen.append(layer)
         if not chosen:
-            raise LookupError(f"no captured cross-attention matches steps={steps!r}, res={res!r}; "
+            raise LookupError(f"no captured cross-attention matches steps={steps!r}, res={res!r}, sites={sites!r}; "
                               f"captured resolutions {self.resolutions}, steps {self.steps}")
         return chosen
 
