@@ -122,8 +122,10 @@ def test_missing_model_is_a_clear_error(cli, tmp_path):
 
 
 def test_uncached_hub_id_is_a_clear_error_offline(cli, monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     result = cli("generate", "x", "--model", "nobody/nothing", *FAST)
     assert result.exit_code == 2
     assert "nobody/nothing" in result.output and "HF_HUB_OFFLINE" in result.output

@@ -64,8 +64,10 @@ def test_folder_without_model_index_is_rejected(tmp_path):
 
 
 def test_uncached_hub_id_offline_fails_without_network(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
 
     def no_network(*args, **kwargs):
         raise AssertionError("a network connection was attempted")
@@ -187,3 +189,20 @@ def test_identity_records_hub_revision(tmp_path):
     identity = runner.model_identity("a/b", snapshot)
     assert identity["revision"] == snapshot.name
     assert identity["pipeline_class"] == "StableDiffusionPipeline"
+
+
+def test_hub_id_loads_from_the_local_cache_with_its_revision(sd1_path, tmp_path, monkeypatch):
+    import shutil
+
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(sd1_path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    pipe = runner.load_pipeline("someone/tiny-sd", device="cpu")
+    assert pipe.xattn_identity["model"] == "someone/tiny-sd"
+    assert pipe.xattn_identity["revision"] == commit
