@@ -247,3 +247,13 @@ def test_without_out_each_run_gets_a_new_folder(cli, sd1_path, tmp_path):
     folders = sorted((tmp_path / "outputs").iterdir())
     assert len(folders) == 2 and all(f.name.startswith("sweep-") and "tiny-grid" in f.name for f in folders)
     assert all(len(read_results(f)) == 1 for f in folders)
+
+
+def test_resuming_with_other_settings_is_refused(cli, sd1_path, tmp_path):
+    config = write_config(tmp_path / "s.yaml", sd1_path, job="generate", grid={"prompts": ["a red circle"], "seeds": [0]})
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0
+    before = (tmp_path / "run" / "results.jsonl").read_text()
+    result = cli("sweep", config, "--out", "run", "--steps", 3, "--no-progress")
+    assert result.exit_code == 2 and "steps 2 -> 3" in result.output
+    assert (tmp_path / "run" / "results.jsonl").read_text() == before
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0  # same settings: resumes

@@ -241,11 +241,20 @@ def finished_jobs(folder: Path, jobs: Sequence[Job]) -> list[Job]:
     return [job for job in jobs if done_record(folder, job).is_file()]
 
 
-def check_existing_folder(folder: Path, jobs: Sequence[Job]) -> None:
-    """A sweep may reopen only a folder holding the same plan (or an empty one).
+PLAN_SETTINGS = ("model", "scheduler", "dtype", "steps", "guidance", "size", "negative_prompt", "sites")
+
+
+def plan_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide a sweep's pixels besides the jobs: a resumed sweep must keep them."""
+    return {key: settings.get(key) for key in PLAN_SETTINGS}
+
+
+def check_existing_folder(folder: Path, jobs: Sequence[Job], settings: Mapping[str, Any] | None = None) -> None:
+    """A sweep may reopen only a folder holding the same plan and settings (or an empty one).
 
     Raises:
-        RunFolderError: the folder is a file, holds other files, or another sweep's plan.
+        RunFolderError: the folder is a file, holds other files, another sweep's plan,
+            or this sweep made with other settings.
     """
     if not folder.exists():
         return
@@ -256,11 +265,20 @@ def check_existing_folder(folder: Path, jobs: Sequence[Job]) -> None:
     plan = folder / PLAN
     if not plan.is_file():
         raise RunFolderError(f"--out {folder} exists, is not empty and holds no sweep ({PLAN}); pass a new folder")
-    stored = [entry["job"] for entry in json.loads(plan.read_text())["jobs"]]
+    stored_plan = json.loads(plan.read_text())
+    stored = [entry["job"] for entry in stored_plan["jobs"]]
     if stored != [job.name for job in jobs]:
         raise RunFolderError(
             f"--out {folder} holds a different sweep ({len(stored)} jobs, not these {len(jobs)}); "
             "pass a new folder, or the config that made it to resume")
+    if settings is not None:
+        before, now = stored_plan.get("settings", {}), plan_settings(settings)
+        changed = {key: (before.get(key), now.get(key)) for key in now if before.get(key) != now.get(key)}
+        if changed:
+            detail = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            raise RunFolderError(f"--out {folder} holds this sweep made with other settings ({detail}); "
+                                 "resume it with the same settings, or pass a new folder")
+
 
 
 def _parameters_text(pipe, job: Job, settings: Mapping[str, Any], image, info: Mapping[str, Any]) -> str:
@@ -395,7 +413,7 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
     _warn_if_one_cpu_process(state)
     timings = Timings()
     if out is not None:  # every process checks the same folder the same way: all fail or none
-        check_existing_folder(Path(out), jobs)
+        check_existing_folder(Path(out), jobs, settings)
     if state.num_processes > 1 and device in ("auto", state.device.type):
         device = str(state.device)  # each process on its own GPU (or the CPU)
     with timings.phase("load"):
@@ -407,7 +425,8 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
     if state.is_main_process:
         folder = create_run_folder("sweep", slug=slug, out=out, resume=True)
         if not (folder / PLAN).is_file():
-            write_json_atomic(folder / PLAN, {"jobs": [{"job": job.name, **asdict(job)} for job in jobs]})
+            write_json_atomic(folder / PLAN, {"settings": plan_settings(settings),
+                                              "jobs": [{"job": job.name, **asdict(job)} for job in jobs]})
         folder_box[0] = str(folder)
     folder = Path(broadcast_object_list(folder_box)[0])
     if state.is_main_process:
