@@ -298,7 +298,19 @@ def _parameters_text(pipe, job: Job, settings: Mapping[str, Any], image, info: M
 
 def run_job(pipe, job: Job, settings: Mapping[str, Any], folder: Path, *, rank: int = 0,
             job_kinds: Mapping[str, JobFn] | None = None) -> dict[str, Any]:
-    """Run one job, save its image, then record it as done (atomically, last)."""
+    """Run one job, save its image, then record it as done (atomically, last).
+
+    Args:
+        pipe: the loaded pipeline.
+        job: the job to run.
+        settings: merged generation settings.
+        folder: the sweep's run folder.
+        rank: this process's index, recorded with the result.
+        job_kinds: job functions by kind (defaults to :data:`JOB_KINDS`).
+
+    Returns:
+        The done-record, also written to ``jobs/<name>.json``.
+    """
     start = time.perf_counter()
     image, info = (job_kinds or JOB_KINDS)[job.kind](pipe, job, settings)
     image_name = f"{IMAGES_DIR}/{job.name}.png"
