@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .data import image_to_tensor, object_slots
 from .grounding import ProbeStore, install
 from .scenes import COLORS, SHAPES, Scene, heldout_prompts, heldout_scenes
-from .segment import classify_shape, largest_component, segment
+from .segment import classify_shape, components, largest_component, segment
 
 MIN_BLOB = 40  # pixels a named colour needs to count as present
 
@@ -51,6 +51,7 @@ class GenerationScores:
     color_acc: float  # single objects: the dominant colour is the named one
     shape_acc: float  # single objects: the foreground blob has the named shape
     both_colors: float  # pairs: both named colours present (largest blob >= MIN_BLOB px)
+    one_object: float  # single objects: exactly one foreground blob >= MIN_BLOB px
     n_single: int
     n_pair: int
 
@@ -61,19 +62,21 @@ def generation_scores(pipe, seeds: list[int], guidance: float, steps: int,
         s, p = heldout_prompts(n_pair=16)
         singles = s if singles is None else singles
         pairs = p if pairs is None else pairs
-    color_ok, shape_ok, both_ok = [], [], []
+    color_ok, shape_ok, both_ok, one_ok = [], [], [], []
     for prompt in singles:
         (color, shape), = parse_caption(prompt)
         for img in generate(pipe, prompt, seeds, guidance, steps):
             color_ok.append(dominant_color(img) == color)
             shape_ok.append(classify_shape(foreground(img)) == shape)
+            one_ok.append(sum(c.sum() >= MIN_BLOB for c in components(foreground(img))) == 1)
     for prompt in pairs:
         named = parse_caption(prompt)
         for img in generate(pipe, prompt, seeds, guidance, steps):
             both_ok.append(all(largest_component(segment(img, c)).sum() >= MIN_BLOB for c, _ in named))
-    return GenerationScores(float(np.mean(color_ok)) if color_ok else float("nan"),
-                            float(np.mean(shape_ok)) if shape_ok else float("nan"),
-                            float(np.mean(both_ok)) if both_ok else float("nan"),
+    def rate(xs):
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return GenerationScores(rate(color_ok), rate(shape_ok), rate(both_ok), rate(one_ok),
                             len(color_ok), len(both_ok))
 
 

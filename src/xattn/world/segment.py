@@ -32,11 +32,11 @@ def segment(image: np.ndarray, color: str, min_pixels: int = 0) -> np.ndarray:
     return mask
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Largest 4-connected component (tiny flood fill, no scipy needed)."""
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a bool mask, largest first (no scipy needed)."""
     h, w = mask.shape
     seen = np.zeros_like(mask)
-    best: list[tuple[int, int]] = []
+    found: list[list[tuple[int, int]]] = []
     for y0, x0 in zip(*np.nonzero(mask)):
         if seen[y0, x0]:
             continue
@@ -49,13 +49,19 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
                 if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     stack.append((ny, nx))
-        if len(comp) > len(best):
-            best = comp
-    out = np.zeros_like(mask)
-    if best:
-        ys, xs = zip(*best)
-        out[list(ys), list(xs)] = True
+        found.append(comp)
+    out = []
+    for comp in sorted(found, key=len, reverse=True):
+        m = np.zeros_like(mask)
+        ys, xs = zip(*comp)
+        m[list(ys), list(xs)] = True
+        out.append(m)
     return out
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    comps = components(mask)
+    return comps[0] if comps else np.zeros_like(mask)
 
 
 def classify_shape(mask: np.ndarray, min_pixels: int = 20) -> str | None:
