@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from xattn import TokenError, runner
 from xattn.cli import app
-from xattn.edit import EditError, build_controllers, edit, initial_latent
+from xattn.edit import EditError, build_controllers, edit, edit_seeds, initial_latent
 from xattn.runfolder import RunFolderError
 
 import tiny_models
@@ -53,6 +53,19 @@ def test_several_targets_in_one_batch_equal_separate_edits(sd1_pipe):
         assert (together.targets[index] - alone.targets[0]).abs().max() <= 1e-4, target
     assert (together.targets[0] - together.targets[1]).abs().max() > 1e-2
     assert len(together.targets) == 2 and together.reprompts == []
+
+
+def test_several_seeds_in_one_batch_equal_one_edit_per_seed(sd1_pipe):
+    targets = ["a green circle and a blue square", "a red circle and a blue triangle"]
+    results = edit_seeds(sd1_pipe, SOURCE, targets, [3, 8], blend="circle", output_type="latent",
+                         steps=3, guidance=5.0)
+    assert [r.settings["seed"] for r in results] == [3, 8]
+    for result, seed in zip(results, (3, 8)):
+        alone = edit(sd1_pipe, SOURCE, targets, seed=seed, blend="circle", output_type="latent", steps=3, guidance=5.0)
+        assert (result.source - alone.source).abs().max() <= 1e-4
+        for got, expected in zip(result.targets + result.reprompts, alone.targets + alone.reprompts):
+            assert (got - expected).abs().max() <= 1e-4
+    assert (results[0].source - results[1].source).abs().max() > 1e-2  # the seeds really differ
 
 
 def test_swap_then_reweight_changes_the_target_only(sd1_pipe):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from xattn import runner
-from xattn.edit import edit
+from xattn.edit import edit_seeds
 from xattn.world import COLORS, classify_shape, model_path, segment
 from xattn.world.segment import largest_component
 
@@ -84,18 +84,22 @@ def world():
     defaults = runner.model_defaults(model_path())
     settings = {"steps": int(defaults.get("steps", 25)), "guidance": float(defaults.get("guidance", 5.0))}
 
-    def run(source, target, seed, **options):
-        """(source, edited target, plain re-prompt or None) as uint8 [64, 64, 3] arrays."""
-        result = edit(pipe, source, target, seed=seed, **settings, **options)
-        reprompt = rgb(result.reprompts[0]) if result.reprompts else None
-        return rgb(result.source), rgb(result.targets[0]), reprompt
+    def run(source, target, **options):
+        """{seed: (source, edited target, plain re-prompt or None)} as uint8 [64, 64, 3] arrays.
+
+        All seeds go through one batched call (image k starts from seed k's latent).
+        """
+        results = edit_seeds(pipe, source, target, SEEDS, **settings, **options)
+        return {seed: (rgb(r.source), rgb(r.targets[0]), rgb(r.reprompts[0]) if r.reprompts else None)
+                for seed, r in zip(SEEDS, results)}
 
     return run
 
 
 @pytest.fixture(scope="module")
 def color_swaps(world):
-    return {(pair[0], seed): world(pair[0], pair[1], seed) for pair in COLOR_SWAPS for seed in SEEDS}
+    runs = {pair[0]: world(pair[0], pair[1]) for pair in COLOR_SWAPS}
+    return {(source, seed): images for source, by_seed in runs.items() for seed, images in by_seed.items()}
 
 
 def test_color_swap_keeps_the_mask_and_changes_the_color_far_more_often_than_reprompting(color_swaps):
@@ -126,8 +130,9 @@ def test_color_swap_keeps_the_mask_and_changes_the_color_far_more_often_than_rep
 def test_shape_swap_keeps_position(world):
     source_prompt, target_prompt, color, shape = SHAPE_SWAP
     kept, reshaped, cases = 0, 0, 0
+    runs = world(source_prompt, target_prompt, reprompt=False)
     for seed in SEEDS:
-        source, target, _ = world(source_prompt, target_prompt, seed, reprompt=False)
+        source, target, _ = runs[seed]
         before, after = blob(source, color), blob(target, color)
         if not before.any():
             continue
@@ -144,8 +149,9 @@ def test_shape_swap_keeps_position(world):
 def test_local_blend_leaves_the_other_object_unchanged(world, color_swaps):
     source_prompt, target_prompt, before, after, other = COLOR_SWAPS[0]
     blended_ok, plain_ok, cases = 0, 0, 0
+    runs = world(source_prompt, target_prompt, blend="circle", reprompt=False)
     for seed in SEEDS:
-        source, target, _ = world(source_prompt, target_prompt, seed, blend="circle", reprompt=False)
+        source, target, _ = runs[seed]
         _, unblended, _ = color_swaps[(source_prompt, seed)]
         region = blob(source, other)
         if not region.any():

@@ -7,7 +7,7 @@ Modules, in the order a run uses them:
 - :mod:`~xattn.edit.pairs`: which batch rows are edited from which source row;
 - :mod:`~xattn.edit.controllers`: :class:`Replace`, :class:`Refine`, :class:`SelfInject`;
 - :mod:`~xattn.edit.blend`: :class:`LocalBlend`, source latents outside the words' maps;
-- :mod:`~xattn.edit.run`: :func:`edit`, one batch from one latent, plus the plain re-prompt.
+- :mod:`~xattn.edit.run`: :func:`edit` / :func:`edit_seeds`, one batch from shared latents, plus the plain re-prompt.
 """
 
 from .align import Mapper, align_tokens, refine_mapper, replace_mapper, stretch
@@ -15,9 +15,10 @@ from .blend import LocalBlend
 from .controllers import AutoEdit, Refine, Replace, SelfInject
 from .errors import EditError
 from .pairs import edit_layout
-from .run import EditResult, build_controllers, edit, initial_latent
+from .run import EditResult, build_controllers, edit, edit_seeds, initial_latent
 
 __all__ = [
     "AutoEdit", "EditError", "EditResult", "LocalBlend", "Mapper", "Refine", "Replace", "SelfInject",
-    "align_tokens", "build_controllers", "edit", "edit_layout", "initial_latent", "refine_mapper", "replace_mapper", "stretch",
+    "align_tokens", "build_controllers", "edit", "edit_layout", "edit_seeds", "initial_latent", "refine_mapper",
+    "replace_mapper", "stretch",
 ]

@@ -169,64 +169,98 @@ def _image_size(pipe, size) -> tuple[int, int]:
     return side, side
 
 
-def _sample(pipe, prompts: list[str], latent: torch.Tensor, *, seed: int, steps: int, guidance: float,
+def _sample(pipe, prompts: list[str], latents: torch.Tensor, seeds: list[int], *, steps: int, guidance: float,
             width: int, height: int, negative_prompt: str | None, output_type: str, **kwargs) -> list:
-    count = len(prompts)
-    generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in range(count)]  # same noise in every row
+    """Sample every prompt from every latent in one call; images come back prompt-major (``p * K + k``)."""
+    count = len(seeds)
+    # Image k of every prompt starts from latent k and draws the sampler's noise from seed k.
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts for seed in seeds]
     if negative_prompt is not None:
-        kwargs["negative_prompt"] = [negative_prompt] * count
-    result = pipe(prompt=prompts, latents=latent.expand(count, -1, -1, -1).clone(), generator=generators,
-                  num_inference_steps=int(steps), guidance_scale=float(guidance), width=width, height=height,
-                  output_type=output_type, **kwargs)
+        kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
+    result = pipe(prompt=prompts, num_images_per_prompt=count, latents=latents.repeat(len(prompts), 1, 1, 1),
+                  generator=generators, num_inference_steps=int(steps), guidance_scale=float(guidance),
+                  width=width, height=height, output_type=output_type, **kwargs)
     return list(result.images)  # PIL images, or [C, h, w] latents for output_type="latent"
 
 
-def edit(pipe, source: str, targets: str | Sequence[str], *, mode: str = "auto",
-         cross_steps: WindowSpec | Mapping[str, WindowSpec] = 0.8, self_steps: WindowSpec = 0.4,
-         self_res: str | None = "<=32", blend: str | Sequence[str] | None = None, threshold: float = 0.3,
-         blend_res: str | None = None, reweight: Mapping[str, float] | None = None, rows: str = "cond",
-         seed: int = 0, steps: int = 25, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
-         reprompt: bool = True, output_type: str = "pil") -> EditResult:
-    """Edit the source prompt's image into each target prompt's (prompt-to-prompt).
+def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[int], *, mode: str = "auto",
+               cross_steps: WindowSpec | Mapping[str, WindowSpec] = 0.8, self_steps: WindowSpec = 0.4,
+               self_res: str | None = "<=32", blend: str | Sequence[str] | None = None, threshold: float = 0.3,
+               blend_res: str | None = None, reweight: Mapping[str, float] | None = None, rows: str = "cond",
+               steps: int = 25, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
+               reprompt: bool = True, output_type: str = "pil") -> list[EditResult]:
+    """Edit the source prompt's image into each target prompt's (prompt-to-prompt), for several seeds at once.
+
+    All seeds, the source and every target go through one pipeline call
+    (``num_images_per_prompt = len(seeds)``); image ``k`` of every prompt
+    starts from seed ``k``'s latent, and is edited from the source's image ``k``.
 
     Args:
         pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
         source: the source prompt.
         targets: one target prompt or several (all edited in the same batch).
+        seeds: one seed per image: the initial latent and the sampler's noise.
         mode, cross_steps, self_steps, self_res, blend, threshold, blend_res,
             reweight, rows: see :func:`build_controllers`.
-        seed: seed of the shared initial latent and of the sampler's noise.
         steps: number of denoising steps.
         guidance: classifier-free guidance scale.
         size: ``64`` or ``"WIDTHxHEIGHT"``; ``None`` for the model's size.
         negative_prompt: one negative prompt for every row.
-        reprompt: also sample each target plainly from the same latent.
+        reprompt: also sample each target plainly from the same latents.
         output_type: ``"pil"``, or ``"latent"`` for the final latents ``[C, h, w]``
             (for analysis; :meth:`EditResult.save` and ``sheet`` need PIL images).
+
+    Returns:
+        One :class:`EditResult` per seed, in the order of ``seeds``.
     """
     if output_type not in ("pil", "latent"):
         raise EditError(f"output_type must be 'pil' or 'latent', not {output_type!r}")
+    seeds = [int(seed) for seed in seeds]
+    if not seeds:
+        raise EditError("an edit needs at least one seed")
     targets = [targets] if isinstance(targets, str) else list(targets)
     controllers = build_controllers(pipe.tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
                                     self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
                                     blend_res=blend_res, reweight=reweight, rows=rows)
     width, height = _image_size(pipe, size)
-    latent = initial_latent(pipe, seed, width, height)  # [1, C, h, w], shared by every row
-    common = dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
-                  negative_prompt=negative_prompt, output_type=output_type)
+    latents = torch.cat([initial_latent(pipe, seed, width, height) for seed in seeds])  # [K, C, h, w]
+    common = dict(steps=steps, guidance=guidance, width=width, height=height, negative_prompt=negative_prompt,
+                  output_type=output_type)
     local_blend = next((c for c in controllers if isinstance(c, LocalBlend)), None)
     extra = {"callback_on_step_end": local_blend} if local_blend is not None else {}
     with hooks(pipe, *controllers):
-        images = _sample(pipe, [source, *targets], latent, **common, **extra)
-    reprompts = _sample(pipe, targets, latent, **common) if reprompt else []
+        images = _sample(pipe, [source, *targets], latents, seeds, **common, **extra)
+    reprompts = _sample(pipe, targets, latents, seeds, **common) if reprompt else []
     token_maps = [TokenMap(pipe.tokenizer, p) for p in (source, *targets)]
     settings = {
-        "source": source, "targets": targets, "seed": int(seed), "steps": int(steps), "guidance": float(guidance),
+        "source": source, "targets": targets, "steps": int(steps), "guidance": float(guidance),
         "size": f"{width}x{height}", "negative_prompt": negative_prompt,
         "modes": [choose_mode(token_maps[0], t) if mode == "auto" else mode for t in token_maps[1:]],
         "controllers": [c.to_dict() for c in controllers],
     }
-    return EditResult(images[0], images[1:], reprompts, settings)
+    count = len(seeds)
+    return [
+        EditResult(images[k], images[count + k::count], reprompts[k::count], {**settings, "seed": seed})
+        for k, seed in enumerate(seeds)
+    ]
 
 
-__all__ = ["EditResult", "MODES", "build_controllers", "edit", "initial_latent"]
+def edit(pipe, source: str, targets: str | Sequence[str], *, seed: int = 0, **options) -> EditResult:
+    """Edit the source prompt's image into each target prompt's (prompt-to-prompt), for one seed.
+
+    The source and every target are sampled in one batch from the same
+    initial latent, with the edit controllers installed; then each target is
+    sampled plainly from that latent (the re-prompt, for contrast).
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        source: the source prompt.
+        targets: one target prompt or several.
+        seed: seed of the shared initial latent and of the sampler's noise.
+        **options: those of :func:`edit_seeds` (mode, cross_steps, self_steps,
+            blend, reweight, steps, guidance, size, reprompt, output_type...).
+    """
+    return edit_seeds(pipe, source, targets, [seed], **options)[0]
+
+
+__all__ = ["EditResult", "MODES", "build_controllers", "edit", "edit_seeds", "initial_latent"]
