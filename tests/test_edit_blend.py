@@ -27,7 +27,7 @@ def feed(blend, layout, res, hot_pixels, step=0, num_steps=4):
     site = Site("down_blocks.0.attentions.0.transformer_blocks.0.attn2", "cross", "down", 2, 4)
     ctx = HookContext(site, "probs", res, step, num_steps, 999.0, layout)
     assert blend.active(ctx)
-    probs = torch.zeros(2, 2, height * width, 77)  # [b, h, i, j]
+    probs = torch.zeros(2, 2, height * width, layout.token_maps[0].max_length)  # [b, h, i, j]
     probs[..., 0] = 1.0  # everything on <start>
     for row, pixel in hot_pixels.items():
         probs[row, :, pixel, 0] = 0.0

@@ -255,7 +255,7 @@ def test_edit_batch_on_a_bare_unet_with_a_given_layout(sd1_pipe):
     assert [(row.cond, row.prompt) for row in layout.rows] == [(False, 0), (False, 1), (True, 0), (True, 1)]
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 4, 16, 16, generator=generator).expand(4, -1, -1, -1)
-    text = torch.randn(4, 77, unet.config.cross_attention_dim, generator=generator)
+    text = torch.randn(4, layout.token_maps[0].max_length, unet.config.cross_attention_dim, generator=generator)
     touched = defaultdict(set)
 
     def compare(p, ctx):
