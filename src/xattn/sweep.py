@@ -350,8 +350,8 @@ def contact_sheet(folder: Path, jobs: Sequence[Job]):
     rows = [[cells.get((p, s, *c), blank) for c in col_keys] for p, s in row_keys]
     col_labels = [" ".join(str(v) for v in c if v is not None) or "image" for c in col_keys]
     row_labels = [f"{p[:28]} | seed {s}" for p, s in row_keys]
-    sheet = labelled_grid(rows, row_labels=row_labels, col_labels=col_labels,
-                          title=f"{len(done)}/{len(jobs)} jobs")
+    sheet = labelled_grid(rows, row_labels=row_labels, col_labels=col_labels, title=f"{len(done)}/{len(jobs)} jobs",
+                          cell_scale=2 if max(size) <= 128 else 1)  # small images: room for the labels
     save_image_atomic(sheet, folder / CONTACT_SHEET)
     return sheet
 
