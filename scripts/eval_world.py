@@ -73,12 +73,13 @@ def main(argv=None) -> None:
             s = generation_scores(pipe, list(range(args.seeds)), g, steps, singles=singles, pairs=[])
             p = generation_scores(pipe, list(range(args.pair_seeds)), g, steps, singles=[], pairs=pairs)
             row = {"color_acc": s.color_acc, "shape_acc": s.shape_acc, "both_colors": p.both_colors,
-                   "one_object": s.one_object,
+                   "one_object": s.one_object, "pair_binding": p.pair_binding,
                    "n_single": s.n_single, "n_pair": p.n_pair, "seconds": round(time.time() - t0, 1)}
             report["generation"][str(g)] = row
             print(f"guidance {g}: colour {s.color_acc:.3f} shape {s.shape_acc:.3f} "
                   f"one object {s.one_object:.3f} (n={s.n_single})  "
-                  f"both colours {p.both_colors:.3f} (n={p.n_pair})", flush=True)
+                  f"both colours {p.both_colors:.3f} binding {p.pair_binding:.3f} (n={p.n_pair})",
+                  flush=True)
     if "localisation" not in args.skip:
         loc = localisation_scores(pipe, n=args.scenes)
         report["localisation"] = vars(loc)

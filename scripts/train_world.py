@@ -31,7 +31,7 @@ from xattn.world.data import grounding_targets, image_to_tensor, mask_fraction, 
 from xattn.world.export import load_tokenizer, save_pipeline
 from xattn.world.grounding import grounding_loss, install
 from xattn.world.models import make_text_encoder, make_train_scheduler, make_unet, make_vae
-from xattn.world.scenes import make_scene
+from xattn.world.scenes import COLORS, make_scene
 
 VAE_SEED_BASE = 5_000_000
 POOL_SEED_BASE = 1_000
@@ -153,6 +153,38 @@ def export(state: dict, folder: Path, use_ema: bool = True) -> None:
     os.replace(tmp, folder)
 
 
+def colour_invariance(te, ids, enc, slots, color_ids, color_index, gen) -> torch.Tensor:
+    """How much colour leaks into the other token encodings, relative to the colour word.
+
+    Why: the causal text encoder copies "red" into the shape, "and" and
+    end/padding tokens, so zeroing the colour word's attention leaves the colour
+    in place.  Each caption is re-encoded with its colour words swapped; the
+    largest change at any non-colour position is divided by the change at the
+    colour words themselves.  The ratio cannot be lowered by shrinking all
+    colour differences (an absolute penalty can, and the UNet then amplifies
+    the faint leak), only by keeping colour in the colour token alone.
+    """
+    swapped = ids.clone()  # [b, 77]
+    is_color = torch.zeros(ids.shape, dtype=torch.bool)  # [b, 77]
+    for obj in range(slots.shape[1]):
+        s = slots[:, obj, 0]
+        ok = s >= 0
+        rows = torch.nonzero(ok).squeeze(1)
+        cur = color_index[ids[rows, s[ok]]]
+        shift = torch.randint(1, len(color_ids), (len(rows),), generator=gen)
+        swapped[rows, s[ok]] = color_ids[(cur + shift) % len(color_ids)]
+        is_color[rows, s[ok]] = True
+    named = is_color.any(1)
+    if not named.any():
+        return enc.new_zeros(())
+    other = te(swapped[named]).last_hidden_state  # [n, 77, hidden]
+    d = ((enc[named] - other) ** 2).mean(-1)  # [n, 77]
+    col = is_color[named].float()
+    at_color = (d * col).sum(1) / col.sum(1)  # [n]
+    leak = d.masked_fill(is_color[named], 0.0).max(1).values  # [n]
+    return (leak / (at_color + 1e-3)).mean()
+
+
 def train_unet(state: dict, args, clock) -> None:
     pool = torch.load(args.dir / "pool.pt")
     n_pool = len(pool["lat"])
@@ -172,6 +204,9 @@ def train_unet(state: dict, args, clock) -> None:
         opt.load_state_dict(state["opt"])
     store = install(unet)
     sched = make_train_scheduler()
+    color_ids = torch.tensor(load_tokenizer().convert_tokens_to_ids([c + "</w>" for c in COLORS]))
+    color_index = torch.full((49408,), -1, dtype=torch.long)
+    color_index[color_ids] = torch.arange(len(color_ids))
     acp = sched.alphas_cumprod
     budget = args.minutes * 60 - 90  # leave time to export
     unet_t0 = state.get("unet_t0", clock())
@@ -212,6 +247,10 @@ def train_unet(state: dict, args, clock) -> None:
         targets, valid = grounding_targets(pool["masks"][idx].float(), slots)
         l_share, l_bce = grounding_loss(store.probs, targets, valid)
         loss = l_diff + args.w_share * l_share + args.w_bce * l_bce
+        l_inv = torch.zeros(())
+        if args.w_inv > 0 and step >= args.inv_from:
+            l_inv = colour_invariance(te, ids, enc, slots, color_ids, color_index, gen)
+            loss = loss + args.w_inv * l_inv
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -220,14 +259,14 @@ def train_unet(state: dict, args, clock) -> None:
         ema_update(ema_unet, unet, decay)
         ema_update(ema_te, te, decay)
         state["step"] = step + 1
-        run.append((l_diff.item(), l_share.item(), l_bce.item()))
+        run.append((l_diff.item(), l_share.item(), l_bce.item(), l_inv.item()))
         if state["step"] % args.log_every == 0:
             a = np.mean(run, 0)
             run = []
             dt = (time.time() - t_step) / args.log_every
             t_step = time.time()
             log(f"unet step {state['step']}/{args.unet_steps} diff {a[0]:.4f} share {a[1]:.4f} "
-                f"bce {a[2]:.4f} lr {lr:.2e} {dt:.2f} s/step elapsed {clock() / 60:.1f} min")
+                f"bce {a[2]:.4f} inv {a[3]:.4f} lr {lr:.2e} {dt:.2f} s/step elapsed {clock() / 60:.1f} min")
         if time.time() - last_save > args.save_every:
             snapshot()
             atomic_save(state, args.dir / "state.pt")
@@ -265,6 +304,9 @@ def main(argv=None) -> None:
     ap.add_argument("--snr-gamma", type=float, default=5.0)
     ap.add_argument("--w-share", type=float, default=0.1)
     ap.add_argument("--w-bce", type=float, default=0.1)
+    ap.add_argument("--w-inv", type=float, default=0.0,
+                    help="weight of the colour-invariance loss on non-colour token encodings")
+    ap.add_argument("--inv-from", type=int, default=0, help="UNet step where --w-inv starts")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--save-every", type=float, default=180.0, help="seconds")
     ap.add_argument("--export-latest", action="store_true",

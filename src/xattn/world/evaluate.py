@@ -52,6 +52,7 @@ class GenerationScores:
     shape_acc: float  # single objects: the foreground blob has the named shape
     both_colors: float  # pairs: both named colours present (largest blob >= MIN_BLOB px)
     one_object: float  # single objects: exactly one foreground blob >= MIN_BLOB px
+    pair_binding: float  # pairs: named objects whose colour blob has the named shape
     n_single: int
     n_pair: int
 
@@ -62,7 +63,7 @@ def generation_scores(pipe, seeds: list[int], guidance: float, steps: int,
         s, p = heldout_prompts(n_pair=16)
         singles = s if singles is None else singles
         pairs = p if pairs is None else pairs
-    color_ok, shape_ok, both_ok, one_ok = [], [], [], []
+    color_ok, shape_ok, both_ok, one_ok, bind_ok = [], [], [], [], []
     for prompt in singles:
         (color, shape), = parse_caption(prompt)
         for img in generate(pipe, prompt, seeds, guidance, steps):
@@ -73,10 +74,11 @@ def generation_scores(pipe, seeds: list[int], guidance: float, steps: int,
         named = parse_caption(prompt)
         for img in generate(pipe, prompt, seeds, guidance, steps):
             both_ok.append(all(largest_component(segment(img, c)).sum() >= MIN_BLOB for c, _ in named))
+            bind_ok.extend(classify_shape(segment(img, c), min_pixels=MIN_BLOB) == shp for c, shp in named)
     def rate(xs):
         return float(np.mean(xs)) if xs else float("nan")
 
-    return GenerationScores(rate(color_ok), rate(shape_ok), rate(both_ok), rate(one_ok),
+    return GenerationScores(rate(color_ok), rate(shape_ok), rate(both_ok), rate(one_ok), rate(bind_ok),
                             len(color_ok), len(both_ok))
 
 
