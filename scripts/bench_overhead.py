@@ -27,6 +27,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import xattn
+from xattn.hookpoints import BatchLayout, Row
 
 # variant name -> factory of a context manager that sets the UNet up for it
 Variant = Callable[[UNet2DConditionModel, dict], contextlib.AbstractContextManager]
@@ -53,10 +54,21 @@ def stock(unet, setup) -> Iterator[None]:
         unet.set_attn_processor(original)
 
 
-def session_with(*make_controllers: Callable[[dict], xattn.Controller]) -> Variant:
-    def variant(unet, setup):
-        return xattn.hooks(unet, *(make(setup) for make in make_controllers), scheduler=setup["scheduler"])
-    return variant
+class session_with:
+    """A variant running the given controllers; each is built once and reused every round."""
+
+    def __init__(self, *make_controllers: Callable[[dict], xattn.Controller]):
+        self.make_controllers = make_controllers
+        self.controllers: list[xattn.Controller] = []
+
+    def __call__(self, unet, setup):
+        if not self.controllers:
+            self.controllers = [make(setup) for make in self.make_controllers]
+        return xattn.hooks(unet, *self.controllers, scheduler=setup["scheduler"], layout=setup["layout"])
+
+    def bytes_held(self) -> str:
+        sizes = [c.bytes_held() for c in self.controllers if hasattr(c, "bytes_held")]
+        return str(sum(sizes)) if sizes else "-"
 
 
 def observe_probs(setup):
@@ -87,6 +99,8 @@ def optional_variants() -> dict[str, Variant]:
     extra: dict[str, Variant] = {}
     if hasattr(xattn, "Capture"):
         extra["capture, aggregated (all cross, every step)"] = session_with(lambda s: xattn.Capture())
+        extra["capture, per-step fp16 (budget 1 GiB)"] = session_with(
+            lambda s: xattn.Capture(per_step=True, budget="1GiB"))
     if hasattr(xattn, "Reweight"):
         extra["Reweight('scale') controller"] = session_with(lambda s: xattn.Reweight({5: 0.5}, mode="scale"))
         extra["Reweight('bias') controller"] = session_with(lambda s: xattn.Reweight({5: 0.5}, mode="bias"))
@@ -128,7 +142,9 @@ def main() -> None:
     timestep = torch.tensor(500, device=device)
     token_weights = torch.ones(batch, 77, device=device, dtype=dtype)
     token_weights[:, 5] = 0.5
-    setup = {"scheduler": _FixedSchedule(torch.tensor([999, 500, 1])), "token_weights": token_weights}
+    cfg_layout = BatchLayout(rows=(Row(False, 0, 0), Row(True, 0, 0)))  # [uncond, cond]
+    setup = {"scheduler": _FixedSchedule(torch.tensor([999, 500, 1])), "token_weights": token_weights,
+             "layout": cfg_layout}
 
     variants = {**VARIANTS, **optional_variants()}
     if args.only:
@@ -153,16 +169,17 @@ def main() -> None:
             times[name].append(one_step(variant))
 
     stock_median = statistics.median(times["stock AttnProcessor2_0"])
+    held = {name: getattr(variant, "bytes_held", lambda: "-")() for name, variant in variants.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"device {device}{' ' + torch.cuda.get_device_name(device) if cuda else ''}")
     print(f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, xattn {xattn.__version__}")
     print(f"SD 1.5-architecture UNet, {size}x{size} ({latent}x{latent} latents), batch {batch}, {dtype}, "
           f"{args.repeats} interleaved rounds\n")
-    print(f"| variant | median s/step | ratio to stock |")
-    print(f"|---|---|---|")
+    print("| variant | median s/step | ratio to stock | bytes held |")
+    print("|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"| {name} | {median:.4f} | {median / stock_median:.3f} |")
+        print(f"| {name} | {median:.4f} | {median / stock_median:.3f} | {held[name]} |")
 
 
 if __name__ == "__main__":
