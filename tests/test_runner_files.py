@@ -7,7 +7,7 @@ import string
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from PIL import Image
 
 from xattn import pngmeta, runfolder
@@ -49,6 +49,7 @@ prompt_text = st.text(alphabet=string.ascii_letters + " ,:()[]\"'\n.!#", min_siz
 @settings(max_examples=60, deadline=None)
 @given(prompt=prompt_text, negative=st.none() | prompt_text, seed=st.integers(0, 2**32 - 1),
        steps=st.integers(1, 200), cfg=st.floats(0, 30, allow_nan=False), word=prompt_text)
+@example(prompt="\n:", negative=None, seed=0, steps=1, cfg=0.0, word=":")  # a prompt that starts with a newline
 def test_parameters_round_trip(prompt, negative, seed, steps, cfg, word):
     own = {"weights": {word: 1.5}, "note": word}
     text = pngmeta.format_parameters(prompt=prompt, negative_prompt=negative, steps=steps, sampler="DPM++ 2M Karras",

@@ -96,7 +96,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
     Raises:
         PngMetadataError: the text has no ``Steps:`` line.
     """
-    lines = text.strip("\n").split("\n")
+    lines = text.rstrip("\n").split("\n")  # not lstrip: a prompt may begin with a newline
     if len(lines) < 2 or not lines[-1].lstrip().startswith("Steps:"):
         raise PngMetadataError("the parameters text has no final 'Steps: ...' line; it is not in the A1111 format")
     pairs = {key.strip(): _unquote(value) for key, value in _PAIR.findall(lines[-1])}
