@@ -9,6 +9,7 @@ of the machine cancels out.
 
     python scripts/bench_overhead.py                      # CPU, 256x256, fp32
     python scripts/bench_overhead.py --device cuda        # 512x512, fp16
+    python scripts/bench_overhead.py --edit               # a prompt-to-prompt batch (source + target)
 
 Run it on an otherwise idle machine; the figures go to docs/benchmarks.md.
 """
@@ -107,6 +108,22 @@ def optional_variants() -> dict[str, Variant]:
     return extra
 
 
+def edit_variants() -> tuple[BatchLayout, dict[str, Variant]]:
+    """Stock vs a word-swap edit (cross replace over 0:0.8, self injection at <=32 over 0:0.4)."""
+    from transformers import CLIPTokenizer
+
+    from xattn.assets import clip_tokenizer_path
+    from xattn.edit import Replace, SelfInject, edit_layout
+
+    tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_path())
+    layout = edit_layout(tokenizer, "a red circle and a blue square", ["a green circle and a blue square"])
+    return layout, {
+        "stock AttnProcessor2_0": stock,
+        "edit: Replace 0:0.8 + SelfInject 0:0.4 res<=32": session_with(
+            lambda s: Replace(steps="0:0.8"), lambda s: SelfInject(steps="0:0.4", res="<=32")),
+    }
+
+
 class _FixedSchedule:
     """Stands in for a scheduler: the step clock reads ``timesteps``."""
 
@@ -122,6 +139,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each runs every variant once)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all)")
     parser.add_argument("--only", default=None, help="comma list of substrings: run matching variants only")
+    parser.add_argument("--edit", action="store_true",
+                        help="time a prompt-to-prompt edit batch (source + target, guidance) against stock")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -136,17 +155,19 @@ def main() -> None:
     if (device.type, dtype) != ("cpu", torch.float32):
         unet = unet.to(device=device, dtype=dtype)
     latent = size // 8
-    batch = 2  # classifier-free guidance: unconditional + conditional row
+    cfg_layout = BatchLayout(rows=(Row(False, 0, 0), Row(True, 0, 0)))  # [uncond, cond]
+    variants = {**VARIANTS, **optional_variants()}
+    if args.edit:
+        cfg_layout, variants = edit_variants()
+    batch = cfg_layout.batch_size
     sample = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
     text = torch.randn(batch, 77, 768, device=device, dtype=dtype)
     timestep = torch.tensor(500, device=device)
     token_weights = torch.ones(batch, 77, device=device, dtype=dtype)
     token_weights[:, 5] = 0.5
-    cfg_layout = BatchLayout(rows=(Row(False, 0, 0), Row(True, 0, 0)))  # [uncond, cond]
     setup = {"scheduler": _FixedSchedule(torch.tensor([999, 500, 1])), "token_weights": token_weights,
              "layout": cfg_layout}
 
-    variants = {**VARIANTS, **optional_variants()}
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
         variants = {k: v for k, v in variants.items() if k.startswith("stock") or any(w in k for w in wanted)}
