@@ -9,6 +9,7 @@ import xattn
 import xattn.processor
 from xattn.capture import Capture, CaptureBudgetError
 from xattn.tokens import TokenError
+from reference import reference_probs
 
 SIZE = 32  # image side: the tiny pipelines' VAE halves it, so latents are 16x16
 COND_ROW = 1  # diffusers' SD pipelines stack [unconditional, conditional] under guidance
@@ -18,27 +19,6 @@ def run(pipe, *controllers, prompt="a red cat", steps=2, guidance=5.0, **kwargs)
     with xattn.hooks(pipe, *controllers):
         return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE,
                     generator=torch.Generator().manual_seed(0), **kwargs)
-
-
-def reference_probs(attn, hidden_states, context):
-    """softmax(QK^T / sqrt(d)) in float64, written out from the module's weights: [b, h, i, j]."""
-    x = hidden_states.double()
-    if x.ndim == 4:
-        b, c, h, w = x.shape
-        x = x.view(b, c, h * w).transpose(1, 2)
-    if attn.group_norm is not None:
-        x = attn.group_norm.double()(x.transpose(1, 2)).transpose(1, 2)
-    keys_from = x if context is None else context.double()
-
-    def linear(layer, inputs):
-        return torch.nn.functional.linear(inputs, layer.weight.double(),
-                                          None if layer.bias is None else layer.bias.double())
-
-    q, k = linear(attn.to_q, x), linear(attn.to_k, keys_from)
-    d = q.shape[-1] // attn.heads
-    q = q.view(q.shape[0], -1, attn.heads, d).transpose(1, 2)  # [b, h, i, d]
-    k = k.view(k.shape[0], -1, attn.heads, d).transpose(1, 2)  # [b, h, j, d]
-    return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
 
 
 class InputRecorder:

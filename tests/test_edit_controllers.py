@@ -18,21 +18,10 @@ import xattn
 import xattn.processor as processor_module
 from xattn.edit import EditError, Refine, Replace, SelfInject, edit_layout
 from xattn.reweight import Reweight
+from reference import reference_probs
 
 STEPS = 4
 UNCOND_SRC, UNCOND_TGT, COND_SRC, COND_TGT = 0, 1, 2, 3
-
-
-def reference_probs(attn, hidden, context):
-    """softmax(QK^T / sqrt(d)) in float64 from the module's weights: [b, h, i, j]."""
-    x = hidden.double()
-    ctx = x if context is None else context.double()
-    q = torch.nn.functional.linear(x, attn.to_q.weight.double())
-    k = torch.nn.functional.linear(ctx, attn.to_k.weight.double())
-    d = q.shape[-1] // attn.heads
-    q = q.view(q.shape[0], -1, attn.heads, d).transpose(1, 2)  # [b, h, i, d]
-    k = k.view(k.shape[0], -1, attn.heads, d).transpose(1, 2)  # [b, h, j, d]
-    return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
 
 
 class Observed:

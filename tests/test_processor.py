@@ -7,6 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import xattn
 from xattn.processor import XattnProcessor
+from reference import reference_probs
 
 TOLERANCE = 1e-5
 
@@ -100,24 +101,6 @@ def test_logit_bias_path_equals_multiply_and_renormalise(any_pipe):
     assert (got - stock_output(unet, args, kwargs)).abs().max().item() > 1e-3
 
 
-def _reference_probs(attn, hidden_states, context):
-    """softmax(QK^T / sqrt(d)) in float64, written out from the module's weights."""
-    x = hidden_states.double()
-    if x.ndim == 4:
-        b, c, h, w = x.shape
-        x = x.view(b, c, h * w).transpose(1, 2)
-    if attn.group_norm is not None:
-        x = attn.group_norm.double()(x.transpose(1, 2)).transpose(1, 2)
-    ctx = x if context is None else context.double()
-    q = torch.nn.functional.linear(x, attn.to_q.weight.double(), None if attn.to_q.bias is None else attn.to_q.bias.double())
-    k = torch.nn.functional.linear(ctx, attn.to_k.weight.double(), None if attn.to_k.bias is None else attn.to_k.bias.double())
-    heads = attn.heads
-    d = q.shape[-1] // heads
-    q = q.view(q.shape[0], -1, heads, d).transpose(1, 2)  # [b, h, i, d]
-    k = k.view(k.shape[0], -1, heads, d).transpose(1, 2)  # [b, h, j, d]
-    return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)  # [b, h, i, j]
-
-
 def test_hook_sees_probabilities_equal_to_float64_reference(any_pipe):
     unet = any_pipe.unet
     args, kwargs = unet_inputs(unet, seed=6)
@@ -141,7 +124,7 @@ def test_hook_sees_probabilities_equal_to_float64_reference(any_pipe):
     assert set(seen) == {s.name for s in xattn.sites(unet)}
     for name, probs in seen.items():
         hidden, context = inputs[name]
-        reference = _reference_probs(modules[name], hidden, context)
+        reference = reference_probs(modules[name], hidden, context)
         assert probs.shape == reference.shape
         assert (probs.double() - reference).abs().max().item() <= 1e-5, name
 

@@ -1,0 +1,32 @@
+"""Independent references for tests: attention written out in float64 from a module's weights."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d)) in float64 for a diffusers ``Attention`` module: [b, h, i, j].
+
+    Args:
+        attn: the module whose weights are used (to_q, to_k, group_norm).
+        hidden_states: its query input, [b, i, c] or [b, c, h, w].
+        context: its encoder_hidden_states (None for self-attention).
+    """
+    x = hidden_states.double()
+    if x.ndim == 4:
+        b, c, h, w = x.shape
+        x = x.view(b, c, h * w).transpose(1, 2)  # [b, i, c]
+    if attn.group_norm is not None:
+        x = attn.group_norm.double()(x.transpose(1, 2)).transpose(1, 2)
+    keys_from = x if context is None else context.double()
+
+    def linear(layer, inputs):
+        bias = None if layer.bias is None else layer.bias.double()
+        return torch.nn.functional.linear(inputs, layer.weight.double(), bias)
+
+    q, k = linear(attn.to_q, x), linear(attn.to_k, keys_from)
+    d = q.shape[-1] // attn.heads
+    q = q.view(q.shape[0], -1, attn.heads, d).transpose(1, 2)  # [b, h, i, d]
+    k = k.view(k.shape[0], -1, attn.heads, d).transpose(1, 2)  # [b, h, j, d]
+    return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
