@@ -11,8 +11,11 @@ Two numbers, both with an exact meaning:
 :func:`score_world` runs this on the shapes world: it generates images for
 captions, captures the maps, finds each named object by its colour (the
 world's segmenter; the largest region of that colour) and scores every
-colour and shape word. Images where a named object is missing, or where the
-two objects were drawn as one touching blob, are skipped and listed: they
+colour and shape word. Images where a named object is missing, where the
+two objects were drawn as one touching blob, or where an object of the
+named colour has another shape than the caption gives it (the model bound
+the shapes to the wrong colours, so finding objects by colour would score
+each shape word against the other object), are skipped and listed: they
 measure the generator, not the maps.
 """
 
@@ -22,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .world.segment import classify_shape
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
 MIN_OBJECT_PIXELS = 40  # a named colour needs this many pixels to count as drawn
@@ -204,6 +209,12 @@ def score_world_images(maps, images: list[np.ndarray], thresholds=DEFAULT_THRESH
                 continue
             if len(masks) == 2 and _touch(*masks):
                 result.skipped.append((caption, i, "the two objects touch: drawn as one blob, not two objects"))
+                continue
+            drawn = [classify_shape(mask) for mask in masks]
+            unbound = [f"{colour} {got or 'blob'}, not a {colour} {shape}"
+                       for (colour, shape), got in zip(named, drawn) if got != shape]
+            if unbound:
+                result.skipped.append((caption, i, f"drawn as a {'; '.join(unbound)}"))
                 continue
             seen: dict[str, int] = {}
             for k, (colour, shape) in enumerate(named):
