@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
           f"guidance {guidance}, seed {args.seed}")
     print(scoring.format_table(result.summaries()))
     if result.skipped:
-        print(f"\nskipped {len(result.skipped)} image(s): a named object missing, or the two drawn as one blob")
+        print(f"\nskipped {len(result.skipped)} image(s): a named object missing, the two drawn as one blob, or shapes bound to the wrong colours")
         for caption, image, why in result.skipped:
             print(f"  {caption!r} image {image}: {why}")
     if args.json is not None:
