@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..hookpoints import Row
+from ..hookpoints import BatchLayout, Row
 from ..selector import Selector, SelectorError
 from ..tokens import TokenError, TokenMap
 from .layers import MapLayer
@@ -56,11 +56,11 @@ class WordMaps:
     # -- what is there ----------------------------------------------------------------
     @property
     def num_prompts(self) -> int:
-        return 1 + max((row.prompt for row in self.rows), default=-1)
+        return BatchLayout(rows=self.rows).num_prompts
 
     @property
     def images_per_prompt(self) -> int:
-        return 1 + max((row.image for row in self.rows), default=-1)
+        return BatchLayout(rows=self.rows).images_per_prompt
 
     @property
     def resolutions(self) -> list[tuple[int, int]]:
