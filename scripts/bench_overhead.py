@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -124,6 +128,50 @@ def edit_variants() -> tuple[BatchLayout, dict[str, Variant]]:
     }
 
 
+class PeakMemory:
+    """Peak memory one step adds above what was in use just before it, in bytes.
+
+    CUDA: the allocator's own peak counter. CPU (Linux only): the process's
+    resident high-water mark, reset through ``/proc/self/clear_refs`` just
+    before the step. glibc is told to serve every allocation over 256 KiB
+    with its own mapping, so a freed tensor leaves the resident set at once
+    and the figure follows live tensors rather than the allocator's cache.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.available = self.cuda or Path("/proc/self/clear_refs").exists()
+        self.libc = None
+        if not self.cuda and self.available:
+            self.libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            M_MMAP_THRESHOLD = -3
+            self.libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+
+    @staticmethod
+    def _status_bytes(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+    def measure(self, run: Callable[[], object]) -> int | None:
+        if not self.available:
+            return None
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+        self.libc.malloc_trim(0)
+        before = self._status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resident high-water mark := resident now
+        run()
+        return self._status_bytes("VmHWM") - before
+
+
 class _FixedSchedule:
     """Stands in for a scheduler: the step clock reads ``timesteps``."""
 
@@ -172,12 +220,15 @@ def main() -> None:
         wanted = [w.strip() for w in args.only.split(",")]
         variants = {k: v for k, v in variants.items() if k.startswith("stock") or any(w in k for w in wanted)}
 
+    def forward() -> None:
+        unet(sample, timestep, text)
+
     def one_step(variant: Variant) -> float:
         with variant(unet, setup), torch.no_grad():
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            unet(sample, timestep, text)
+            forward()
             if cuda:
                 torch.cuda.synchronize()
             return time.perf_counter() - start
@@ -189,6 +240,12 @@ def main() -> None:
         for name, variant in variants.items():
             times[name].append(one_step(variant))
 
+    peak_memory = PeakMemory(device)
+    peaks: dict[str, int | None] = {}
+    for name, variant in variants.items():  # one more untimed round, for peak memory only
+        with variant(unet, setup), torch.no_grad():
+            peaks[name] = peak_memory.measure(forward)
+
     stock_median = statistics.median(times["stock AttnProcessor2_0"])
     held = {name: getattr(variant, "bytes_held", lambda: "-")() for name, variant in variants.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -196,11 +253,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, xattn {xattn.__version__}")
     print(f"SD 1.5-architecture UNet, {size}x{size} ({latent}x{latent} latents), batch {batch}, {dtype}, "
           f"{args.repeats} interleaved rounds\n")
-    print("| variant | median s/step | ratio to stock | bytes held |")
-    print("|---|---|---|---|")
+    stock_peak = peaks["stock AttnProcessor2_0"]
+
+    def peak_cells(name: str) -> str:
+        if peaks[name] is None:
+            return "n/a | n/a"
+        ratio = f"{peaks[name] / stock_peak:.2f}" if stock_peak else "-"
+        return f"{peaks[name] / 2**20:.1f} | {ratio}"
+
+    print("| variant | median s/step | ratio to stock | bytes held | step peak MiB | peak ratio |")
+    print("|---|---|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"| {name} | {median:.4f} | {median / stock_median:.3f} | {held[name]} |")
+        print(f"| {name} | {median:.4f} | {median / stock_median:.3f} | {held[name]} | {peak_cells(name)} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -99,6 +100,38 @@ def test_logit_bias_path_equals_multiply_and_renormalise(any_pipe):
         expected = run_unet(unet, args, kwargs)
     assert (got - expected).abs().max().item() <= TOLERANCE
     assert (got - stock_output(unet, args, kwargs)).abs().max().item() > 1e-3
+
+
+def test_map_rows_path_equals_copying_the_map_explicitly(any_pipe):
+    # Row 1 attends with row 0's map (over its own values) at every site: fused Q/K gather vs copied probs.
+    unet = any_pipe.unet
+    args, kwargs = unet_inputs(unet, seed=7)
+
+    def borrow(rows, ctx):
+        rows[1] = 0
+        return rows
+
+    def copy_map(p, ctx):
+        p = p.clone()
+        p[1] = p[0]
+        return p
+
+    with xattn.hooks(unet, xattn.Hook("map_rows", borrow, selector="kind=all")):
+        got = run_unet(unet, args, kwargs)
+    with xattn.hooks(unet, xattn.Hook("probs", copy_map, selector="kind=all")):
+        expected = run_unet(unet, args, kwargs)
+    assert (got - expected).abs().max().item() <= TOLERANCE
+    stock = stock_output(unet, args, kwargs)
+    assert (got[0] - stock[0]).abs().max().item() <= TOLERANCE  # the lending row is untouched
+    assert (got[1] - stock[1]).abs().max().item() > 1e-3  # the borrowing row changed
+
+
+def test_map_rows_must_name_existing_rows(sd1_pipe):
+    unet = sd1_pipe.unet
+    args, kwargs = unet_inputs(unet)
+    bad = xattn.Hook("map_rows", lambda rows, ctx: rows + 5, selector="kind=self")
+    with xattn.hooks(unet, bad), pytest.raises(ValueError, match="row indices in 0..1"):
+        run_unet(unet, args, kwargs)
 
 
 def test_hook_sees_probabilities_equal_to_float64_reference(any_pipe):

@@ -1,8 +1,9 @@
 """Hook points, the context every hook receives, and the controller protocol.
 
-Every attention call passes through five named hook points, in this order::
+Every attention call passes through six named hook points, in this order::
 
     context      [b, j, d_ctx]   text embeddings entering to_k / to_v (cross sites only)
+    map_rows     [b] long        whose attention map each row uses (starts as 0..b-1)  (fused)
     logit_bias   [b, j]          additive pre-softmax bias per row and token   (fused)
     value_scale  [b, j]          post-softmax multiplier per row and token    (fused)
     scores       [b, h, i, j]    logits QK^T * scale (+ mask + logit_bias)     (explicit)
@@ -13,9 +14,11 @@ positions (77 text slots at cross sites), d feature.
 
 One hook signature for all of them: ``fn(x, ctx) -> Tensor | None``; ``None``
 means "observe only". ``logit_bias`` starts as zeros and ``value_scale`` as
-ones, so a hook returns its contribution folded in (``x + bias``, ``x * w``).
-The two fused points never materialise the map: the processor turns them into
-SDPA's float mask and a scale on the rows of V. Only ``scores`` and ``probs``
+ones, so a hook returns its contribution folded in (``x + bias``, ``x * w``);
+``map_rows`` starts as ``arange(b)``, and a hook that sets ``x[r] = s`` makes
+row r attend with row s's map (prompt-to-prompt's injection). The fused
+points never materialise the map: the processor turns them into SDPA's
+float mask, a scale on the rows of V, and a gather of Q and K rows. Only ``scores`` and ``probs``
 force the explicit path, and only at the sites and steps where they run.
 """
 
@@ -30,7 +33,7 @@ from .selector import Selector
 from .sites import Site
 from .tokens import TokenMap
 
-POINTS = ("context", "logit_bias", "value_scale", "scores", "probs")
+POINTS = ("context", "map_rows", "logit_bias", "value_scale", "scores", "probs")
 EXPLICIT_POINTS = ("scores", "probs")
 
 HookFn = Callable[[torch.Tensor, "HookContext"], Optional[torch.Tensor]]

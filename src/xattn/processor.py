@@ -7,9 +7,11 @@ flags), and lets hooks see or change the attention on the way. Three paths:
 
 - fused: ``F.scaled_dot_product_attention``, when no hook at this site and
   step needs the map. ``logit_bias`` hooks become SDPA's float mask
-  (softmax(s + b) = multiply by exp(b) and renormalise) and ``value_scale``
-  hooks scale the rows of V (P·diag(c)·V = P·(diag(c)·V)); both exact, neither
-  materialises the [b, h, i, j] map.
+  (softmax(s + b) = multiply by exp(b) and renormalise), ``value_scale``
+  hooks scale the rows of V (P·diag(c)·V = P·(diag(c)·V)), and ``map_rows``
+  hooks hand a row another row's queries and keys (so it attends with that
+  row's map, over its own values); all exact, none materialises the
+  [b, h, i, j] map.
 - explicit: scores -> ``scores`` hooks -> softmax -> ``probs`` hooks -> @ V,
   only where a ``scores`` or ``probs`` hook runs this call.
 - untouched: sites outside every selector keep their original processor.
@@ -85,6 +87,9 @@ class XattnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        if active is not None and active.has("map_rows"):
+            query, key, attention_mask = _borrow_maps(active, query, key, attention_mask)
+
         token_scale = None  # [b, j] post-softmax multiplier
         if active is None:
             hidden_states = F.scaled_dot_product_attention(
@@ -115,6 +120,23 @@ class XattnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _borrow_maps(active, query, key, attention_mask):
+    """``map_rows``: row r attends with row ``rows[r]``'s queries and keys, so it gets that row's map.
+
+    softmax(Q_s K_s^T) V_r is row s's attention map applied to row r's values:
+    prompt-to-prompt's map injection, computed by fused SDPA without ever
+    materialising the map.
+    """
+    batch_size = query.shape[0]
+    rows = active.run("map_rows", torch.arange(batch_size, device=query.device))
+    if rows.dtype != torch.long or ((rows < 0) | (rows >= batch_size)).any():
+        raise ValueError(f"map_rows hooks at {active.context.site.name} must return row indices in 0..{batch_size - 1} "
+                         f"(a long tensor), got {rows.tolist()}")
+    if attention_mask is not None and attention_mask.shape[0] == batch_size:
+        attention_mask = attention_mask[rows]  # the borrowed map is the whole map, its mask included
+    return query[rows], key[rows], attention_mask
 
 
 def _add_logit_bias(active, attention_mask, query, key_length):

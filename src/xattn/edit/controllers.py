@@ -9,12 +9,13 @@ attention with the source's:
   replace *cross*-attention through a :class:`~xattn.edit.align.Mapper`:
   ``P_tgt <- P_src @ M`` on the target slots that take the source's attention,
   at the steps of their window (one window, or one per word).
-- :class:`SelfInject` copies *self*-attention from the source row, only at the
-  chosen resolutions (``res<=32`` by default) and steps; everywhere else the
-  processor keeps the fused SDPA path.
+- :class:`SelfInject` gives the target rows the source row's *self*-attention
+  map at the chosen resolutions (``res<=32`` by default) and steps, through
+  the fused ``map_rows`` point: no self-attention map is ever materialised.
 
-All of them run at the ``probs`` point, so only the sites and steps they
-select compute the explicit map, and they write the target rows in place
+The cross-attention edits run at the ``probs`` point, so only the cross sites
+and steps they select compute the explicit map (``[b, h, i, 77]``, small), and
+they write the target rows in place
 (no copy of the map; a hook that runs earlier and keeps a map must clone it). Word -> slot lookups and windows are
 resolved once per run (per batch layout and step count), never per layer.
 Rows: see :mod:`xattn.edit.pairs`.
@@ -256,8 +257,11 @@ class SelfInject(Controller):
 
     prompt-to-prompt's ``self_replace_steps``: injecting self-attention early
     keeps the source's structure more firmly. The map is ``[i, i]`` per head,
-    so it is only made explicit where selected; every other self-attention
-    call stays on fused SDPA.
+    the largest tensor of a UNet step, and it is never materialised: at the
+    ``map_rows`` point a target row borrows its source row's queries and keys,
+    so fused SDPA computes softmax(Q_src K_src^T) V_tgt, exactly the copied map
+    applied to the target's values. Injection costs no more time or memory
+    than plain attention.
 
     Args:
         steps: window of steps (``"0:0.4"``, ``0.4``, ``"0:10"``); ``None`` injects nowhere.
@@ -301,9 +305,9 @@ class SelfInject(Controller):
         self._resolve(ctx)
         return ctx.step in self._steps
 
-    def probs(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+    def map_rows(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         pairs = self._pairs
-        x[pairs.target.to(x.device)] = x[pairs.source.to(x.device)]  # [n, h, i, i] copied row for row
+        x[pairs.target.to(x.device)] = pairs.source.to(x.device)  # each target row attends with its source's map
         return x
 
     def to_dict(self) -> dict:
