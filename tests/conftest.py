@@ -49,3 +49,21 @@ def sdxl_pipe(sdxl_path):
 def any_pipe(request):
     """Each architecture in turn."""
     return request.getfixturevalue(f"{request.param}_pipe")
+
+
+@pytest.fixture(scope="session")
+def world_pipe():
+    """The shipped shapes-world pipeline, loaded once for every world test. Tests must not change it."""
+    from xattn import runner
+
+    return runner.load_pipeline(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def world_settings() -> dict:
+    """The shipped model's recommended sampling settings: ``{"steps": 25, "guidance": 4.0}``."""
+    from xattn import runner
+    from xattn.world import model_path
+
+    defaults = runner.model_defaults(model_path())
+    return {"steps": int(defaults["steps"]), "guidance": float(defaults["guidance"])}

@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xattn import runner
 from xattn.edit import edit_seeds
-from xattn.world import COLORS, classify_shape, model_path, segment
+from xattn.world import COLORS, classify_shape, segment
 from xattn.world.segment import largest_component
 
 pytestmark = pytest.mark.slow
@@ -84,10 +83,8 @@ def centroid(mask: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def world():
-    pipe = runner.load_pipeline(None, device="cpu", dtype="float32")
-    defaults = runner.model_defaults(model_path())
-    settings = {"steps": int(defaults.get("steps", 25)), "guidance": float(defaults.get("guidance", 5.0))}
+def world(world_pipe, world_settings):
+    pipe, settings = world_pipe, world_settings
 
     def run(source, target, **options):
         """{seed: (source, edited target, plain re-prompt or None)} as uint8 [64, 64, 3] arrays.

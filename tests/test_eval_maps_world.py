@@ -7,10 +7,9 @@ with the loader's message rather than skip, so a missing model is never hidden.
 from __future__ import annotations
 
 import pytest
-from diffusers import StableDiffusionPipeline
 
 from xattn import eval as scoring
-from xattn import runner, world
+from xattn import world
 
 WIN_RATE = 0.95  # the bar: own object beats the other in >= 95% of words
 MEAN_IOU = 0.40  # ... and mean IoU >= 0.40 at the best threshold
@@ -20,21 +19,10 @@ MIN_SCORED_IMAGES = 4  # images where both named objects were drawn (generation 
 SEED = 1234
 
 
-def world_settings(path) -> dict:
-    defaults = runner.model_defaults(path)
-    return {
-        "steps": int(defaults.get("num_inference_steps", defaults.get("steps", 25))),
-        "guidance": float(defaults.get("guidance_scale", defaults.get("guidance", 5.0))),
-    }
-
-
 @pytest.fixture(scope="module")
-def world_result():
-    path = world.model_path()
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+def world_result(world_pipe, world_settings):
     _, pairs = world.heldout_prompts(n_pair=PAIRS)
-    return scoring.score_world(pipe, pairs, seed=SEED, images_per_prompt=IMAGES, **world_settings(path))
+    return scoring.score_world(world_pipe, pairs, seed=SEED, images_per_prompt=IMAGES, **world_settings)
 
 
 @pytest.mark.slow

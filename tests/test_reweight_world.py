@@ -14,7 +14,7 @@ import pytest
 from xattn import runner
 from xattn.reweight import Reweight
 from xattn.session import hooks
-from xattn.world import model_path, segment
+from xattn.world import segment
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,8 @@ SLACK = 0.02
 
 
 @pytest.fixture(scope="module")
-def world():
-    pipe = runner.load_pipeline(None, device="cpu", dtype="float32")
-    defaults = runner.model_defaults(model_path())
-    settings = {"steps": int(defaults.get("steps", 25)), "guidance": float(defaults.get("guidance", 5.0))}
+def world(world_pipe, world_settings):
+    pipe, settings = world_pipe, world_settings
 
     def images(prompt: str, controller=None) -> np.ndarray:
         """uint8 [seeds, h, w, 3] for ``prompt`` under ``controller`` (None: plain)."""

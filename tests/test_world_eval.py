@@ -27,11 +27,8 @@ ZERO_MAX = 0.50  # zeroing a colour word keeps at most half its pixels
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    from diffusers import StableDiffusionPipeline
-    p = StableDiffusionPipeline.from_pretrained(model_path())
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(world_pipe):
+    return world_pipe
 
 
 @pytest.fixture(scope="module")

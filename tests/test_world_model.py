@@ -18,11 +18,8 @@ from xattn.world import COLORS, model_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    from diffusers import StableDiffusionPipeline
-    p = StableDiffusionPipeline.from_pretrained(model_path())
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(world_pipe):
+    return world_pipe
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,10 @@ def test_folder_is_small_and_complete():
     assert list(folder.rglob("*.safetensors"))
 
 
-def test_loads_as_plain_fp32_pipeline(pipe, defaults):
+def test_loads_as_plain_fp32_pipeline(defaults):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path(), use_safetensors=True)  # as the model card shows
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
     assert pipe.vae_scale_factor == 4
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
