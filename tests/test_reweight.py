@@ -189,6 +189,18 @@ def test_step_window_by_fraction_and_ramp(sd1_pipe):
         assert torch.all(others == 1.0)
 
 
+def test_from_dict_rebuilds_a_controller_that_weights_the_same(sd1_pipe):
+    original = Reweight({"red": Ramp(2.0, 0.5), 3: 0.25}, mode="scale", steps="0.25:1", rows="all",
+                        selector="res=8")
+    rebuilt = Reweight.from_dict(original.to_dict())
+    assert rebuilt.to_dict() == original.to_dict()
+    expected, got = _observed_weights(sd1_pipe, original), _observed_weights(sd1_pipe, rebuilt)
+    assert got.keys() == expected.keys()
+    assert any(not torch.all(weights == 1.0) for weights in expected.values())  # the weights did act
+    for key, weights in expected.items():
+        assert torch.equal(got[key], weights), key
+
+
 def test_step_window_by_indices_in_bias_mode(sd1_pipe):
     _, cond = _uncond_cond(sd1_pipe)
     seen = _observed_weights(sd1_pipe, Reweight({"circle": 0.5}, mode="bias", steps="0:2"), point="logit_bias")

@@ -96,20 +96,7 @@ def _from_png(png: Path) -> tuple[dict[str, Any], Any]:
         "model": own.get("model", params["model"]),
         "dtype": own.get("dtype"),
     }
-    reweight = _reweight_from(own["reweight"]) if own.get("reweight") else None
+    from ..reweight import Reweight
+
+    reweight = Reweight.from_dict(own["reweight"]) if own.get("reweight") else None
     return {key: value for key, value in stored.items() if value is not None}, reweight
-
-
-def _reweight_from(record: dict[str, Any]):
-    """Rebuild a Reweight controller from the ``Reweight.to_dict()`` a PNG records."""
-    from ..reweight import Ramp, Reweight
-
-    def key(name: str):
-        return int(name) if name.isdigit() else name  # token slots are stored as text
-
-    def value(weight):
-        return Ramp(*weight["ramp"]) if isinstance(weight, dict) else weight
-
-    weights = {key(name): value(weight) for name, weight in record["weights"].items()}
-    return Reweight(weights, mode=record["mode"], steps=record.get("steps"), selector=record.get("selector"),
-                    rows=record.get("rows", "cond"), prompt_index=record.get("prompt_index"))

@@ -206,6 +206,19 @@ class Reweight(Controller):
             "prompt_index": self.prompt_index,
         }
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "Reweight":
+        """The controller a :meth:`to_dict` record describes (PNG metadata, manifests)."""
+        def key(name: str):
+            return int(name) if name.isdigit() else name  # token slots are stored as text
+
+        def value(weight):
+            return Ramp(*weight["ramp"]) if isinstance(weight, dict) else weight
+
+        weights = {key(name): value(weight) for name, weight in record["weights"].items()}
+        return cls(weights, mode=record["mode"], steps=record.get("steps"), selector=record.get("selector"),
+                   rows=record.get("rows", "cond"), prompt_index=record.get("prompt_index"))
+
     def __repr__(self) -> str:
         described = self.to_dict()
         return f"Reweight({described['weights']!r}, mode={self.mode.name!r}, steps={described['steps']!r})"
