@@ -1,9 +1,10 @@
 """Prompt-to-prompt on the shapes-world model: edits keep the layout, plain re-prompts do not.
 
 Effect tests of the issue, read with the world's rule-based colour segmenter
-(no learned judge), over 16 seeds and two prompt pairs. They need the shipped
-model in ``src/xattn/world/model/``. Run with ``pytest -s`` to print the
-figures the issue's closing note states.
+(no learned judge, :mod:`xattn.world.edits`), over 16 seeds and two prompt
+pairs. They need the shipped model in ``src/xattn/world/model/``. Run with
+``pytest -s`` to print the figures; ``scripts/eval_edits.py`` measures the
+same over more seeds and pairs.
 
 Only training combinations of colour and shape are used (the held-out ones,
 e.g. "green circle", test composition, not editing).
@@ -15,17 +16,13 @@ import numpy as np
 import pytest
 
 from xattn.edit import edit_seeds
-from xattn.world import COLORS, classify_shape, segment
-from xattn.world.segment import largest_component
+from xattn.world.edits import MASK_IOU, POSITION_PX, as_rgb, blob, colour_swap, colour_swap_summary, shape_swap
 
 pytestmark = pytest.mark.slow
 
 SEEDS = list(range(16))
-MIN_BLOB = 40  # pixels a colour needs to count as drawn (as the world's own evaluation)
-MASK_IOU = 0.9  # "keeps the object's mask"
 KEEP_RATE = 0.9  # the issue's bar for edits
 CLEAR_GAP = 0.25  # re-prompting must keep the mask at least this much less often
-POSITION_PX = 4.0  # centroid shift, in pixels of the 64 x 64 image, that still counts as "same place"
 # The untouched object counts as unchanged when its pixels moved by at most OTHER_MEAN levels (of 255) on
 # average and OTHER_P95 at the 95th percentile. Not zero: LocalBlend restores the source's *latents*
 # outside the mask exactly, but the VAE decoder's mid-block self-attention lets every decoded pixel see
@@ -41,58 +38,15 @@ COLOR_SWAPS = [
 SHAPE_SWAP = ("a red circle and a blue triangle", "a red square and a blue triangle", "red", "square")
 
 
-def rgb(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"))
-
-
-def blob(image: np.ndarray, color: str) -> np.ndarray:
-    mask = largest_component(segment(image, color))
-    return mask if mask.sum() >= MIN_BLOB else np.zeros_like(mask)
-
-
-def object_mask(image: np.ndarray, color: str) -> np.ndarray:
-    """The object of ``color`` bounded where its edge is half-way between white and the colour.
-
-    Why not ``segment`` alone: it accepts pixels within a fixed distance of a
-    palette colour, which cuts the anti-aliased edge of a colour far from
-    white (red) further in than that of a colour near white (yellow), so
-    comparing a red object with its yellow edit would measure the palette,
-    not the layout.
-    Here each pixel is placed on the line from white to each colour; it
-    belongs to the colour whose line it lies nearest, if it is at least half
-    way along it. The boundary is the same for every colour.
-    """
-    names = list(COLORS)
-    white = np.full(3, 255.0)
-    ink = white - np.array([COLORS[name] for name in names], dtype=np.float64)  # [k, 3]
-    depth = white - image.astype(np.float64)  # [h, w, 3]
-    along = depth @ ink.T / (ink**2).sum(axis=1)  # [h, w, k]: 0 at white, 1 at the colour
-    off_line = np.linalg.norm(depth[..., None, :] - along[..., None] * ink, axis=-1)  # [h, w, k]
-    index = names.index(color)
-    mask = largest_component((off_line.argmin(axis=-1) == index) & (along[..., index] >= 0.5))
-    return mask if mask.sum() >= MIN_BLOB else np.zeros_like(mask)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
-def centroid(mask: np.ndarray) -> np.ndarray:
-    return np.argwhere(mask).mean(axis=0)
-
-
 @pytest.fixture(scope="module")
 def world(world_pipe, world_settings):
-    pipe, settings = world_pipe, world_settings
-
     def run(source, target, **options):
         """{seed: (source, edited target, plain re-prompt or None)} as uint8 [64, 64, 3] arrays.
 
         All seeds go through one batched call (image k starts from seed k's latent).
         """
-        results = edit_seeds(pipe, source, target, SEEDS, **settings, **options)
-        return {seed: (rgb(r.source), rgb(r.targets[0]), rgb(r.reprompts[0]) if r.reprompts else None)
+        results = edit_seeds(world_pipe, source, target, SEEDS, **world_settings, **options)
+        return {seed: (as_rgb(r.source), as_rgb(r.targets[0]), as_rgb(r.reprompts[0]) if r.reprompts else None)
                 for seed, r in zip(SEEDS, results)}
 
     return run
@@ -104,61 +58,42 @@ def color_swaps(world):
     return {(source, seed): images for source, by_seed in runs.items() for seed, images in by_seed.items()}
 
 
-def _color_swap_rates(color_swaps):
-    """(edit rate, re-prompt rate, cases): how often the mask is kept (and the colour changed)."""
-    edited_ok, reprompt_kept, cases = 0, 0, 0
-    edit_ious, segment_ious = [], []
-    for source_prompt, _, before, after, _ in COLOR_SWAPS:
-        for seed in SEEDS:
-            source, target, reprompt = color_swaps[(source_prompt, seed)]
-            original = object_mask(source, before)
-            if not original.any():
-                continue  # the source image did not draw the object; nothing to keep
-            cases += 1
-            recoloured = object_mask(target, after)
-            changed = recoloured.any() and not blob(target, before).any()
-            edit_ious.append(iou(original, recoloured))
-            segment_ious.append(iou(blob(source, before), blob(target, after)))  # for comparison only
-            edited_ok += changed and edit_ious[-1] >= MASK_IOU
-            reprompt_kept += iou(original, object_mask(reprompt, after)) >= MASK_IOU
-    edit_rate, reprompt_rate = edited_ok / cases, reprompt_kept / cases
-    print(f"\ncolour swap over {cases} source images: mask kept (IoU >= {MASK_IOU}) and colour changed in "
-          f"{edit_rate:.0%} of edits; plain re-prompt keeps the mask in {reprompt_rate:.0%}; median IoU "
-          f"{np.median(edit_ious):.2f} (with world.segment's masks {np.median(segment_ious):.2f})")
-    return edit_rate, reprompt_rate, cases
+@pytest.fixture(scope="module")
+def color_swap_figures(color_swaps):
+    cases = [colour_swap(seed, *color_swaps[(source, seed)], before, after)
+             for source, _, before, after, _ in COLOR_SWAPS for seed in SEEDS]
+    figures = colour_swap_summary(cases)
+    print(f"\ncolour swap over {figures['cases']} source images: mask kept (IoU >= {MASK_IOU}) and colour "
+          f"changed in {figures['kept']:.0%} of edits; plain re-prompt keeps the mask in "
+          f"{figures['reprompt_kept']:.0%}; median IoU {figures['median_iou']:.2f}")
+    return figures
 
 
-def test_color_swap_keeps_the_mask_far_more_often_than_reprompting(color_swaps):
-    edit_rate, reprompt_rate, cases = _color_swap_rates(color_swaps)
-    assert cases >= 0.75 * len(COLOR_SWAPS) * len(SEEDS)  # the model draws what it is asked
-    assert reprompt_rate <= edit_rate - CLEAR_GAP
+def test_color_swap_keeps_the_mask_far_more_often_than_reprompting(color_swap_figures):
+    assert color_swap_figures["cases"] >= 0.75 * len(COLOR_SWAPS) * len(SEEDS)  # the model draws what it is asked
+    assert color_swap_figures["changed"] >= 0.9  # the edit really recolours
+    assert color_swap_figures["reprompt_kept"] <= color_swap_figures["kept"] - CLEAR_GAP
 
 
-@pytest.mark.xfail(reason="issue 6 open: the shipped shapes-world model keeps the mask in 72% of colour swaps "
-                          "(bar 90%); it draws yellow circles smaller than red ones", strict=False)
-def test_color_swap_keeps_the_mask_in_nine_of_ten_edits(color_swaps):
-    edit_rate, _, _ = _color_swap_rates(color_swaps)
-    assert edit_rate >= KEEP_RATE
+@pytest.mark.xfail(reason="issue 6 open: on the shipped shapes-world model prompt-to-prompt keeps the mask in "
+                          "about 70-77% of colour swaps over 64 seeds (bar 90%); the misses are sub-pixel "
+                          "jitter of the object (centroid sd ~0.35 px), see docs/editing.md", strict=False)
+def test_color_swap_keeps_the_mask_in_nine_of_ten_edits(color_swap_figures):
+    assert color_swap_figures["kept"] >= KEEP_RATE
 
 
-@pytest.mark.xfail(reason="issue 6 open: shape swaps keep the position in 88% of cases (bar 90%)", strict=False)
 def test_shape_swap_keeps_position(world):
     source_prompt, target_prompt, color, shape = SHAPE_SWAP
-    kept, reshaped, cases = 0, 0, 0
     runs = world(source_prompt, target_prompt, reprompt=False)
-    for seed in SEEDS:
-        source, target, _ = runs[seed]
-        before, after = blob(source, color), blob(target, color)
-        if not before.any():
-            continue
-        cases += 1
-        if after.any():
-            kept += np.linalg.norm(centroid(before) - centroid(after)) <= POSITION_PX
-            reshaped += classify_shape(after) == shape
-    print(f"\nshape swap over {cases} source images: position kept (centroid within {POSITION_PX} px) in "
-          f"{kept / cases:.0%}, shape became a {shape} in {reshaped / cases:.0%}")
-    assert kept / cases >= KEEP_RATE
-    assert reshaped / cases >= 0.75  # the edit really swapped the shape, it did not just copy the source
+    cases = [shape_swap(seed, *runs[seed][:2], color) for seed in SEEDS]
+    drawn = [case for case in cases if case.drawn]
+    kept = np.mean([case.kept for case in drawn])
+    reshaped = np.mean([case.new_shape == shape for case in drawn])
+    print(f"\nshape swap over {len(drawn)} source images: position kept (centroid within {POSITION_PX} px) in "
+          f"{kept:.0%}, shape became a {shape} in {reshaped:.0%}")
+    assert len(drawn) >= 0.75 * len(SEEDS)
+    assert kept >= KEEP_RATE
+    assert reshaped >= 0.75  # the edit really swapped the shape, it did not just copy the source
 
 
 def test_local_blend_leaves_the_other_object_unchanged(world, color_swaps):

@@ -83,3 +83,34 @@ def classify_shape(mask: np.ndarray, min_pixels: int = 20) -> str | None:
     if fill < 0.65 or bottom > 1.6 * top + 1:
         return "triangle"
     return "square" if fill > 0.89 else "circle"
+
+
+def object_extent(image: np.ndarray, color: str, min_pixels: int = 40) -> np.ndarray:
+    """The object of ``color``, bounded where its edge is half-way between white and the colour.
+
+    Why not :func:`segment`: it accepts pixels within a fixed distance of a
+    palette colour, which cuts the soft edge of a colour far from white (red)
+    further in than that of a colour near white (yellow). Comparing a red
+    object with its yellow edit would then measure the palette, not the
+    layout. Here each pixel is placed on the line from white to each colour;
+    it belongs to the colour whose line it lies nearest, if it is at least
+    half-way along it, the same boundary for every colour.
+
+    Returns the largest such 4-connected region, or an empty mask when it has
+    fewer than ``min_pixels`` pixels (the colour counts as not drawn).
+    """
+    names = list(COLORS)
+    white = np.full(3, 255.0)
+    ink = white - np.array([COLORS[name] for name in names], dtype=np.float64)  # [k, 3]
+    depth = white - image.astype(np.float64)  # [h, w, 3]
+    along = depth @ ink.T / (ink**2).sum(axis=1)  # [h, w, k]: 0 at white, 1 at the colour
+    off_line = np.linalg.norm(depth[..., None, :] - along[..., None] * ink, axis=-1)  # [h, w, k]
+    index = names.index(color)
+    mask = largest_component((off_line.argmin(axis=-1) == index) & (along[..., index] >= 0.5))
+    return mask if mask.sum() >= min_pixels else np.zeros_like(mask)
+
+
+def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (0 when both are empty)."""
+    union = np.logical_or(first, second).sum()
+    return float(np.logical_and(first, second).sum() / union) if union else 0.0
