@@ -113,7 +113,12 @@ def optional_variants() -> dict[str, Variant]:
 
 
 def edit_variants() -> tuple[BatchLayout, dict[str, Variant]]:
-    """Stock vs a word-swap edit (cross replace over 0:0.8, self injection at <=32 over 0:0.4)."""
+    """Stock vs a word-swap edit (cross replace over 0:0.8, self injection at <=32 over 0:0.4).
+
+    The same edit is also run with the self-attention maps made explicit and
+    copied, as prompt-to-prompt implementations do, to show what the fused
+    ``map_rows`` injection saves.
+    """
     from transformers import CLIPTokenizer
 
     from xattn.assets import clip_tokenizer_path
@@ -121,10 +126,21 @@ def edit_variants() -> tuple[BatchLayout, dict[str, Variant]]:
 
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_path())
     layout = edit_layout(tokenizer, "a red circle and a blue square", ["a green circle and a blue square"])
+    from xattn.edit.pairs import row_pairs
+
+    pairs = row_pairs(layout)
+
+    def copy_source_map(probs, ctx):  # prompt-to-prompt's way: materialise the self map, copy the source rows
+        probs[pairs.target] = probs[pairs.source]
+        return probs
+
     return layout, {
         "stock AttnProcessor2_0": stock,
         "edit: Replace 0:0.8 + SelfInject 0:0.4 res<=32": session_with(
             lambda s: Replace(steps="0:0.8"), lambda s: SelfInject(steps="0:0.4", res="<=32")),
+        "same edit, self maps copied explicitly (prompt-to-prompt's way)": session_with(
+            lambda s: Replace(steps="0:0.8"),
+            lambda s: xattn.Hook("probs", copy_source_map, selector="kind=self res=<=32 steps=0:0.4")),
     }
 
 
