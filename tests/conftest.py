@@ -67,3 +67,13 @@ def world_settings() -> dict:
 
     defaults = runner.model_defaults(model_path())
     return {"steps": int(defaults["steps"]), "guidance": float(defaults["guidance"])}
+
+
+@pytest.fixture(scope="session")
+def world_defaults() -> dict:
+    """The shipped model's ``xattn_defaults.json`` as written (diffusers' argument names)."""
+    import json
+
+    from xattn.world import model_path
+
+    return json.loads((model_path() / "xattn_defaults.json").read_text())
