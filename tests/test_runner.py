@@ -152,8 +152,12 @@ def test_each_image_has_its_own_seed(sd1):
     assert len(batch) == 4
     # image 3 (second image of the second prompt) is seed 3 + 3, alone
     alone = runner.generate(sd1, "a blue square", seed=6, **SMALL)[0]
-    assert np.array_equal(pixels(batch[3]), pixels(alone))
-    assert not np.array_equal(pixels(batch[2]), pixels(batch[3]))
+    # Same latent and noise; a batch of 4 and a batch of 1 may round differently in the CPU's GEMMs
+    # (blocking and memory alignment), so allow a level of rounding, not a different image.
+    same = np.abs(pixels(batch[3]).astype(int) - pixels(alone).astype(int))
+    assert same.max() <= 2, same.max()
+    other = np.abs(pixels(batch[2]).astype(int) - pixels(batch[3]).astype(int))
+    assert other.mean() > 10 * max(same.mean(), 0.1)  # image 2 (seed 5) is another image
 
 
 def test_generate_is_bit_identical_on_cpu(sd1):
