@@ -195,7 +195,7 @@ class _FixedSchedule:
         self.timesteps = timesteps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=None, help="image size (default 256 on CPU, 512 on CUDA)")
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma list of substrings: run matching variants only")
     parser.add_argument("--edit", action="store_true",
                         help="time a prompt-to-prompt edit batch (source + target, guidance) against stock")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -1,4 +1,5 @@
-"""scripts/eval_edits.py: its arguments, its refusal to overwrite, and a two-seed run on the shapes world."""
+"""The measurement scripts: scripts/eval_edits.py (arguments, no overwriting, a two-seed run on the shapes
+world) and scripts/gpu_check.py (its parity checks pass on CPU and catch a broken path)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_edits.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("eval_edits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_edits")
 
 
 def test_seed_ranges(script):
@@ -50,3 +55,21 @@ def test_two_seed_run_writes_every_swap(script, tmp_path, capsys):
     # the world model recolours in every one of 253 swaps over 64 seeds (docs/editing.md)
     assert all(summary["changed"] == 1.0 for name, summary in figures["colour"].items() if name != "all")
     assert "| all |" in capsys.readouterr().out
+
+
+def test_gpu_check_parity_passes_on_cpu(capsys):
+    gpu_check = load_script("gpu_check")
+    assert gpu_check.main(["--device", "cpu", "--size", "32", "--skip-bench"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "parity" not in line]
+    assert len(rows) == 5 and all(row.endswith("| yes |") for row in rows)
+
+
+def test_gpu_check_catches_a_broken_path(monkeypatch, capsys):
+    import xattn.processor
+
+    gpu_check = load_script("gpu_check")
+    monkeypatch.setattr(xattn.processor, "_borrow_maps", lambda active, q, k, mask: (q, k, mask))  # ignores map_rows
+    assert gpu_check.main(["--device", "cpu", "--size", "32", "--skip-bench"]) == 1
+    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert rows["fused map_rows (self injection) vs copied map"].endswith("| NO |")
+    assert rows["no hooks vs stock"].endswith("| yes |")  # only the broken path is flagged
