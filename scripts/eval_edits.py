@@ -47,6 +47,7 @@ def seed_range(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the shipped shapes world)")
     parser.add_argument("--seeds", type=seed_range, default=list(range(64)), help="N (0..N-1) or START:STOP")
     parser.add_argument("--cross-steps", default="0.8", help="cross-attention replacement window")
     parser.add_argument("--self-steps", default="0.4", help="self-attention injection window ('none': off)")
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from xattn.world import model_path
     from xattn.world.edits import colour_swap, colour_swap_summary, shape_swap
 
-    pipe = runner.load_pipeline(None, device="cpu", dtype="float32")
-    defaults = runner.model_defaults(model_path())
+    pipe = runner.load_pipeline(args.model, device="cpu", dtype="float32")
+    defaults = runner.model_defaults(args.model or model_path())
     settings = {"steps": int(defaults["steps"]), "guidance": float(defaults["guidance"]),
                 "cross_steps": args.cross_steps,
                 "self_steps": None if args.self_steps == "none" else args.self_steps}
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["shape"][f"{colour} -> {shape}"] = summary
         shape_rows.append((f"{colour} object -> {shape}", summary))
 
-    print(f"\nshapes world, seeds {args.seeds[0]}..{args.seeds[-1]}, {settings}\n")
+    print(f"\n{args.model or 'shapes world'}, seeds {args.seeds[0]}..{args.seeds[-1]}, {settings}\n")
     print("| colour swap | cases | mask kept, edit | mask kept, re-prompt | colour changed | median IoU | jitter px |")
     print("|---|---|---|---|---|---|---|")
     for name, s in rows:
