@@ -142,6 +142,17 @@ def test_cli_edit_refuses_bad_options_before_loading(cli, tmp_path):
     assert result.exit_code == 2 and "fraction of the schedule" in result.output
     result = cli("edit", "--source", SOURCE, "--target", TARGET, "--reweight", "green=lots")
     assert result.exit_code == 2 and "must be a number" in result.output
+    result = cli("edit", "--source", SOURCE, "--target", TARGET, "--self-res", "huge", "--model", tmp_path / "nope")
+    assert result.exit_code == 2 and "SelfInject res" in result.output
+
+
+def test_cli_edit_self_res_all_injects_at_every_size(cli, sd1_path, tmp_path):
+    result = cli("edit", "--source", "a red circle", "--target", "a green circle", "--self-res", "all", "--steps", 2,
+                 "--model", sd1_path, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    self_inject = [c for c in manifest["edit"]["controllers"] if c.get("edit") == "self_inject"]
+    assert len(self_inject) == 1 and "res" not in self_inject[0]["selector"]
 
 
 def test_cli_edit_several_targets_and_no_self_injection(cli, sd1_path, tmp_path):

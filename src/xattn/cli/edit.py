@@ -11,7 +11,7 @@ from typing import Annotated, Any, Mapping, Optional
 
 import typer
 
-from ..edit import EditError, edit
+from ..edit import EditError, SelfInject, edit
 from ..edit.run import MODES
 from ..edit.windows import DEFAULT_KEY, parse_window
 from ..runfolder import RunFolderError, save_image_atomic
@@ -52,6 +52,10 @@ def edit_options(values: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(self_steps, str) and self_steps.strip().lower() in NO_WINDOW:
         self_steps = None
     parse_window(self_steps, what="--self-steps")
+    self_res = merged["self_res"]
+    if isinstance(self_res, str) and self_res.strip().lower() == "all":
+        self_res = None  # injection runs on fused SDPA, so every map size costs the same
+    SelfInject(res=self_res)  # checks the sizes now, before the model loads
     weights = {}
     for word, value in _pairs(values.get("reweight"), "--reweight", "green=2").items():
         try:
@@ -60,7 +64,7 @@ def edit_options(values: Mapping[str, Any]) -> dict[str, Any]:
             raise EditError(f"--reweight {word}={value}: the weight must be a number") from None
     blend = values.get("blend")
     return {
-        "mode": merged["mode"], "cross_steps": windows, "self_steps": self_steps, "self_res": merged["self_res"],
+        "mode": merged["mode"], "cross_steps": windows, "self_steps": self_steps, "self_res": self_res,
         "blend": [w.strip() for w in blend.split(",") if w.strip()] if blend else None,
         "threshold": float(merged["threshold"]), "reweight": weights or None,
         "rows": "all" if values.get("all_rows") else "cond",
@@ -98,7 +102,9 @@ def register(app: typer.Typer) -> None:
             help="Steps where self-attention is injected (none: never).",
             show_default=EDIT_DEFAULTS["self_steps"])] = None,
         self_res: Annotated[Optional[str], typer.Option(
-            help="Map sizes where self-attention is injected.", show_default=EDIT_DEFAULTS["self_res"])] = None,
+            help="Map sizes where self-attention is injected: <=32 (prompt-to-prompt's), 16, or all "
+                 "(injection runs fused, so every size costs the same).",
+            show_default=EDIT_DEFAULTS["self_res"])] = None,
         reweight: Annotated[Optional[list[str]], typer.Option(
             help="Weight a target word (prompt-to-prompt's equalizer, scale mode): green=2 (repeatable).",
             show_default=False)] = None,
