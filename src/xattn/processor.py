@@ -130,10 +130,10 @@ def _borrow_maps(active, query, key, attention_mask):
     materialising the map.
     """
     batch_size = query.shape[0]
-    rows = active.run("map_rows", torch.arange(batch_size, device=query.device))
-    if rows.dtype != torch.long or ((rows < 0) | (rows >= batch_size)).any():
+    rows = active.run("map_rows", torch.arange(batch_size))  # on the CPU: checking it costs no device sync
+    if rows.dtype != torch.long or rows.device.type != "cpu" or ((rows < 0) | (rows >= batch_size)).any():
         raise ValueError(f"map_rows hooks at {active.context.site.name} must return row indices in 0..{batch_size - 1} "
-                         f"(a long tensor), got {rows.tolist()}")
+                         f"(a long CPU tensor), got {rows}")
     if attention_mask is not None and attention_mask.shape[0] == batch_size:
         attention_mask = attention_mask[rows]  # the borrowed map is the whole map, its mask included
     return query[rows], key[rows], attention_mask
