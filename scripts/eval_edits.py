@@ -11,6 +11,7 @@ median IoU and the centroid jitter; then the shape swaps. Judged with
 
     python scripts/eval_edits.py                         # seeds 0..63, default edit settings
     python scripts/eval_edits.py --seeds 100:132 --self-steps 0.8 --json outputs/edits.json
+    python scripts/eval_edits.py --blend --threshold 0.75   # with local blending on the edited object
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=seed_range, default=list(range(64)), help="N (0..N-1) or START:STOP")
     parser.add_argument("--cross-steps", default="0.8", help="cross-attention replacement window")
     parser.add_argument("--self-steps", default="0.4", help="self-attention injection window ('none': off)")
+    parser.add_argument("--blend", action="store_true",
+                        help="LocalBlend on the edited object's shape word (both shape words in a shape swap)")
+    parser.add_argument("--threshold", type=float, default=0.3, help="LocalBlend threshold (fraction of the map's max)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (a new file)")
     args = parser.parse_args(argv)
@@ -70,11 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"steps": int(defaults["steps"]), "guidance": float(defaults["guidance"]),
                 "cross_steps": args.cross_steps,
                 "self_steps": None if args.self_steps == "none" else args.self_steps}
-    figures: dict = {"settings": {**settings, "seeds": [args.seeds[0], args.seeds[-1] + 1]}, "colour": {}, "shape": {}}
+    if args.blend:
+        settings["threshold"] = args.threshold
+    figures: dict = {"settings": {**settings, "blend": args.blend, "seeds": [args.seeds[0], args.seeds[-1] + 1]},
+                     "colour": {}, "shape": {}}
+
+    def blend_words(*words: str) -> dict:
+        return {"blend": list(words)} if args.blend else {}
 
     rows = []
     for source, target, before, after in tqdm(COLOUR_SWAPS, desc="colour swaps"):
-        results = edit_seeds(pipe, source, target, args.seeds, **settings)
+        shape = source.split(f"{before} ")[1].split()[0]  # the edited object's shape word
+        results = edit_seeds(pipe, source, target, args.seeds, **settings, **blend_words(shape))
         cases = [colour_swap(seed, r.source, r.targets[0], r.reprompts[0], before, after)
                  for seed, r in zip(args.seeds, results)]
         summary = colour_swap_summary(cases)
@@ -82,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"{before} -> {after}", summary))
     shape_rows = []
     for source, target, colour, shape in tqdm(SHAPE_SWAPS, desc="shape swaps"):
-        results = edit_seeds(pipe, source, target, args.seeds, reprompt=False, **settings)
+        old_shape = source.split(f"{colour} ")[1].split()[0]
+        results = edit_seeds(pipe, source, target, args.seeds, reprompt=False, **settings,
+                             **blend_words(old_shape, shape))
         cases = [case for case in (shape_swap(seed, r.source, r.targets[0], colour)
                                    for seed, r in zip(args.seeds, results)) if case.drawn]
         summary = {"cases": len(cases), "kept": float(np.mean([c.kept for c in cases])),

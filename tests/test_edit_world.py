@@ -2,7 +2,9 @@
 
 Effect tests of the issue, read with the world's rule-based colour segmenter
 (no learned judge, :mod:`xattn.world.edits`), over 16 seeds and two prompt
-pairs. They need the shipped model in ``src/xattn/world/model/``. Run with
+pairs. Colour swaps are checked plain and as prompt-to-prompt's attribute
+edit (with local blending on the edited object's word), which the 90% bar
+is asked of. They need the shipped model in ``src/xattn/world/model/``. Run with
 ``pytest -s`` to print the figures; ``scripts/eval_edits.py`` measures the
 same over more seeds and pairs.
 
@@ -35,6 +37,16 @@ COLOR_SWAPS = [
     ("a red circle and a blue triangle", "a yellow circle and a blue triangle", "red", "yellow", "blue"),
     ("a green square and a yellow circle", "a red square and a yellow circle", "green", "red", "yellow"),
 ]
+# prompt-to-prompt's attribute edit: local blending on the edited object's word. The threshold was chosen on
+# seeds 100-131 (0.3 / 0.6 / 0.75 / 0.85 / 0.9 kept 0.80 / 0.88 / 0.91 / 0.97 / 0.96, and 0.9 once left the old
+# colour); these tests and scripts/eval_edits.py use other seeds.
+BLEND_THRESHOLD = 0.85
+
+
+def edited_shape(source: str, colour: str) -> str:
+    """The shape word after ``colour`` in ``source``: the object a colour swap edits."""
+    words = source.split()
+    return words[words.index(colour) + 1]
 SHAPE_SWAP = ("a red circle and a blue triangle", "a red square and a blue triangle", "red", "square")
 
 
@@ -58,28 +70,54 @@ def color_swaps(world):
     return {(source, seed): images for source, by_seed in runs.items() for seed, images in by_seed.items()}
 
 
-@pytest.fixture(scope="module")
-def color_swap_figures(color_swaps):
-    cases = [colour_swap(seed, *color_swaps[(source, seed)], before, after)
+def swap_figures(runs, label: str) -> dict:
+    """Colour-swap figures over every pair and seed of ``runs`` ({(source, seed): images})."""
+    cases = [colour_swap(seed, *runs[(source, seed)], before, after)
              for source, _, before, after, _ in COLOR_SWAPS for seed in SEEDS]
     figures = colour_swap_summary(cases)
-    print(f"\ncolour swap over {figures['cases']} source images: mask kept (IoU >= {MASK_IOU}) and colour "
-          f"changed in {figures['kept']:.0%} of edits; plain re-prompt keeps the mask in "
-          f"{figures['reprompt_kept']:.0%}; median IoU {figures['median_iou']:.2f}")
+    reprompt = ""
+    if figures["reprompt_kept"] is not None:
+        reprompt = f"; plain re-prompt keeps it in {figures['reprompt_kept']:.0%}"
+    print(f"\ncolour swap, {label}, over {figures['cases']} source images: mask kept (IoU >= {MASK_IOU}) and "
+          f"colour changed in {figures['kept']:.0%}{reprompt}; median IoU {figures['median_iou']:.2f}")
     return figures
 
 
-def test_color_swap_keeps_the_mask_far_more_often_than_reprompting(color_swap_figures):
-    assert color_swap_figures["cases"] >= 0.75 * len(COLOR_SWAPS) * len(SEEDS)  # the model draws what it is asked
-    assert color_swap_figures["changed"] >= 0.9  # the edit really recolours
-    assert color_swap_figures["reprompt_kept"] <= color_swap_figures["kept"] - CLEAR_GAP
+@pytest.fixture(scope="module")
+def color_swap_figures(color_swaps):
+    return swap_figures(color_swaps, "prompt-to-prompt")
 
 
-@pytest.mark.xfail(reason="issue 6 open: on the shipped shapes-world model prompt-to-prompt keeps the mask in "
-                          "70% of colour swaps (4 swaps x 64 seeds, scripts/eval_edits.py; bar 90%); the misses "
-                          "are sub-pixel jitter of the object's edge, see docs/editing.md", strict=False)
-def test_color_swap_keeps_the_mask_in_nine_of_ten_edits(color_swap_figures):
-    assert color_swap_figures["kept"] >= KEEP_RATE
+@pytest.fixture(scope="module")
+def blended_swap_figures(world):
+    """Prompt-to-prompt with local blending on the edited object's shape word (its attribute edit)."""
+    runs = {}
+    for source, target, before, _, _ in COLOR_SWAPS:
+        by_seed = world(source, target, blend=edited_shape(source, before), threshold=BLEND_THRESHOLD)
+        runs.update({(source, seed): images for seed, images in by_seed.items()})
+    return swap_figures(runs, f"prompt-to-prompt + local blend (threshold {BLEND_THRESHOLD})")
+
+
+def test_color_swap_keeps_the_mask_far_more_often_than_reprompting(color_swap_figures, blended_swap_figures):
+    for figures in (color_swap_figures, blended_swap_figures):
+        assert figures["cases"] >= 0.75 * len(COLOR_SWAPS) * len(SEEDS)  # the model draws what it is asked
+        assert figures["changed"] >= 0.9  # the edit really recolours
+        assert figures["reprompt_kept"] <= figures["kept"] - CLEAR_GAP
+
+
+def test_color_swap_with_local_blend_keeps_the_mask_in_nine_of_ten_edits(blended_swap_figures):
+    assert blended_swap_figures["kept"] >= KEEP_RATE
+
+
+def test_the_attention_edit_matters_not_only_the_blend(world, blended_swap_figures):
+    # The same local blend around a plainly sampled target (no replaced maps, no injection) keeps far less.
+    runs = {}
+    for source, target, before, _, _ in COLOR_SWAPS:
+        by_seed = world(source, target, blend=edited_shape(source, before), threshold=BLEND_THRESHOLD,
+                        cross_steps=0.0, self_steps=None, reprompt=False)
+        runs.update({(source, seed): images for seed, images in by_seed.items()})
+    blend_only = swap_figures(runs, "local blend alone")
+    assert blend_only["kept"] <= blended_swap_figures["kept"] - 0.2
 
 
 def test_shape_swap_keeps_position(world):
