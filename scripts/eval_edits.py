@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from xattn import runner
     from xattn.edit import edit_seeds
+    from xattn.eval import object_words
     from xattn.world import model_path
     from xattn.world.edits import colour_swap, colour_swap_summary, shape_swap
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for source, target, before, after in tqdm(COLOUR_SWAPS, desc="colour swaps"):
-        shape = source.split(f"{before} ")[1].split()[0]  # the edited object's shape word
+        shape = dict(object_words(source))[before]  # the edited object's shape word
         results = edit_seeds(pipe, source, target, args.seeds, **settings, **blend_words(shape))
         cases = [colour_swap(seed, r.source, r.targets[0], r.reprompts[0], before, after)
                  for seed, r in zip(args.seeds, results)]
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"{before} -> {after}", summary))
     shape_rows = []
     for source, target, colour, shape in tqdm(SHAPE_SWAPS, desc="shape swaps"):
-        old_shape = source.split(f"{colour} ")[1].split()[0]
+        old_shape = dict(object_words(source))[colour]
         results = edit_seeds(pipe, source, target, args.seeds, reprompt=False, **settings,
                              **blend_words(old_shape, shape))
         cases = [case for case in (shape_swap(seed, r.source, r.targets[0], colour)

@@ -30,3 +30,16 @@ def reference_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor | N
     q = q.view(q.shape[0], -1, attn.heads, d).transpose(1, 2)  # [b, h, i, d]
     k = k.view(k.shape[0], -1, attn.heads, d).transpose(1, 2)  # [b, h, j, d]
     return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)
+
+
+def row_one_borrows_row_zero(rows: torch.Tensor, ctx) -> torch.Tensor:
+    """A ``map_rows`` hook: row 1 attends with row 0's map (fused injection)."""
+    rows[1] = 0
+    return rows
+
+
+def copy_row_zero_map(probs: torch.Tensor, ctx) -> torch.Tensor:
+    """The explicit reference of :func:`row_one_borrows_row_zero`: a ``probs`` hook copying row 0's map into row 1."""
+    probs = probs.clone()
+    probs[1] = probs[0]
+    return probs

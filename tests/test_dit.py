@@ -14,7 +14,7 @@ from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import xattn
-from reference import reference_probs
+from reference import copy_row_zero_map, reference_probs, row_one_borrows_row_zero
 
 TOLERANCE = 1e-5
 
@@ -100,16 +100,7 @@ def test_cross_maps_equal_float64_reference_and_ignore_padding(dit):
 def test_map_injection_equals_copying_the_map(dit):
     kwargs = inputs(seed=3)
 
-    def borrow(rows, ctx):
-        rows[1] = 0
-        return rows
-
-    def copy_map(p, ctx):
-        p = p.clone()
-        p[1] = p[0]
-        return p
-
-    fused = run(dit, xattn.Hook("map_rows", borrow, selector="kind=self"), **kwargs)
-    copied = run(dit, xattn.Hook("probs", copy_map, selector="kind=self"), **kwargs)
+    fused = run(dit, xattn.Hook("map_rows", row_one_borrows_row_zero, selector="kind=self"), **kwargs)
+    copied = run(dit, xattn.Hook("probs", copy_row_zero_map, selector="kind=self"), **kwargs)
     assert (fused - copied).abs().max() <= TOLERANCE
     assert (fused[1] - stock(dit, **kwargs)[1]).abs().max() > 1e-3

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from xattn.edit import edit_seeds
+from xattn.eval import object_words
 from xattn.world.edits import MASK_IOU, POSITION_PX, as_rgb, blob, colour_swap, colour_swap_summary, shape_swap
 
 pytestmark = pytest.mark.slow
@@ -42,11 +43,6 @@ COLOR_SWAPS = [
 # colour); these tests and scripts/eval_edits.py use other seeds.
 BLEND_THRESHOLD = 0.85
 
-
-def edited_shape(source: str, colour: str) -> str:
-    """The shape word after ``colour`` in ``source``: the object a colour swap edits."""
-    words = source.split()
-    return words[words.index(colour) + 1]
 SHAPE_SWAP = ("a red circle and a blue triangle", "a red square and a blue triangle", "red", "square")
 
 
@@ -93,7 +89,7 @@ def blended_swap_figures(world):
     """Prompt-to-prompt with local blending on the edited object's shape word (its attribute edit)."""
     runs = {}
     for source, target, before, _, _ in COLOR_SWAPS:
-        by_seed = world(source, target, blend=edited_shape(source, before), threshold=BLEND_THRESHOLD)
+        by_seed = world(source, target, blend=dict(object_words(source))[before], threshold=BLEND_THRESHOLD)
         runs.update({(source, seed): images for seed, images in by_seed.items()})
     return swap_figures(runs, f"prompt-to-prompt + local blend (threshold {BLEND_THRESHOLD})")
 
@@ -113,7 +109,7 @@ def test_the_attention_edit_matters_not_only_the_blend(world, blended_swap_figur
     # The same local blend around a plainly sampled target (no replaced maps, no injection) keeps far less.
     runs = {}
     for source, target, before, _, _ in COLOR_SWAPS:
-        by_seed = world(source, target, blend=edited_shape(source, before), threshold=BLEND_THRESHOLD,
+        by_seed = world(source, target, blend=dict(object_words(source))[before], threshold=BLEND_THRESHOLD,
                         cross_steps=0.0, self_steps=None, reprompt=False)
         runs.update({(source, seed): images for seed, images in by_seed.items()})
     blend_only = swap_figures(runs, "local blend alone")

@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import xattn
 from xattn.processor import XattnProcessor
-from reference import reference_probs
+from reference import copy_row_zero_map, reference_probs, row_one_borrows_row_zero
 
 TOLERANCE = 1e-5
 
@@ -107,18 +107,9 @@ def test_map_rows_path_equals_copying_the_map_explicitly(any_pipe):
     unet = any_pipe.unet
     args, kwargs = unet_inputs(unet, seed=7)
 
-    def borrow(rows, ctx):
-        rows[1] = 0
-        return rows
-
-    def copy_map(p, ctx):
-        p = p.clone()
-        p[1] = p[0]
-        return p
-
-    with xattn.hooks(unet, xattn.Hook("map_rows", borrow, selector="kind=all")):
+    with xattn.hooks(unet, xattn.Hook("map_rows", row_one_borrows_row_zero, selector="kind=all")):
         got = run_unet(unet, args, kwargs)
-    with xattn.hooks(unet, xattn.Hook("probs", copy_map, selector="kind=all")):
+    with xattn.hooks(unet, xattn.Hook("probs", copy_row_zero_map, selector="kind=all")):
         expected = run_unet(unet, args, kwargs)
     assert (got - expected).abs().max().item() <= TOLERANCE
     stock = stock_output(unet, args, kwargs)

@@ -307,7 +307,7 @@ class SelfInject(Controller):
 
     def map_rows(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         pairs = self._pairs
-        x[pairs.target.to(x.device)] = pairs.source.to(x.device)  # each target row attends with its source's map
+        x[pairs.target] = pairs.source  # each target row attends with its source's map (indices on the CPU)
         return x
 
     def to_dict(self) -> dict:
