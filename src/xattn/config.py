@@ -18,13 +18,14 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
+from .errors import XattnError
 from .runner import DEVICES, DTYPES, SCHEDULERS, OptionError, parse_size
 from .selector import Selector, SelectorError
 
 Validator = Callable[[Any], Any]
 
 
-class ConfigError(ValueError):
+class ConfigError(XattnError, ValueError):
     """A config file that cannot be read, or a key in it that is unknown or has a bad value."""
 
 

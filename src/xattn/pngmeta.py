@@ -24,13 +24,15 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .errors import XattnError
+
 CHUNK = "parameters"
 _NEGATIVE = "Negative prompt: "
 # One "Key: value" pair of the last line; A1111 parses it with the same pattern.
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
-class PngMetadataError(ValueError):
+class PngMetadataError(XattnError, ValueError):
     """A PNG without a readable ``parameters`` chunk."""
 
 

@@ -99,6 +99,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .errors import XattnError
+
 __all__ = [
     "MAX_NESTING",
     "MINUS_FACTOR",
@@ -124,7 +126,7 @@ _NEAR_ONE = 1e-9
 # -- public types -------------------------------------------------------------
 
 
-class PromptSyntaxError(ValueError):
+class PromptSyntaxError(XattnError, ValueError):
     """A prompt that does not follow the weighting grammar.
 
     ``column`` is the 0-based index into the original text where the problem

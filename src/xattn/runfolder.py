@@ -25,12 +25,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import XattnError
+
 DEFAULT_ROOT = Path("outputs")
 MANIFEST = "manifest.json"
 _PACKAGES = ("xattn", "torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow")
 
 
-class RunFolderError(FileExistsError):
+class RunFolderError(XattnError, FileExistsError):
     """An output folder or file that exists and must not be overwritten."""
 
 

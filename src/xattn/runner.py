@@ -22,16 +22,18 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import XattnError
+
 DEFAULTS_FILE = "xattn_defaults.json"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(XattnError, FileNotFoundError):
     """A model reference that is neither a pipeline folder nor a cached Hub id."""
 
 
-class OptionError(ValueError):
+class OptionError(XattnError, ValueError):
     """A generation option (device, dtype, scheduler, size...) with a bad value."""
 
 

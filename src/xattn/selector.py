@@ -28,13 +28,14 @@ import shlex
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
+from .errors import XattnError
 from .sites import Site
 
 _KEYS = ("sites", "kind", "res", "steps", "heads", "tokens")
 _KINDS = ("cross", "self", "all")
 
 
-class SelectorError(ValueError):
+class SelectorError(XattnError, ValueError):
     """A selector string, dict or value that cannot be understood."""
 
 

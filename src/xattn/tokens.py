@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import regex
 
+from .errors import XattnError
+
 # CLIP's pre-tokenization rule: contractions, letter runs, single digits, other symbol runs.
 _WORD_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
@@ -27,7 +29,7 @@ END_NAMES = ("<end>", "<eos>", "<|endoftext|>")
 PAD_NAMES = ("<pad>", "<padding>")
 
 
-class TokenError(KeyError):
+class TokenError(XattnError, KeyError):
     """A word, phrase or index that is not in the prompt."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import XattnError
 from ..sites import Site
 
 
-class CaptureBudgetError(MemoryError):
+class CaptureBudgetError(XattnError, MemoryError):
     """A capture would hold more bytes than its budget allows."""
 
 

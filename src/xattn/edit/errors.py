@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import XattnError
 
-class EditError(ValueError):
+
+class EditError(XattnError, ValueError):
     """An edit that cannot be done as asked: mismatched prompts, bad windows, unknown words."""
 
 

@@ -32,12 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import XattnError
+
 
 # Embedding mode refuses rows whose mean is below this fraction of their mean absolute value.
 MEAN_TOLERANCE = 1e-4
 
 
-class ReweightError(ValueError):
+class ReweightError(XattnError, ValueError):
     """A weight, mode or option that the reweighting controller refuses."""
 
 
