@@ -5,8 +5,10 @@ Prints (and optionally writes as JSON):
   * generation: colour / shape accuracy of single held-out objects and
     both-colours-present rate of held-out pairs, fixed seeds;
   * localisation: cross-attention of colour and shape words on ground-truth
-    held-out two-object scenes (own-object win rate, IoU own vs other);
-  * reweighting: pixels of a colour when its word's attention is scaled.
+    held-out two-object scenes (own-object win rate, IoU own vs other),
+    read with xattn's Capture;
+  * reweighting: pixels of a colour when its word's attention is scaled
+    with xattn's Reweight (scale mode).
 
   python scripts/eval_world.py                      # the shipped model
   python scripts/eval_world.py --model checkpoints/world/latest --quick
@@ -42,7 +44,7 @@ def main(argv=None) -> None:
     from diffusers import StableDiffusionPipeline
 
     from xattn.world import heldout_prompts, model_path
-    from xattn.world.evaluate import generation_scores, localisation_scores, reweight_curve
+    from xattn.world.measure import generation_scores, localisation_scores, reweight_curve
 
     folder = args.model or model_path()
     pipe = StableDiffusionPipeline.from_pretrained(folder)

@@ -27,8 +27,7 @@ import torch
 from xattn import runner
 from xattn.reweight import MODES, Reweight, ReweightError
 from xattn.session import hooks
-from xattn.world import model_path, segment
-from xattn.world.evaluate import parse_caption
+from xattn.world import model_path, object_words, segment
 
 PROMPTS = (
     "a red circle and a blue triangle",
@@ -74,7 +73,7 @@ def main() -> None:
         for weight in weights:
             per_prompt, refused = [], None
             for prompt in PROMPTS:
-                (word, _), (other, _) = parse_caption(prompt)[:2]
+                (word, _), (other, _) = object_words(prompt)[:2]
                 try:  # bias refuses w <= 0; embedding refuses rows whose mean it cannot restore
                     made = plain[prompt] if weight == 1.0 else images(prompt, Reweight({word: weight}, mode=mode))
                 except ReweightError as error:
@@ -92,7 +91,7 @@ def main() -> None:
     for label, steps in ((f"steps {WINDOW}", WINDOW), ("every step", None)):
         changes = []
         for prompt in PROMPTS:
-            word = parse_caption(prompt)[0][0]
+            word = object_words(prompt)[0][0]
             made = images(prompt, Reweight({word: 0.0}, steps=steps))
             changes.append(float(np.abs(made - plain[prompt]).mean()))
         window[label] = float(np.mean(changes))

@@ -1,7 +1,7 @@
 """Prompt-to-prompt on the shapes-world model: edits keep the layout, plain re-prompts do not.
 
 Effect tests of the issue, read with the world's rule-based colour segmenter
-(no learned judge, :mod:`xattn.world.edits`), over 16 seeds and two prompt
+(no learned judge, :mod:`xattn.world.measure`), over 16 seeds and two prompt
 pairs. Colour swaps are checked plain and as prompt-to-prompt's attribute
 edit (with local blending on the edited object's word), which the 90% bar
 is asked of. They need the shipped model in ``src/xattn/world/model/``. Run with
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from xattn.edit import edit_seeds
-from xattn.eval import object_words
-from xattn.world.edits import MASK_IOU, POSITION_PX, as_rgb, blob, colour_swap, colour_swap_summary, shape_swap
+from xattn.world.measure import (MASK_IOU, POSITION_PX, as_rgb, blob, colour_swap, colour_swap_summary, object_words,
+                                 shape_swap)
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from xattn.world import COLORS, make_scene
-from xattn.world.edits import blob, colour_swap, shape_swap
+from xattn.world.measure import blob, colour_swap, mask_iou, object_extent, shape_swap
 from xattn.world.scenes import BACKGROUND, shape_mask
-from xattn.world.segment import mask_iou, object_extent
 
 
 def test_object_extent_recovers_ground_truth_masks():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from xattn import eval as scoring
 from xattn import world
+from xattn.world import measure as scoring
 
 WIN_RATE = 0.95  # the bar: own object beats the other in >= 95% of words
 MEAN_IOU = 0.40  # ... and mean IoU >= 0.40 at the best threshold

@@ -7,7 +7,7 @@ tokenizer alignment or the guidance batch order makes this fail.
 import pytest
 
 from xattn.world import heldout_prompts
-from xattn.world.evaluate import generation_scores, localisation_scores, reweight_curve
+from xattn.world.measure import generation_scores, localisation_scores, reweight_curve
 
 # Full evaluation (model card): win rate 0.992, IoU own 0.722 vs other 0.007,
 # colour 0.958, shape 0.927, both colours 0.984, weight-0 colour pixels 0.457.

@@ -50,7 +50,7 @@ def test_generates_a_64px_picture_of_its_prompt(world_pipe, world_defaults):
 
 
 def test_single_prompt_draws_its_colour(world_pipe, world_defaults):
-    from xattn.world.evaluate import dominant_color, generate
+    from xattn.world.measure import dominant_color, generate
     imgs = generate(world_pipe, "a yellow circle", [0, 1, 2, 3], world_defaults["guidance_scale"],
                     world_defaults["num_inference_steps"])
     assert sum(dominant_color(i) == "yellow" for i in imgs) >= 3

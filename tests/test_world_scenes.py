@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 
 from xattn.world import (ALL_COMBOS, COLORS, HELD_OUT, SHAPES, TRAIN_COMBOS, classify_shape,
-                         heldout_prompts, heldout_scenes, make_scene, segment)
+                         heldout_prompts, heldout_scenes, make_scene, object_words, segment)
 from xattn.world.data import grounding_targets, mask_fraction, object_slots
-from xattn.world.evaluate import parse_caption
 
 import torch
 
@@ -45,7 +44,7 @@ def test_masks_match_image(seed):
 def test_captions_name_the_objects():
     for seed in range(200):
         scene = make_scene(seed)
-        named = parse_caption(scene.caption)
+        named = object_words(scene.caption)
         assert sorted(named) == sorted((o.color, o.shape) for o in scene.objects)
         if len(scene.objects) == 2:
             assert scene.caption == " and ".join(f"a {c} {s}" for c, s in named)
@@ -85,7 +84,7 @@ def test_heldout_eval_set_is_fixed_and_held_out():
     singles, pairs = heldout_prompts()
     assert (singles, pairs) == heldout_prompts()
     for cap in singles + pairs:
-        assert set(parse_caption(cap)) & HELD_OUT
+        assert set(object_words(cap)) & HELD_OUT
     scenes = heldout_scenes(5)
     assert [s.caption for s in scenes] == [s.caption for s in heldout_scenes(5)]
     assert all(len(s.objects) == 2 for s in scenes)

@@ -23,7 +23,7 @@ from .scenes import (
     heldout_scenes,
     make_scene,
 )
-from .segment import classify_shape, mask_iou, object_extent, segment
+from .measure.pixels import classify_shape, mask_iou, object_extent, object_words, segment
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
@@ -42,5 +42,5 @@ def model_path() -> Path:
 __all__ = [
     "ALL_COMBOS", "COLORS", "HELD_OUT", "SHAPES", "TRAIN_COMBOS", "Scene", "SceneObject",
     "classify_shape", "heldout_prompts", "heldout_scenes", "make_scene", "mask_iou", "model_path", "object_extent",
-    "segment",
+    "object_words", "segment",
 ]

@@ -10,8 +10,11 @@ from transformers import CLIPTokenizer
 
 from ..assets import clip_tokenizer_path
 from .models import make_sample_scheduler
+from .scenes import SHAPES
 
-DEFAULTS = {"guidance_scale": 4.0, "num_inference_steps": 25, "height": 64, "width": 64}
+# Sampling settings, and the edit settings that keep an object's mask under a colour swap (docs/editing.md).
+DEFAULTS = {"guidance_scale": 4.0, "num_inference_steps": 25, "height": 64, "width": 64,
+            "edit": {"blend": "edited-object", "object_words": list(SHAPES), "threshold": 0.85}}
 
 
 def load_tokenizer() -> CLIPTokenizer:

@@ -1,32 +1,40 @@
-"""Read generated images back: colour segmentation and a blob shape classifier.
+"""Reading world images back: captions to objects, colour segmentation, object masks, shapes, IoU.
 
-Why: colour/shape accuracy of generated images is measured without any
-learned judge, so the numbers are as exact as the world itself.
+Why: every shapes-world figure (model card, word maps, reweighting, edits)
+is read from pixels with these rules, never with a learned judge, so the
+numbers are as exact as the world itself. Each rule is defined once here.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from .scenes import COLORS
+from ..scenes import COLORS, SHAPES
 
 # A pixel belongs to colour c if c is its nearest palette entry (white
 # included) and it lies within this RGB distance of it.
 MAX_DIST = 90.0
+MIN_BLOB = 40  # pixels a named colour needs to count as drawn
 
 
-def _palette() -> tuple[list[str], np.ndarray]:
-    names = ["white"] + list(COLORS)
-    rgb = np.array([(255, 255, 255)] + [COLORS[n] for n in COLORS], np.float32)
-    return names, rgb
+def object_words(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a world caption names, in order: ``[("red", "circle"), ...]``."""
+    words = caption.split()
+    return [(words[k], words[k + 1]) for k in range(len(words) - 1) if words[k] in COLORS and words[k + 1] in SHAPES]
+
+
+def as_rgb(image) -> np.ndarray:
+    """uint8 [h, w, 3] from a PIL image or an array."""
+    return np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
 
 
 def segment(image: np.ndarray, color: str, min_pixels: int = 0) -> np.ndarray:
     """Bool [h, w] mask of pixels whose nearest palette colour is ``color``."""
-    names, rgb = _palette()
+    names = ["white", *COLORS]
+    rgb = np.array([(255, 255, 255)] + [COLORS[n] for n in COLORS], np.float32)  # [palette, 3]
     px = image.astype(np.float32)[..., None, :]  # [h, w, 1, 3]
     dist = np.linalg.norm(px - rgb, axis=-1)  # [h, w, palette]
-    nearest = dist.argmin(-1)
-    mask = (nearest == names.index(color)) & (dist.min(-1) <= MAX_DIST)
+    mask = (dist.argmin(-1) == names.index(color)) & (dist.min(-1) <= MAX_DIST)
     if mask.sum() < min_pixels:
         return np.zeros_like(mask)
     return mask
@@ -64,18 +72,44 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return comps[0] if comps else np.zeros_like(mask)
 
 
+def object_mask(image: np.ndarray, color: str) -> np.ndarray:
+    """The object drawn in ``color``: the largest connected region of that colour.
+
+    Stray pixels of a similar hue elsewhere (a tinted edge of the other
+    object) are not part of it.
+    """
+    return largest_component(segment(image, color))
+
+
+def blob(image: np.ndarray, color: str, min_pixels: int = MIN_BLOB) -> np.ndarray:
+    """:func:`object_mask`, or an empty mask when it has fewer than ``min_pixels`` (not drawn)."""
+    mask = object_mask(image, color)
+    return mask if mask.sum() >= min_pixels else np.zeros_like(mask)
+
+
+def foreground(image: np.ndarray) -> np.ndarray:
+    """Non-white pixels that are close to some palette colour."""
+    return np.any([segment(image, c) for c in COLORS], axis=0)
+
+
+def dominant_color(image: np.ndarray) -> str | None:
+    """The colour with the largest object, if it has at least :data:`MIN_BLOB` pixels."""
+    counts = {c: int(object_mask(image, c).sum()) for c in COLORS}
+    best = max(counts, key=counts.get)
+    return best if counts[best] >= MIN_BLOB else None
+
+
 def classify_shape(mask: np.ndarray, min_pixels: int = 20) -> str | None:
     """circle / square / triangle from the blob's fill of its bounding box.
 
     An axis-aligned square fills ~100% of its box, a circle ~79%, an upright
     triangle ~50%; a triangle is also wider at the bottom than at the top.
     """
-    blob = largest_component(mask)
-    if blob.sum() < min_pixels:
+    shape_blob = largest_component(mask)
+    if shape_blob.sum() < min_pixels:
         return None
-    ys, xs = np.nonzero(blob)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    box = blob[y0:y1, x0:x1]
+    ys, xs = np.nonzero(shape_blob)
+    box = shape_blob[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     fill = box.mean()
     rows = box.sum(1)
     third = max(1, len(rows) // 3)
@@ -85,7 +119,7 @@ def classify_shape(mask: np.ndarray, min_pixels: int = 20) -> str | None:
     return "square" if fill > 0.89 else "circle"
 
 
-def object_extent(image: np.ndarray, color: str, min_pixels: int = 40) -> np.ndarray:
+def object_extent(image: np.ndarray, color: str, min_pixels: int = MIN_BLOB) -> np.ndarray:
     """The object of ``color``, bounded where its edge is half-way between white and the colour.
 
     Why not :func:`segment`: it accepts pixels within a fixed distance of a
@@ -114,3 +148,18 @@ def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
     """Intersection over union of two boolean masks (0 when both are empty)."""
     union = np.logical_or(first, second).sum()
     return float(np.logical_and(first, second).sum() / union) if union else 0.0
+
+
+def touching(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether two masks touch (4-neighbours); the world draws objects apart, with background between."""
+    grown = first.copy()
+    grown[1:] |= first[:-1]
+    grown[:-1] |= first[1:]
+    grown[:, 1:] |= first[:, :-1]
+    grown[:, :-1] |= first[:, 1:]
+    return bool(np.logical_and(grown, second).any())
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    """(y, x) of a non-empty mask's pixels, in image pixels."""
+    return np.argwhere(mask).mean(axis=0)

@@ -5,7 +5,7 @@ edits the same way, with these functions and thresholds (no learned judge):
 
 - a colour swap keeps the object's mask when the source's object and the
   target's recoloured object overlap with IoU >= :data:`MASK_IOU`, measured
-  with :func:`~xattn.world.segment.object_extent` (the same edge for every
+  with :func:`~xattn.world.measure.object_extent` (the same edge for every
   colour), and the old colour is gone;
 - a shape swap keeps the position when the blob's centroid moves at most
   :data:`POSITION_PX` pixels, and it swapped the shape when the blob now
@@ -18,27 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .segment import classify_shape, largest_component, mask_iou, object_extent, segment
+from .pixels import MIN_BLOB, as_rgb, blob, centroid, classify_shape, mask_iou, object_extent
 
-MIN_BLOB = 40  # pixels a colour needs to count as drawn (as the world's own evaluation)
 MASK_IOU = 0.9  # "keeps the object's mask"
 POSITION_PX = 4.0  # centroid shift, in pixels of the 64 x 64 image, that still counts as "same place"
-
-
-def as_rgb(image) -> np.ndarray:
-    """uint8 [h, w, 3] from a PIL image or an array."""
-    return np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-
-
-def blob(image: np.ndarray, color: str) -> np.ndarray:
-    """The largest region :func:`segment` gives ``color``, or empty if under :data:`MIN_BLOB` pixels."""
-    mask = largest_component(segment(image, color))
-    return mask if mask.sum() >= MIN_BLOB else np.zeros_like(mask)
-
-
-def centroid(mask: np.ndarray) -> np.ndarray:
-    """(y, x) of a non-empty mask's pixels, in image pixels."""
-    return np.argwhere(mask).mean(axis=0)
 
 
 @dataclass(frozen=True)
@@ -124,5 +107,5 @@ def colour_swap_summary(cases: list[ColourSwap]) -> dict:
     }
 
 
-__all__ = ["MASK_IOU", "MIN_BLOB", "POSITION_PX", "ColourSwap", "ShapeSwap", "as_rgb", "blob", "centroid",
-           "colour_swap", "colour_swap_summary", "shape_swap"]
+__all__ = ["MASK_IOU", "POSITION_PX", "ColourSwap", "ShapeSwap", "colour_swap", "colour_swap_summary",
+           "shape_swap"]
