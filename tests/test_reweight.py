@@ -316,7 +316,7 @@ def test_bad_options_are_refused():
         Reweight({"red": 2.0}, rows="uncond")
     with pytest.raises(ReweightError, match="ramp start"):
         Reweight({"red": Ramp(float("nan"), 1.0)})
-    with pytest.raises(xattn.SelectorError):
+    with pytest.raises(ReweightError, match="outside 0..1"):
         Reweight({"red": 2.0}, steps="0:1.5")
 
 

@@ -67,7 +67,7 @@ def test_coerce_fills_only_unset_fields():
         ("res=16xq", "HxW"),
         ("steps=0:1.5", "outside 0..1"),
         ("steps=5:2", "ends before it starts"),
-        ("steps=1.5", "must be an integer index"),
+        ("steps=1.5", "fraction of the schedule in 0..1"),
         ("steps=1:2:3", "more than one ':'"),
         ("steps=a:b", "is not a number"),
         ("heads=0.5:1", "integer indices"),

@@ -3,37 +3,64 @@
 The public API, in the order a newcomer meets it:
 
 - :func:`sites` lists the attention modules of a model, named by module path;
-- :class:`Selector` chooses sites, resolutions, steps, heads and tokens;
+- :class:`Selector` chooses where and when (sites, kind, resolution, steps);
 - :func:`hooks` opens a scoped session that installs xattn's processor;
-- :class:`Hook` / :class:`Controller` run code at the hook points;
-- :class:`TokenMap` aligns the words of a prompt with token slots.
+- :class:`Hook` / :class:`Controller` run code at the hook points, with the
+  run lifecycle ``begin_run`` / hooks / ``on_step_end``;
+- :class:`TokenMap` aligns the words of a prompt with token slots;
+- the controllers: :class:`Capture` (word maps), :class:`Reweight` (word
+  weights), :class:`Replace`, :class:`Refine`, :class:`LocalBlend`,
+  :class:`SelfInject` (prompt-to-prompt; :func:`xattn.edit.edit` runs one);
+- :mod:`xattn.world`, the shapes world and its shipped model.
+
+Every error a user can cause derives from :class:`XattnError`.
 """
 
-from .hookpoints import POINTS, BatchLayout, Controller, Hook, HookContext, Row
+from .errors import LayoutError, NothingSelectedError, UnsupportedProcessorError, XattnError
+from .hookpoints import POINTS, BatchLayout, Controller, Hook, HookContext, HookError, Row, Run
 from .selector import Selector, SelectorError
+from .steps import StepWindowError
 from .session import Session, hooks
 from .sites import Site, resolution_of, sites
 from .tokens import TokenError, TokenMap
-from .reweight import Reweight  # noqa: F401  (issue 5: attention-level word weights)
-from .capture import Capture, WordMaps  # noqa: F401  (issue 4: capture, word maps, report, export)
-from .edit import EditError, LocalBlend, Refine, Replace, SelfInject  # noqa: F401  (issue 6: prompt-to-prompt; xattn.edit.edit runs one)
+from .reweight import Ramp, Reweight
+from .capture import Capture, WordMaps
+from .edit import EditError, LocalBlend, Refine, Replace, SelfInject
+from . import world
 
 __version__ = "0.1.0"
 
 __all__ = [
     "POINTS",
     "BatchLayout",
+    "Capture",
     "Controller",
+    "EditError",
     "Hook",
     "HookContext",
+    "HookError",
+    "LayoutError",
+    "LocalBlend",
+    "NothingSelectedError",
+    "Ramp",
+    "Refine",
+    "Replace",
+    "Reweight",
     "Row",
+    "Run",
     "Selector",
     "SelectorError",
+    "SelfInject",
     "Session",
     "Site",
+    "StepWindowError",
     "TokenError",
     "TokenMap",
+    "UnsupportedProcessorError",
+    "WordMaps",
+    "XattnError",
     "hooks",
     "resolution_of",
     "sites",
+    "world",
 ]

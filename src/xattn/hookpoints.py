@@ -29,7 +29,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .selector import Selector
+from .errors import XattnError
+from .selector import Selector, SelectorError
 from .sites import Site
 from .tokens import TokenMap
 
@@ -115,6 +116,7 @@ class HookContext:
     num_steps: int | None
     timestep: float | None
     layout: BatchLayout
+    latent_hw: tuple[int, int] | None = None  # (H, W) of the denoiser's input latent; ``res`` is derived from it
     heads: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -137,25 +139,55 @@ class HookContext:
         return self.step / self.num_steps
 
 
+@dataclass(frozen=True)
+class Run:
+    """One pipeline call, as every controller learns it in :meth:`Controller.begin_run`.
+
+    Known at the first denoiser call of the run: how the batch is laid out,
+    how many steps the schedule has, and the latent's size.
+    """
+
+    layout: BatchLayout
+    num_steps: int | None  # None: no scheduler to read (a bare model call)
+    latent_hw: tuple[int, int]  # (H, W) of the latent the denoiser sees
+
+    @property
+    def prompts(self) -> tuple[str | None, ...]:
+        return self.layout.prompts
+
+    @property
+    def negative_prompts(self) -> tuple[str | None, ...]:
+        return self.layout.negative_prompts
+
+
 class Controller:
     """Base of every controller: a selector plus hook methods named after points.
 
+    The lifecycle, driven by the session (see ``docs/architecture.md``):
+
+    - ``bind(session)`` once, when a session opens with the controller;
+    - ``begin_run(run)`` once per pipeline call, before its first hook runs:
+      resolve words, windows and rows here, and drop the last run's state;
+    - the hook methods (``probs(x, ctx)``...) at every selected attention call
+      where ``active(ctx)`` holds; ``active`` is a pure predicate;
+    - ``on_step_end(step, latents)`` after each denoising step, when the
+      controller defines it; it may return new latents.
+
     A subclass defines only the points it uses, e.g. ``def probs(self, x, ctx)``.
-    ``active(ctx)`` may narrow the selector per call (e.g. by step windows that
-    depend on the word). ``reset()`` runs at the start of each pipeline call.
+    ``slices`` names the selector keys beyond where/when (``heads``,
+    ``tokens``) that the controller honours; the session refuses any other.
     """
 
     selector: Selector = Selector()
+    slices: frozenset[str] = frozenset()
 
     def points(self) -> dict[str, HookFn]:
         """The hook points this controller uses, by name."""
         return {point: getattr(self, point) for point in POINTS if callable(getattr(self, point, None))}
 
     def active(self, ctx: HookContext) -> bool:
+        """Whether the hooks run in this call (beyond the selector). Must not change state."""
         return True
-
-    def reset(self) -> None:
-        """Forget per-run state; called when the pipeline starts a new call."""
 
     def bind(self, session) -> None:
         """Called when a session opens with this controller (or adds it).
@@ -164,6 +196,34 @@ class Controller:
         ``session.denoiser``, ``session.sites``), e.g. to check a memory
         budget before sampling starts. The default does nothing.
         """
+
+    def begin_run(self, run: Run) -> None:
+        """A pipeline call starts: forget the last run, resolve what depends on this one."""
+        self.reset()
+
+    def reset(self) -> None:
+        """Kept for controllers written before ``begin_run``: the default ``begin_run`` calls it."""
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> torch.Tensor | None:
+        """After step ``step`` of the run: return new latents, or None to keep them."""
+        return None
+
+    def wants_step_end(self) -> bool:
+        """True when this controller overrides :meth:`on_step_end`."""
+        return type(self).on_step_end is not Controller.on_step_end
+
+    def check_selector(self) -> None:
+        """Refuse slicing keys (``heads=``, ``tokens=``) this controller would ignore."""
+        unhonoured = [key for key in self.selector.slicing_keys() if key not in self.slices]
+        if unhonoured:
+            keys = ", ".join(f"{key}=" for key in unhonoured)
+            honoured = ", ".join(sorted(self.slices)) or "none"
+            raise SelectorError(f"{self!r} does not honour {keys} in its selector (it honours: {honoured}); "
+                                f"remove it, or use a controller that slices maps, such as xattn.Capture(heads=...)")
+
+
+class HookError(XattnError, ValueError):
+    """A hook that cannot run as written: unknown point, not callable, a wrong shape returned."""
 
 
 class Hook(Controller):
@@ -177,11 +237,13 @@ class Hook(Controller):
     """
 
     def __init__(self, point: str, fn: HookFn, selector: Selector | str | dict | None = None):
+        if not callable(fn):
+            raise HookError(f"hook {point!r}: {fn!r} is not callable; pass fn(x, ctx) -> Tensor | None")
         site_glob, point_name = split_point_name(point)
         self.selector = Selector.coerce(selector)
         if site_glob is not None:
             if self.selector.sites is not None:
-                raise ValueError(f"hook {point!r} names its sites; do not also give `sites` in the selector")
+                raise HookError(f"hook {point!r} names its sites; do not also give `sites` in the selector")
             self.selector = replace(self.selector, sites=(site_glob,))
         self.point = point_name
         self.fn = fn
@@ -197,5 +259,5 @@ def split_point_name(name: str) -> tuple[str | None, str]:
     """``"up_blocks.*.attn2.probs"`` -> ``("up_blocks.*.attn2", "probs")``; ``"probs"`` -> ``(None, "probs")``."""
     site_glob, _, point = name.rpartition(".")
     if point not in POINTS:
-        raise ValueError(f"hook point {name!r} does not end in one of {', '.join(POINTS)}")
+        raise HookError(f"hook point {name!r} does not end in one of {', '.join(POINTS)}")
     return (site_glob or None), point

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import UnsupportedProcessorError
 from .sites import Site
 
 
@@ -41,9 +42,11 @@ class XattnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
+        **unknown,
     ) -> torch.Tensor:
+        if unknown:  # diffusers filters most extras before us; what still arrives must not be dropped
+            raise UnsupportedProcessorError(f"xattn's processor at {self.site.name} takes no {sorted(unknown)}; "
+                                            "close the xattn session to use them")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

@@ -10,80 +10,39 @@ Items are ``key=value`` separated by spaces or ``;``; values are comma lists.
 ``kind``    ``cross``, ``self`` or ``all``
 ``res``     a site's size, i.e. the larger side of its (h, w) map: ``16``,
             ``<=32``, ``>=8``, or an exact ``16x24`` (h x w)
-``steps``   step indices ``3``, half-open ranges ``2:10``, ``5:``, ``:4``, or
-            fractions of the schedule ``0:0.8`` (a range with a ``.`` in it is
-            fractional; step ``i`` of ``N`` sits at ``i / N``)
+``steps``   a step window (:mod:`xattn.steps`): ``3``, ``2:10``, ``5:``, ``0:0.8``,
+            ``0.8`` (short for ``0:0.8``); step ``i`` of ``N`` sits at ``i / N``
 ``heads``   head indices and half-open ranges: ``0,3``, ``0:4``
 ``tokens``  words or phrases of the prompt, or token indices: ``cat,5``
 
-An absent key selects everything. Words are resolved to token indices later,
-by :class:`xattn.TokenMap`, once per prompt.
+An absent key selects everything. ``sites``, ``kind``, ``res`` and ``steps``
+say *where and when* a controller runs, and mean the same to every
+controller. ``heads`` and ``tokens`` say what a controller *slices out of a
+map*; only controllers that list them in ``Controller.slices`` accept them
+(:class:`xattn.Capture` does), and the session refuses them elsewhere rather
+than ignore them. Words are resolved to token indices later, by
+:class:`xattn.TokenMap`, once per prompt.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
 import shlex
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from .errors import XattnError
 from .sites import Site
+from .steps import Span, StepWindowError, contains, parse_span
 
 _KEYS = ("sites", "kind", "res", "steps", "heads", "tokens")
+WHERE_KEYS = ("sites", "kind", "res", "steps")  # where and when a hook runs: every controller honours them
+SLICE_KEYS = ("heads", "tokens")  # what a controller takes out of a map: only some controllers honour them
 _KINDS = ("cross", "self", "all")
 
 
 class SelectorError(XattnError, ValueError):
     """A selector string, dict or value that cannot be understood."""
-
-
-@dataclass(frozen=True)
-class Span:
-    """A half-open range ``[start, stop)``; ``None`` ends are open.
-
-    ``fractional`` spans are fractions of the schedule, in [0, 1].
-    """
-
-    start: float | None = None
-    stop: float | None = None
-    fractional: bool = False
-
-    def __post_init__(self) -> None:
-        for end in (self.start, self.stop):
-            if end is None:
-                continue
-            if not math.isfinite(end) or end < 0:
-                raise SelectorError(f"range end {end!r} must be a finite number >= 0")
-            if self.fractional and end > 1:
-                raise SelectorError(f"fraction {end!r} is outside 0..1 (use integers for step indices)")
-            if not self.fractional and end != int(end):
-                raise SelectorError(f"index {end!r} must be an integer")
-        if self.start is not None and self.stop is not None and self.stop < self.start:
-            raise SelectorError(f"range {self} ends before it starts")
-
-    def contains(self, index: int, total: int | None = None) -> bool:
-        position = index / total if self.fractional else index
-        if self.fractional and total is None:
-            raise SelectorError(f"fractional range {self} needs the number of steps")
-        if self.start is not None and position < self.start:
-            return False
-        if self.stop is not None:
-            # A fractional range that ends at 1.0 includes the last step.
-            if position >= self.stop and not (self.fractional and self.stop >= 1.0):
-                return False
-        return True
-
-    def __str__(self) -> str:
-        def fmt(end):
-            if end is None:
-                return ""
-            return repr(float(end)) if self.fractional else str(int(end))
-
-        if not self.fractional and self.start is not None and self.stop == self.start + 1:
-            return str(int(self.start))
-        return f"{fmt(self.start)}:{fmt(self.stop)}"
 
 
 @dataclass(frozen=True)
@@ -221,11 +180,7 @@ class Selector:
         return self.res is None or any(spec.matches(hw) for spec in self.res)
 
     def matches_step(self, step: int | None, num_steps: int | None) -> bool:
-        if self.steps is None:
-            return True
-        if step is None:
-            return False
-        return any(span.contains(step, num_steps) for span in self.steps)
+        return contains(self.steps, step, num_steps)
 
     def head_indices(self, num_heads: int) -> list[int] | None:
         """The selected heads of a site with ``num_heads`` heads (``None`` = all)."""
@@ -233,6 +188,10 @@ class Selector:
             return None
         chosen = [h for h in range(num_heads) if any(span.contains(h) for span in self.heads)]
         return chosen
+
+    def slicing_keys(self) -> tuple[str, ...]:
+        """The slicing keys (``heads``, ``tokens``) this selector sets."""
+        return tuple(key for key in SLICE_KEYS if getattr(self, key) is not None)
 
     def select_sites(self, site_list: Iterable[Site]) -> list[Site]:
         return [site for site in site_list if self.matches_site(site)]
@@ -251,32 +210,11 @@ def _as_items(value: Any, key: str) -> list[str]:
     return items
 
 
-def _parse_number(text: str, *, what: str) -> float:
-    try:
-        number = float(text)
-    except ValueError:
-        raise SelectorError(f"{what}: {text!r} is not a number") from None
-    if not math.isfinite(number):
-        raise SelectorError(f"{what}: {text!r} is not a finite number")
-    return number
-
-
 def _parse_span(text: str, *, allow_fraction: bool) -> Span:
-    what = "steps" if allow_fraction else "heads"
-    if ":" not in text:
-        if "." in text:
-            raise SelectorError(f"{what}: a single {what[:-1]} must be an integer index, not {text!r}")
-        index = _parse_number(text, what=what)
-        return Span(index, index + 1)
-    if text.count(":") > 1:
-        raise SelectorError(f"{what}: range {text!r} has more than one ':'")
-    start_text, stop_text = (part.strip() for part in text.split(":"))
-    fractional = "." in text
-    if fractional and not allow_fraction:
-        raise SelectorError(f"{what}: {text!r} must use integer indices")
-    start = _parse_number(start_text, what=what) if start_text else None
-    stop = _parse_number(stop_text, what=what) if stop_text else None
-    return Span(start, stop, fractional)
+    try:
+        return parse_span(text, what="steps" if allow_fraction else "heads", allow_fraction=allow_fraction)
+    except StepWindowError as error:
+        raise SelectorError(str(error)) from None
 
 
 def _parse_res(text: str) -> ResSpec:
@@ -301,4 +239,4 @@ def _parse_token(text: str) -> str | int:
     return int(text) if text.isdigit() else text
 
 
-__all__ = ["Selector", "SelectorError", "Span", "ResSpec"]
+__all__ = ["ResSpec", "SLICE_KEYS", "Selector", "SelectorError", "Span", "WHERE_KEYS"]

@@ -112,6 +112,8 @@ class Capture(Controller):
         heat = capture.maps().word("circle")  # [H, W] at the image's size
     """
 
+    slices = frozenset({"heads", "tokens"})  # Capture keeps only the heads and token slots its selector names
+
     def __init__(self, selector: Selector | str | dict | None = None, *, per_step: bool = False,
                  keep_heads: bool = False, uncond: bool = False, self_attention: bool = False,
                  self_res: int = DEFAULT_SELF_RES, budget: int | str | None = DEFAULT_BUDGET,

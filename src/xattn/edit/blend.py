@@ -11,12 +11,11 @@ sites during the step, averaged over heads and calls, resized from each
 site's own map size to the latent size of the call (so any resolution and
 aspect ratio works), widened by a small max-pool, divided by their maximum
 and thresholded. The mask of a target is the union of the source's and the
-target's word masks. Blending happens in ``callback_on_step_end``, which
-diffusers pipelines call after every scheduler step::
+target's word masks. Blending happens in ``on_step_end``, which the session
+chains into the pipeline's ``callback_on_step_end`` by itself::
 
-    blend = LocalBlend(["circle"])
-    with xattn.hooks(pipe, blend, Replace()):
-        pipe([source, target], latents=..., callback_on_step_end=blend)
+    with xattn.hooks(pipe, LocalBlend(["circle"]), Replace()):
+        pipe([source, target], latents=...)
 
 The maps are the target's *own* attention (as prompt-to-prompt stores them
 before replacing): put ``LocalBlend`` before the edit controllers in ``hooks``.
@@ -30,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..hookpoints import BatchLayout, Controller, HookContext
+from ..hookpoints import BatchLayout, Controller, HookContext, Run
 from ..selector import Selector, SelectorError
 from ..tokens import TokenError, TokenMap
 from .controllers import token_maps_of
@@ -94,16 +93,20 @@ class LocalBlend(Controller):
         self.reset()
 
     # -- protocol ----------------------------------------------------------------
+    def begin_run(self, run: Run) -> None:
+        """Rows, word slots and steps, once per run; forget the last run's maps."""
+        self.reset()
+        self._plan = self.plan(run.layout, run.num_steps)
+
     def reset(self) -> None:
         self._plan: _BlendPlan | None = None
-        self._plan_key: tuple | None = None
         self._step: int | None = None
         self._sums: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> [n, h, w] summed maps
         self._calls = 0
         self.last_masks: torch.Tensor | None = None
 
     def active(self, ctx: HookContext) -> bool:
-        return ctx.step in self.plan(ctx.layout, ctx.num_steps, ctx.step).steps
+        return self._plan is not None and ctx.step in self._plan.steps
 
     def probs(self, x: torch.Tensor, ctx: HookContext) -> None:
         plan = self._plan
@@ -137,10 +140,8 @@ class LocalBlend(Controller):
                                 f"nor in the target {token_maps[target].prompt!r}")
         return per_prompt
 
-    def plan(self, layout: BatchLayout, num_steps: int | None, step: int | None = None) -> _BlendPlan:
-        key = (id(layout), layout.prompts, num_steps, None if num_steps is not None else step)
-        if key == self._plan_key:
-            return self._plan
+    def plan(self, layout: BatchLayout, num_steps: int | None) -> _BlendPlan:
+        """The rows to read and their word slots, for a run with this layout and step count."""
         token_maps = token_maps_of(layout)
         if len(token_maps) < 2:
             raise EditError("LocalBlend needs the source prompt and at least one target prompt in the batch")
@@ -156,10 +157,8 @@ class LocalBlend(Controller):
                 mask = torch.zeros(token_maps[prompt].max_length)
                 mask[word_slots[prompt]] = 1.0
                 slots.append(mask)
-        self._plan = _BlendPlan(torch.tensor(rows, dtype=torch.long), torch.stack(slots), layout.num_prompts, images,
-                                steps_in(self.window, num_steps, "LocalBlend steps"))
-        self._plan_key = key
-        return self._plan
+        return _BlendPlan(torch.tensor(rows, dtype=torch.long), torch.stack(slots), layout.num_prompts, images,
+                          steps_in(self.window, num_steps, "LocalBlend steps"))
 
     # -- between steps -----------------------------------------------------------
     def masks(self, latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -179,12 +178,11 @@ class LocalBlend(Controller):
         has_words = self._plan.slots.sum(dim=1).to(mean.device) > 0  # prompts without the words add no mask
         return (mean / peak > self.threshold) & has_words[:, None, None]
 
-    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        """``callback_on_step_end``: blend the targets' latents with the source's."""
-        latents = callback_kwargs["latents"]  # [num_prompts * images, C, H, W], prompt-major
+    def on_step_end(self, step: int, latents: torch.Tensor) -> torch.Tensor | None:
+        """Blend the targets' latents [num_prompts * images, C, H, W] (prompt-major) with the source's."""
         plan = self._plan
-        if plan is None or self._step not in plan.steps or not self._sums:
-            return {}
+        if plan is None or step not in plan.steps or self._step != step or not self._sums:
+            return None
         if latents.shape[0] != plan.num_prompts * plan.images:
             raise EditError(f"LocalBlend expected {plan.num_prompts * plan.images} latents "
                             f"({plan.num_prompts} prompts x {plan.images} images), got {latents.shape[0]}")
@@ -197,7 +195,7 @@ class LocalBlend(Controller):
         blended = torch.cat([source, edited])
         self.last_masks = masks.flatten(0, 1)
         self._sums, self._calls = {}, 0
-        return {"latents": blended.view_as(latents)}
+        return blended.view_as(latents)
 
     def to_dict(self) -> dict:
         return {"edit": "local_blend", "words": self.words, "threshold": self.threshold,

@@ -17,7 +17,7 @@ The cross-attention edits run at the ``probs`` point, so only the cross sites
 and steps they select compute the explicit map (``[b, h, i, 77]``, small), and
 they write the target rows in place
 (no copy of the map; a hook that runs earlier and keeps a map must clone it). Word -> slot lookups and windows are
-resolved once per run (per batch layout and step count), never per layer.
+resolved once per run (``begin_run``), never per layer.
 Rows: see :mod:`xattn.edit.pairs`.
 
 Chaining with :class:`xattn.Reweight` (prompt-to-prompt's equalizer): a
@@ -33,7 +33,7 @@ from typing import Mapping
 
 import torch
 
-from ..hookpoints import BatchLayout, Controller, HookContext
+from ..hookpoints import BatchLayout, Controller, HookContext, Run
 from ..selector import Selector, SelectorError
 from ..tokens import TokenError, TokenMap
 from .align import Mapper, build_mapper
@@ -95,16 +95,20 @@ class CrossAttentionEdit(Controller):
         self.windows = parse_word_windows(steps, what=f"{type(self).__name__} steps")
         self.selector = _own_selector(selector, "cross", type(self).__name__)
         self.rows = check_rows(rows)
+        self._mappers: dict[tuple[str, str], Mapper] = {}  # kept across runs: they depend on the prompts only
         self.reset()
 
     # -- protocol ----------------------------------------------------------------
     def points(self):
         return {"value_scale": self._observe_scale, "probs": self._replace}
 
+    def begin_run(self, run: Run) -> None:
+        """Rows, mappers and per-step slot weights, once per run."""
+        self.reset()
+        self._plan = self.plan(run.layout, run.num_steps)
+
     def reset(self) -> None:
         self._plan: _CrossPlan | None = None
-        self._plan_key: tuple | None = None
-        self._mappers: dict[tuple[str, str], Mapper] = {}
         self._scale: torch.Tensor | None = None
         self._cast: dict = {}
 
@@ -116,7 +120,7 @@ class CrossAttentionEdit(Controller):
                                 "weights (Reweight) before the edit so the edit can apply them to the replaced maps")
 
     def active(self, ctx: HookContext) -> bool:
-        return ctx.step in self.plan(ctx.layout, ctx.num_steps, ctx.step).steps
+        return self._plan is not None and ctx.step in self._plan.steps
 
     # -- per run -----------------------------------------------------------------
     def mappers(self, token_maps: list[TokenMap]) -> list[Mapper]:
@@ -153,11 +157,8 @@ class CrossAttentionEdit(Controller):
                             f"target prompt ({prompts})")
         return per_target
 
-    def plan(self, layout: BatchLayout, num_steps: int | None, step: int | None = None) -> _CrossPlan:
-        """Rows, mappers and per-step slot weights for a run; cached per layout and step count."""
-        key = (id(layout), layout.prompts, num_steps, None if num_steps is not None else step)
-        if key == self._plan_key:
-            return self._plan
+    def plan(self, layout: BatchLayout, num_steps: int | None) -> _CrossPlan:
+        """Rows, mappers and per-step slot weights for a run with this layout and step count."""
         token_maps = token_maps_of(layout)
         pairs = row_pairs(layout, self.rows)
         mappers = self.mappers(token_maps)
@@ -177,9 +178,7 @@ class CrossAttentionEdit(Controller):
         else:
             matrix = torch.zeros(0, length, length, dtype=torch.float64)
         active_steps = frozenset(int(s) for s in torch.nonzero(weight.sum(dim=(1, 2))).flatten().tolist())
-        self._plan, self._plan_key = _CrossPlan(pairs, matrix, weight, active_steps), key
-        self._cast: dict = {}
-        return self._plan
+        return _CrossPlan(pairs, matrix, weight, active_steps)
 
     # -- per call ------------------------------------------------------------------
     def _observe_scale(self, x: torch.Tensor, ctx: HookContext) -> None:
@@ -187,7 +186,7 @@ class CrossAttentionEdit(Controller):
         return None
 
     def _replace(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
-        plan = self.plan(ctx.layout, ctx.num_steps, ctx.step)
+        plan = self._plan
         if x.shape[-1] != plan.matrix.shape[-1]:
             raise EditError(f"{ctx.name} attends to {x.shape[-1]} text slots but the prompts' token maps have "
                             f"{plan.matrix.shape[-1]}; edits need one token sequence per prompt")
@@ -287,22 +286,16 @@ class SelfInject(Controller):
         self.rows = check_rows(rows)
         self.reset()
 
+    def begin_run(self, run: Run) -> None:
+        """Which rows borrow which, and at which steps, once per run."""
+        self._pairs = row_pairs(run.layout, self.rows)
+        self._steps = steps_in(self.window, run.num_steps, "SelfInject steps")
+
     def reset(self) -> None:
-        self._key: tuple | None = None
         self._pairs: RowPairs | None = None
         self._steps: frozenset[int] = frozenset()
 
-    def _resolve(self, ctx: HookContext) -> None:
-        key = (id(ctx.layout), ctx.layout.prompts, ctx.num_steps, None if ctx.num_steps is not None else ctx.step)
-        if key != self._key:
-            self._pairs = row_pairs(ctx.layout, self.rows)
-            self._steps = steps_in(self.window, ctx.num_steps, "SelfInject steps")
-            self._key = key
-
     def active(self, ctx: HookContext) -> bool:
-        if not self.window:
-            return False
-        self._resolve(ctx)
         return ctx.step in self._steps
 
     def map_rows(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:

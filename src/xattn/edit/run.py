@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..grid import labelled_grid
-from ..runfolder import RunFolderError, save_image_atomic, write_json_atomic
+from ..files import OverwriteError, save_image_atomic, write_json_atomic
 from ..session import hooks
 from ..tokens import TokenMap
 from .align import choose_mode
@@ -78,7 +78,7 @@ class EditResult:
         planned = [name for name, _ in images] + ["sheet.png", MANIFEST]
         clashes = [name for name in planned if (folder / name).exists()]
         if clashes:
-            raise RunFolderError(f"{folder} already holds {', '.join(clashes)}; an edit never overwrites files")
+            raise OverwriteError(f"{folder} already holds {', '.join(clashes)}; an edit never overwrites files")
         folder.mkdir(parents=True, exist_ok=True)
         written = [save_image_atomic(image, folder / name) for name, image in images]
         written.append(save_image_atomic(self.sheet(), folder / "sheet.png"))
@@ -160,7 +160,7 @@ def initial_latent(pipe, seed: int, width: int, height: int) -> torch.Tensor:
 
 
 def _image_size(pipe, size) -> tuple[int, int]:
-    from ..runner import parse_size
+    from ..validate import parse_size
 
     dims = parse_size(size)
     if dims is not None:
@@ -226,10 +226,8 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
     latents = torch.cat([initial_latent(pipe, seed, width, height) for seed in seeds])  # [K, C, h, w]
     common = dict(steps=steps, guidance=guidance, width=width, height=height, negative_prompt=negative_prompt,
                   output_type=output_type)
-    local_blend = next((c for c in controllers if isinstance(c, LocalBlend)), None)
-    extra = {"callback_on_step_end": local_blend} if local_blend is not None else {}
     with hooks(pipe, *controllers):
-        images = _sample(pipe, [source, *targets], latents, seeds, **common, **extra)
+        images = _sample(pipe, [source, *targets], latents, seeds, **common)
     reprompts = _sample(pipe, targets, latents, seeds, **common) if reprompt else []
     token_maps = [TokenMap(pipe.tokenizer, p) for p in (source, *targets)]
     settings = {

@@ -14,9 +14,10 @@ from typing import Mapping
 
 import torch
 
-from ..hookpoints import BatchLayout, Controller, HookContext
+from ..hookpoints import BatchLayout, Controller, HookContext, Run
 from ..prompt_syntax import WeightedSpan, parse_prompt
 from ..selector import Selector
+from ..steps import contains
 from ..tokens import TokenMap
 from .modes import ReweightError, check_weight, emphasise, mode_named
 from .schedule import Ramp, WeightValue, parse_window, resolve_window, weight_at
@@ -80,7 +81,6 @@ class Reweight(Controller):
         if steps is not None and selector.steps is not None:
             raise ReweightError("give the step window once: either `steps=` or steps= in the selector")
         self.window = parse_window(steps) if steps is not None else selector.steps
-        # The window is checked in active(), so the controller sees every call and can validate at the first.
         self.selector = replace(selector, kind="cross", steps=None)
         if rows not in ROWS:
             raise ReweightError(f"rows must be one of {', '.join(ROWS)}, not {rows!r}")
@@ -112,23 +112,24 @@ class Reweight(Controller):
     def points(self):
         return {self.mode.point: self._apply}
 
+    def begin_run(self, run: Run) -> None:
+        """Resolve words to slots for every weighted row, once per run (unknown words raise here)."""
+        if self.window is not None and run.num_steps is None and any(span.fractional for span in self.window):
+            raise ReweightError("a fractional step window (e.g. 0:0.3) needs the number of steps; run it through "
+                                "a pipeline, or pass `scheduler=` to xattn.hooks(...)")
+        self._targets = self._resolve(run.layout)
+        self._tensors = {}
+
     def reset(self) -> None:
-        self._layout: BatchLayout | None = None
         self._targets: list[_Target] = []
-        self._window_key: tuple | None = None
-        self._window_steps: list[int] | None = None
         self._tensors: dict[tuple, torch.Tensor] = {}
 
     def active(self, ctx: HookContext) -> bool:
-        if ctx.layout is not self._layout:
-            self._targets = self._resolve(ctx.layout)  # raises for unknown words, at the first call
-            self._layout = ctx.layout
-            self._tensors = {}
         if not self._targets:
             return False
-        if self.window is None:
-            return True
-        return ctx.step in self._steps_in_window(ctx)
+        if self.window is not None and ctx.step is None:
+            raise ReweightError("a step window needs a step clock; this call has no timestep")
+        return contains(self.window, ctx.step, ctx.num_steps)
 
     def _apply(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         weights = self._weight_tensor(ctx, x.shape[1], x.dtype, x.device)  # [b, j]
@@ -162,20 +163,11 @@ class Reweight(Controller):
                                 f"but the pipeline got {token_map.prompt!r}; pass `reweight.prompt` to the pipeline")
         return token_map
 
-    def _steps_in_window(self, ctx: HookContext) -> list[int]:
-        key = (ctx.num_steps, None if ctx.num_steps is not None else ctx.step)
-        if key != self._window_key:
-            if ctx.step is None:
-                raise ReweightError("a step window needs a step clock; this call has no timestep")
-            self._window_steps = resolve_window(self.window, ctx.num_steps, ctx.step)
-            self._window_key = key
-        return self._window_steps
-
     def _weight_tensor(self, ctx: HookContext, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (ctx.step, ctx.num_steps, length, dtype, device)
         tensor = self._tensors.get(key)
         if tensor is None:
-            window_steps = self._steps_in_window(ctx) if self.window is not None else None
+            window_steps = resolve_window(self.window, ctx.num_steps, ctx.step)
             weights = torch.ones(ctx.layout.batch_size, length, dtype=torch.float64)
             for target in self._targets:
                 value = weight_at(target.value, ctx.step, window_steps, ctx.num_steps)

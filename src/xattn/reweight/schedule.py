@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..selector import Selector, Span
+from .. import steps
+from ..steps import StepWindowError, Window, WindowSpec
 from .modes import Mode, ReweightError, check_weight
 
 
@@ -39,38 +40,43 @@ class Ramp:
 WeightValue = float | Ramp
 
 
-def parse_window(steps: object) -> tuple[Span, ...] | None:
-    """``"0:0.3"``, ``"2:10"``, ``(0, 0.3)`` or a list of such -> spans; ``None`` -> every step."""
-    if steps is None:
-        return None
-    if isinstance(steps, tuple) and len(steps) == 2 and all(isinstance(v, (int, float, type(None))) for v in steps):
-        steps = ":".join("" if v is None else repr(v) for v in steps)
-    return Selector.from_dict({"steps": steps}).steps
+def parse_window(spec: WindowSpec) -> Window | None:
+    """Any step-window spelling (:mod:`xattn.steps`) -> spans; ``None`` -> every step."""
+    try:
+        return steps.parse_window(spec)
+    except StepWindowError as error:
+        raise ReweightError(str(error)) from None
 
 
-def resolve_window(window: tuple[Span, ...] | None, num_steps: int | None, step: int | None) -> list[int] | None:
+def resolve_window(window: Window | None, num_steps: int | None, step: int | None) -> list[int] | None:
     """The step indices of a run with ``num_steps`` steps that the window covers (``None``: all)."""
     if window is None:
         return None
     if num_steps is None:
-        if any(span.fractional for span in window):
-            raise ReweightError("a fractional step window (e.g. 0:0.3) needs the number of steps; run it through "
-                                "a pipeline, or pass `scheduler=` to xattn.hooks(...)")
-        last = max([int(span.stop) for span in window if span.stop is not None] + [(step or 0) + 1])
-        return [s for s in range(last) if any(span.contains(s) for span in window)]
-    return [s for s in range(num_steps) if any(span.contains(s, num_steps) for span in window)]
+        num_steps = _horizon(window, step)
+    try:
+        return sorted(steps.steps_in(window, num_steps))
+    except StepWindowError as error:
+        raise ReweightError(str(error)) from None
+
+
+def _horizon(window: Window, step: int | None) -> int | None:
+    """Without a step count: far enough to cover the window's bounded ends and ``step``."""
+    if any(span.fractional for span in window):
+        return None
+    return max([int(span.stop) for span in window if span.stop is not None] + [(step or 0) + 1])
 
 
 def weight_at(value: WeightValue, step: int, window_steps: list[int] | None, num_steps: int | None) -> float:
     """A constant weight, or a ramp's value at ``step`` of the window."""
     if not isinstance(value, Ramp):
         return value
-    steps = window_steps if window_steps is not None else (list(range(num_steps)) if num_steps else None)
-    if not steps:
+    covered = window_steps if window_steps is not None else (list(range(num_steps)) if num_steps else None)
+    if not covered:
         raise ReweightError("a Ramp needs the number of steps: run it through a pipeline, or pass "
                             "`scheduler=` to xattn.hooks(...)")
-    position = steps.index(step)
-    fraction = position / (len(steps) - 1) if len(steps) > 1 else 0.0
+    position = covered.index(step)
+    fraction = position / (len(covered) - 1) if len(covered) > 1 else 0.0
     return value.at(fraction)
 
 

@@ -1,0 +1,133 @@
+"""Pipeline adapters: what a pipeline encoded, and which row of a denoiser call is which.
+
+Pipelines differ in what ``encode_prompt`` returns (SD: embeddings and
+negative embeddings; SDXL adds pooled embeddings; PixArt and Sana interleave
+attention masks). A small adapter per family reads that return value into an
+:class:`Encoded`; :func:`match_rows` then identifies each row of a denoiser
+call by equality with those embeddings, which tells conditional from
+unconditional rows and the prompt and image of each, without assuming which
+half of the batch is which. Rows that match nothing are an error naming the
+pipeline, never a silent "every row is conditional".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import LayoutError
+from .hookpoints import BatchLayout, Row
+from .tokens import TokenMap
+
+
+@dataclass
+class Encoded:
+    """What the pipeline's ``encode_prompt`` returned for the current call."""
+
+    prompts: list[str] | None
+    negative_prompts: list[str | None]
+    images_per_prompt: int
+    cond: torch.Tensor | None  # [n_prompts * n_images, j, d]
+    uncond: torch.Tensor | None  # same shape, or None without classifier-free guidance
+
+
+Unpack = Callable[[tuple], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How one pipeline family encodes prompts."""
+
+    family: str
+    class_prefixes: tuple[str, ...]  # pipeline class names (or their bases') that belong to the family
+    unpack: Unpack  # encode_prompt's return value -> (cond, uncond) embeddings
+    tokenizer_attributes: tuple[str, ...] = ("tokenizer",)
+
+    def tokenizer(self, pipe):
+        for attribute in self.tokenizer_attributes:
+            tokenizer = getattr(pipe, attribute, None)
+            if tokenizer is not None:
+                return tokenizer
+        return None
+
+    def encoded(self, arguments: dict, result) -> Encoded:
+        prompts = arguments.get("prompt")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        negatives = arguments.get("negative_prompt")
+        count = len(prompts) if prompts is not None else 0
+        if negatives is None or isinstance(negatives, str):
+            negatives = [negatives] * count
+        cond, uncond = self.unpack(tuple(result) if isinstance(result, (tuple, list)) else (result,))
+        return Encoded(
+            prompts=list(prompts) if prompts is not None else None,
+            negative_prompts=list(negatives),
+            images_per_prompt=int(arguments.get("num_images_per_prompt") or 1),
+            cond=cond,
+            uncond=uncond,
+        )
+
+
+def _first_two(result: tuple):
+    return result[0], (result[1] if len(result) > 1 else None)
+
+
+def _masked_pairs(result: tuple):  # (embeds, mask, negative_embeds, negative_mask)
+    return result[0], (result[2] if len(result) > 2 else None)
+
+
+# Most specific first: a class is matched by the first adapter one of its bases' names starts with.
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("sdxl", ("StableDiffusionXL",), _first_two, ("tokenizer", "tokenizer_2")),
+    Adapter("sd", ("StableDiffusion", "AltDiffusion"), _first_two),
+    Adapter("pixart", ("PixArt", "Sana"), _masked_pairs),
+)
+UNSUPPORTED_PREFIXES = ("StableDiffusion3", "Flux")  # joint attention: refused by the processor allow-list
+
+
+def adapter_for(pipe) -> Adapter | None:
+    """The adapter of ``pipe``'s family, or None for a pipeline xattn has no adapter for."""
+    for cls in type(pipe).__mro__:
+        name = cls.__name__
+        if name.startswith(UNSUPPORTED_PREFIXES):
+            return None
+        for adapter in ADAPTERS:
+            if name.startswith(adapter.class_prefixes):
+                return adapter
+    return None
+
+
+def match_rows(text: torch.Tensor, encoded: Encoded, tokenizer, pipeline_name: str) -> BatchLayout:
+    """Identify each row of ``text`` [b, j, d] by equality with the encoded embeddings."""
+    n_images = encoded.images_per_prompt
+    candidates = [(True, encoded.cond), (False, encoded.uncond)]
+    used: set[tuple[bool, int]] = set()
+    rows: list[Row] = []
+    for r in range(text.shape[0]):
+        row = None
+        for cond, embeds in candidates:
+            if embeds is None or embeds.shape[1:] != text.shape[1:]:
+                continue
+            for k in range(embeds.shape[0]):
+                if (cond, k) not in used and torch.equal(embeds[k].to(text), text[r]):
+                    used.add((cond, k))
+                    row = Row(cond, k // n_images, k % n_images)
+                    break
+            if row is not None:
+                break
+        if row is None:
+            raise LayoutError(
+                f"row {r} of the {pipeline_name} call matches none of the embeddings its encode_prompt "
+                "returned (were they changed between encoding and the denoiser?); pass `layout=` to xattn.hooks(...) "
+                "to say which row is which"
+            )
+        rows.append(row)
+    prompts = tuple(encoded.prompts) if encoded.prompts is not None else ()
+    token_maps = tuple(TokenMap(tokenizer, p) if (tokenizer is not None and p is not None) else None for p in prompts)
+    return BatchLayout(rows=tuple(rows), prompts=prompts, token_maps=token_maps,
+                       negative_prompts=tuple(encoded.negative_prompts))
+
+
+__all__ = ["ADAPTERS", "Adapter", "Encoded", "adapter_for", "match_rows"]

@@ -1,0 +1,81 @@
+"""The step clock: which denoising step a denoiser call belongs to.
+
+A step is the position of the call's timestep among the scheduler's
+*distinct* timesteps, read from the call itself, never a count of layer
+calls. So Heun's two calls at one noise level share a step, and DDIM, Euler,
+DPM++ and flow-matching schedulers (whose timesteps are sigmas x 1000) all
+count 0..N-1. Without a scheduler to read (a bare model call), distinct
+timesteps are numbered in the order they arrive and the step count is
+unknown.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _close(a: float, b: float, tolerance: float) -> bool:
+    return abs(a - b) <= tolerance * max(1.0, abs(b))
+
+
+class StepClock:
+    """Maps timesteps to step indices for one scheduler at a time."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._distinct: list[float] = []
+        self._seen: list[float] = []  # arrival order, when there is no schedule
+
+    def new_run(self) -> None:
+        """Forget the arrival order of a schedule-less run."""
+        self._seen = []
+
+    def _schedule(self, scheduler) -> list[float] | None:
+        timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
+        if timesteps is None or not len(timesteps):
+            return None
+        key = (id(timesteps), len(timesteps), float(timesteps[0]), float(timesteps[-1]))
+        if key != self._key:
+            distinct: list[float] = []
+            for value in torch.as_tensor(timesteps).flatten().tolist():
+                if not any(_close(value, seen, 1e-4) for seen in distinct):
+                    distinct.append(value)
+            self._distinct, self._key = distinct, key
+        return self._distinct
+
+    def step_of(self, timestep: float | None, scheduler) -> tuple[int | None, int | None]:
+        """(step, number of steps) of a call at ``timestep``; (None, None) without a timestep."""
+        if timestep is None:
+            return None, None
+        distinct = self._schedule(scheduler)
+        if distinct:
+            nearest = min(range(len(distinct)), key=lambda i: abs(distinct[i] - timestep))
+            if _close(distinct[nearest], timestep, 1e-3):
+                return nearest, len(distinct)
+        for index, value in enumerate(self._seen):
+            if _close(value, timestep, 1e-6):
+                return index, None
+        self._seen.append(timestep)
+        return len(self._seen) - 1, None
+
+    def ends_step(self, timestep: float, scheduler) -> bool:
+        """After ``scheduler.step`` at ``timestep``: is that step now complete?
+
+        Second-order schedulers (Heun, KDPM2) visit a noise level twice; the
+        step ends with the last visit. Schedulers that track ``step_index``
+        say where they go next; the others never repeat a timestep.
+        """
+        timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
+        if timesteps is None or not len(timesteps):
+            return True
+        following = getattr(scheduler, "step_index", None)
+        if following is None:
+            return True
+        if following >= len(timesteps):
+            return True
+        next_step, _ = self.step_of(float(timesteps[following]), scheduler)
+        this_step, _ = self.step_of(timestep, scheduler)
+        return next_step != this_step
+
+
+__all__ = ["StepClock"]

@@ -1,0 +1,103 @@
+"""Putting xattn's processor on sites, and refusing what it does not reproduce.
+
+xattn replaces a site's processor only where it computes *exactly* what the
+old one did. That is known for an explicit list of diffusers classes
+(:data:`REPRODUCED`); any other processor (IP-Adapter, Custom Diffusion,
+xformers, attention slicing, a user's own, a subclass of a listed one) is
+refused with an error that names the site, the class and what to do, before
+anything is changed. Restoring puts back the very objects that were there.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from .errors import UnsupportedProcessorError
+
+PROCESSOR_SUFFIX = ".processor"
+
+
+def _reproduced() -> tuple[type, ...]:
+    from diffusers.models import attention_processor as ap
+
+    return tuple(getattr(ap, name) for name in ("AttnProcessor2_0", "AttnProcessor") if hasattr(ap, name))
+
+
+REPRODUCED = _reproduced()
+
+# What to tell a user who meets a known processor xattn does not reproduce.
+_ADVICE = {
+    "SlicedAttnProcessor": "attention slicing replaced it: call pipe.disable_attention_slicing() first "
+                           "(xattn's fused path already avoids the [i, j] map)",
+    "XFormersAttnProcessor": "xformers replaced it: call pipe.disable_xformers_memory_efficient_attention() first "
+                             "(xattn's fused path uses PyTorch's SDPA, which picks a memory-efficient kernel)",
+    "IPAdapterAttnProcessor": "IP-Adapter's decoupled attention is not reproduced yet: unload it "
+                              "(pipe.unload_ip_adapter()) or deselect these sites",
+    "IPAdapterAttnProcessor2_0": "IP-Adapter's decoupled attention is not reproduced yet: unload it "
+                                 "(pipe.unload_ip_adapter()) or deselect these sites",
+    "CustomDiffusionAttnProcessor": "Custom Diffusion's processor is not reproduced: deselect these sites",
+    "CustomDiffusionAttnProcessor2_0": "Custom Diffusion's processor is not reproduced: deselect these sites",
+    "FusedAttnProcessor2_0": "fused QKV projections are on: call pipe.unfuse_qkv_projections() first",
+    "JointAttnProcessor2_0": "joint (SD3-style) attention is not hooked yet: xattn supports UNet and "
+                             "cross-attention transformer sites for now",
+    "FluxAttnProcessor": "joint (Flux-style) attention is not hooked yet: xattn supports UNet and "
+                         "cross-attention transformer sites for now",
+}
+
+
+def is_reproduced(processor) -> bool:
+    """True when xattn's processor computes exactly what ``processor`` does (its exact class is listed)."""
+    from .processor import XattnProcessor
+
+    return type(processor) in REPRODUCED or type(processor) is XattnProcessor
+
+
+def refusal(name: str, processor) -> str:
+    """Why the site ``name`` cannot be hooked, in one line."""
+    cls = type(processor).__name__
+    advice = _ADVICE.get(cls, "deselect it (e.g. a selector with `sites=` that leaves it out) or restore "
+                              "diffusers' AttnProcessor2_0 there")
+    return f"site {name} has the attention processor {cls}, which xattn does not reproduce exactly; {advice}"
+
+
+def check_processors(denoiser: nn.Module, names: Iterable[str]) -> None:
+    """Raise :class:`UnsupportedProcessorError` for the first of ``names`` xattn cannot hook."""
+    current = denoiser.attn_processors
+    refused = [name for name in names if not is_reproduced(current[name + PROCESSOR_SUFFIX])]
+    if refused:
+        more = f" (and {len(refused) - 1} more site(s) like it)" if len(refused) > 1 else ""
+        raise UnsupportedProcessorError(refusal(refused[0], current[refused[0] + PROCESSOR_SUFFIX]) + more)
+
+
+def install(denoiser: nn.Module, names: Iterable[str], make, originals: dict) -> None:
+    """Put ``make(name)`` on every site in ``names`` not yet xattn's; remember what was there in ``originals``."""
+    from .processor import XattnProcessor
+
+    names = list(names)
+    check_processors(denoiser, names)
+    current = denoiser.attn_processors
+    changed = False
+    for name in names:
+        key = name + PROCESSOR_SUFFIX
+        if isinstance(current[key], XattnProcessor):
+            continue
+        originals[key] = current[key]
+        current[key] = make(name)
+        changed = True
+    if changed:
+        denoiser.set_attn_processor(current)
+
+
+def restore(denoiser: nn.Module, originals: dict) -> None:
+    """Put back the processors recorded in ``originals``, and forget them."""
+    if not originals:
+        return
+    current = denoiser.attn_processors
+    current.update(originals)
+    denoiser.set_attn_processor(current)
+    originals.clear()
+
+
+__all__ = ["REPRODUCED", "check_processors", "install", "is_reproduced", "refusal", "restore"]

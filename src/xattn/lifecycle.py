@@ -1,0 +1,89 @@
+"""The run lifecycle: where a pipeline call starts and ends, and where its steps end.
+
+While a session is open on a pipeline, the pipeline's class is swapped for a
+subclass of the same name whose ``__call__`` tells the session that a run
+starts and ends, and chains the controllers' ``on_step_end`` into the
+pipeline's own ``callback_on_step_end`` (before the user's callback, which
+then sees the controllers' latents). Nothing is left for a user to wire by
+hand, so step-end work cannot silently not run. The original class comes
+back when the last session on the pipeline closes.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+
+from .errors import XattnError
+
+
+class LifecycleError(XattnError, RuntimeError):
+    """A pipeline that cannot give controllers what they need (e.g. no step-end callback)."""
+
+
+_WATCHERS: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()  # pipeline -> runtime
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _watched_class(cls: type) -> type:
+    """A subclass of ``cls`` with the same name whose calls report to the pipeline's runtime."""
+    if cls in _SUBCLASSES:
+        return _SUBCLASSES[cls]
+    original_call = cls.__call__
+
+    @functools.wraps(original_call)
+    def __call__(self, *args, **kwargs):
+        runtime = _WATCHERS.get(self)
+        if runtime is None:
+            return original_call(self, *args, **kwargs)
+        return runtime.run_pipeline(original_call, self, args, kwargs)
+
+    watched = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__, "_xattn_unwatched": cls})
+    _SUBCLASSES[cls] = watched
+    return watched
+
+
+def watch(pipe, runtime) -> None:
+    """Route ``pipe(...)`` through ``runtime.run_pipeline`` until :func:`unwatch`."""
+    _WATCHERS[pipe] = runtime
+    pipe.__class__ = _watched_class(type(pipe))
+
+
+def unwatch(pipe) -> None:
+    _WATCHERS.pop(pipe, None)
+    original = getattr(type(pipe), "_xattn_unwatched", None)
+    if original is not None:
+        pipe.__class__ = original
+
+
+def with_step_end(call, pipe, kwargs: dict, step_end) -> dict:
+    """``kwargs`` with ``step_end(timestep, latents) -> latents | None`` chained into the step-end callback."""
+    parameters = inspect.signature(call).parameters
+    if "callback_on_step_end" not in parameters:
+        raise LifecycleError(f"{type(pipe).__name__} has no callback_on_step_end, so controllers that act between "
+                             "steps (LocalBlend, guidance) cannot run on it")
+    user = kwargs.get("callback_on_step_end")
+    inputs = kwargs.get("callback_on_step_end_tensor_inputs")
+    if inputs is None:
+        default = parameters.get("callback_on_step_end_tensor_inputs")
+        inputs = default.default if default is not None and default.default is not inspect.Parameter.empty else None
+    inputs = list(getattr(user, "tensor_inputs", None) or inputs or [])
+    if "latents" not in inputs:
+        inputs.append("latents")
+
+    def callback(pipeline, index, timestep, callback_kwargs):
+        outputs = {}
+        latents = step_end(timestep, callback_kwargs["latents"])
+        if latents is not None:
+            outputs["latents"] = latents
+            callback_kwargs = {**callback_kwargs, "latents": latents}
+        if user is not None:
+            outputs.update(user(pipeline, index, timestep, callback_kwargs) or {})
+        return outputs
+
+    return {**kwargs, "callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": inputs}
+
+
+__all__ = ["LifecycleError", "unwatch", "watch", "with_step_end"]
