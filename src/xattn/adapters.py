@@ -130,4 +130,36 @@ def match_rows(text: torch.Tensor, encoded: Encoded, tokenizer, pipeline_name: s
                        negative_prompts=tuple(encoded.negative_prompts))
 
 
-__all__ = ["ADAPTERS", "Adapter", "Encoded", "adapter_for", "match_rows"]
+def layout_without_encoding(batch_size: int, override: BatchLayout | None, prompts: list[str] | None,
+                            tokenizer) -> BatchLayout:
+    """The layout of a call the pipeline did not encode: given whole, named by ``prompts=``, or plain."""
+    if override is not None:
+        if override.batch_size != batch_size:
+            raise LayoutError(f"the given layout has {override.batch_size} rows, the call has {batch_size}")
+        return override
+    if prompts is None or tokenizer is None:
+        return BatchLayout.plain(batch_size)
+    if len(prompts) != batch_size:
+        raise LayoutError(f"prompts= names {len(prompts)} rows, the call has {batch_size}; "
+                          "pass one prompt per row, or a full `layout=`")
+    return BatchLayout(rows=tuple(Row(True, i, 0) for i in range(batch_size)), prompts=tuple(prompts),
+                       token_maps=tuple(TokenMap(tokenizer, p) for p in prompts))
+
+
+def layout_of_pipeline_call(text: torch.Tensor, encoded: Encoded, adapter: Adapter | None, pipe,
+                            prompts: list[str] | None, tokenizer) -> BatchLayout:
+    """The layout of a denoiser call inside a pipeline call; ``prompts`` rename the encoded prompts."""
+    name = type(pipe).__name__
+    if adapter is None:
+        raise LayoutError(f"xattn has no pipeline adapter for {name}, so it cannot tell which rows are which; "
+                          "pass `layout=` to xattn.hooks(...)")
+    if prompts is not None:
+        if encoded.prompts is not None and len(encoded.prompts) != len(prompts):
+            raise LayoutError(f"prompts= names {len(prompts)} prompts, the {name} call has {len(encoded.prompts)}")
+        encoded = Encoded(list(prompts), encoded.negative_prompts or [None] * len(prompts),
+                          encoded.images_per_prompt, encoded.cond, encoded.uncond)
+    return match_rows(text, encoded, tokenizer or adapter.tokenizer(pipe), name)
+
+
+__all__ = ["ADAPTERS", "Adapter", "Encoded", "adapter_for", "layout_of_pipeline_call", "layout_without_encoding",
+           "match_rows"]

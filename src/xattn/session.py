@@ -32,15 +32,14 @@ from torch import nn
 
 from . import install as installer
 from . import lifecycle
-from .adapters import Encoded, adapter_for, match_rows
+from .adapters import Encoded, adapter_for, layout_of_pipeline_call, layout_without_encoding
 from .clock import StepClock
 from .dispatch import ActiveHooks, active_hooks, describe_sites, plan_sites
 from .errors import LayoutError, NothingSelectedError, UnsupportedProcessorError
-from .hookpoints import BatchLayout, Controller, Hook, HookContext, HookFn, Row, Run
+from .hookpoints import BatchLayout, Controller, Hook, HookContext, HookFn, Run
 from .processor import XattnProcessor
 from .selector import Selector
 from .sites import Site, denoiser_of, resolution_of, sites as list_sites
-from .tokens import TokenMap
 
 # Keyword groups a denoiser call may carry for its processors; only LoRA's ``scale`` is consumed before them.
 _PROCESSOR_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
@@ -206,43 +205,16 @@ class _Runtime:
 
     # -- batch layout ----------------------------------------------------------
     def _layout_of(self, text: torch.Tensor | None, batch_size: int) -> BatchLayout:
-        session = self.sessions[-1] if self.sessions else None
         override = next((s.layout for s in reversed(self.sessions) if s.layout is not None), None)
-        if override is not None:
-            if override.batch_size != batch_size:
-                raise LayoutError(f"the given layout has {override.batch_size} rows, the call has {batch_size}")
-            return override
         prompts = next((s.prompts for s in reversed(self.sessions) if s.prompts is not None), None)
-        if text is None:
-            return BatchLayout.plain(batch_size)
-        if self._encoded is None:  # a bare model call: prompts= names its rows
-            if prompts is None:
-                return BatchLayout.plain(batch_size)
-            if len(prompts) != batch_size:
-                raise LayoutError(f"prompts= names {len(prompts)} rows, the call has {batch_size}; "
-                                  "pass one prompt per row, or a full `layout=`")
-            tokenizer = session.tokenizer
-            return BatchLayout(rows=tuple(Row(True, i, 0) for i in range(batch_size)), prompts=tuple(prompts),
-                               token_maps=tuple(TokenMap(tokenizer, p) for p in prompts))
+        tokenizer = next((s.tokenizer for s in reversed(self.sessions) if s.tokenizer is not None), None)
+        if override is not None or text is None or self._encoded is None:
+            return layout_without_encoding(batch_size, override, prompts, tokenizer if text is not None else None)
         key = (id(text), text.data_ptr(), text._version, tuple(text.shape), id(self._encoded))
         if key != self._layout_key:
-            self._layout = self._match(text, prompts, session)
+            self._layout = layout_of_pipeline_call(text, self._encoded, self.adapter, self.pipe, prompts, tokenizer)
             self._layout_key = key
         return self._layout
-
-    def _match(self, text: torch.Tensor, prompts, session) -> BatchLayout:
-        name = type(self.pipe).__name__
-        if self.adapter is None:
-            raise LayoutError(f"xattn has no pipeline adapter for {name}, so it cannot tell which rows are which; "
-                              "pass `layout=` to xattn.hooks(...)")
-        encoded = self._encoded
-        if prompts is not None:
-            if encoded.prompts is not None and len(encoded.prompts) != len(prompts):
-                raise LayoutError(f"prompts= names {len(prompts)} prompts, the {name} call has {len(encoded.prompts)}")
-            encoded = Encoded(list(prompts), encoded.negative_prompts or [None] * len(prompts),
-                              encoded.images_per_prompt, encoded.cond, encoded.uncond)
-        tokenizer = session.tokenizer or self.adapter.tokenizer(self.pipe)
-        return match_rows(text, encoded, tokenizer, name)
 
     def _wrap_encode_prompt(self, pipe) -> bool:
         """Observe ``pipe.encode_prompt`` (instance attribute, removed on close)."""
