@@ -244,3 +244,24 @@ def test_prompts_name_the_rows_of_a_call_with_prompt_embeds_and_guidance(sd1_pip
     layout = recorder.runs[0].layout
     assert layout.batch_size == 2 and len(layout.cond_rows()) == 1 and len(layout.uncond_rows()) == 1
     assert layout.token_map(0).indices("red") == [2]
+
+
+def test_hookable_names_each_site_xattn_refuses_and_the_table_says_so(sd1_pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from xattn.install import hookable
+    from xattn.sites import format_table
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    unet = sd1_pipe.unet
+    name = next(key for key in unet.attn_processors if "attn2" in key)
+    unet.set_attn_processor({**unet.attn_processors, name: Custom()})
+    support = hookable(sd1_pipe)
+    site = name[: -len(".processor")]
+    assert support[site] == "Custom"
+    assert all(reason is None for other, reason in support.items() if other != site)
+    table = format_table(xattn.sites(sd1_pipe), support)
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert rows[site].endswith("no: Custom") and all(r.endswith("yes") for s, r in rows.items() if s != site)

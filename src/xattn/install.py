@@ -62,6 +62,15 @@ def refusal(name: str, processor) -> str:
     return f"site {name} has the attention processor {cls}, which xattn does not reproduce exactly; {advice}"
 
 
+def hookable(model) -> dict[str, str | None]:
+    """Site name -> None where xattn can hook it, else the processor class it refuses there."""
+    from .sites import denoiser_of
+
+    processors = denoiser_of(model).attn_processors
+    return {key[: -len(PROCESSOR_SUFFIX)]: None if is_reproduced(processor) else type(processor).__name__
+            for key, processor in processors.items()}
+
+
 def check_processors(denoiser: nn.Module, names: Iterable[str]) -> None:
     """Raise :class:`UnsupportedProcessorError` for the first of ``names`` xattn cannot hook."""
     current = denoiser.attn_processors
@@ -100,4 +109,4 @@ def restore(denoiser: nn.Module, originals: dict) -> None:
     originals.clear()
 
 
-__all__ = ["REPRODUCED", "check_processors", "install", "is_reproduced", "refusal", "restore"]
+__all__ = ["REPRODUCED", "check_processors", "hookable", "install", "is_reproduced", "refusal", "restore"]

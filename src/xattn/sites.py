@@ -117,10 +117,20 @@ def resolution_of(query_length: int, latent_hw: tuple[int, int]) -> tuple[int, i
     return 1, query_length
 
 
-def format_table(site_list: list[Site]) -> str:
-    """A plain-text table of sites, for ``xattn sites``."""
-    header = ("name", "kind", "block", "heads", "head_dim")
-    rows = [(s.name, s.kind, s.block, str(s.heads), str(s.head_dim)) for s in site_list]
+def format_table(site_list: list[Site], hookable: dict[str, str | None] | None = None) -> str:
+    """A plain-text table of sites, for ``xattn sites``.
+
+    ``hookable`` maps a site name to None (xattn can hook it) or the reason
+    it cannot; given, it adds a ``hookable`` column.
+    """
+    header = ("name", "kind", "block", "heads", "head_dim") + (("hookable",) if hookable is not None else ())
+    rows = []
+    for s in site_list:
+        row = (s.name, s.kind, s.block, str(s.heads), str(s.head_dim))
+        if hookable is not None:
+            reason = hookable.get(s.name)
+            row += ("yes" if reason is None else f"no: {reason}",)
+        rows.append(row)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))

@@ -6,6 +6,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from ..validate import OptionError
 from . import common
 
 
@@ -19,16 +20,17 @@ def register(app: typer.Typer) -> None:
         kind: Annotated[Optional[Literal["cross", "self", "all"]], typer.Option(
             help="Only sites of this kind.")] = None,
     ):
-        """List every attention site (module path, kind, block, heads) of a model."""
+        """List every attention site (module path, kind, block, heads) of a model, and whether xattn can hook it."""
+        from ..install import hookable
         from ..sites import format_table, sites as list_sites
-        from ..runner import load_pipeline
+        from ..app.runner import load_pipeline
 
         with common.user_errors():
             if model_arg is not None and model is not None and model_arg != model:
-                raise common.runner.OptionError(
+                raise OptionError(
                     f"two models given ({model_arg!r} and --model {model!r}); pass one")
             pipe = load_pipeline(model_arg or model, device="cpu", dtype="float32")
             listed = list_sites(pipe)
             if kind in ("cross", "self"):
                 listed = [s for s in listed if s.kind == kind]
-            typer.echo(format_table(listed))
+            typer.echo(format_table(listed, hookable(pipe)))
