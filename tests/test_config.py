@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xattn.config import ConfigError, load_config, validate
+from xattn.app.config import ConfigError, load_config, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ["shapes-world.yaml", "sd15.yaml", "sd21.yaml", "sdxl.yaml"]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from xattn import TokenError, runner
 from xattn.cli import app
 from xattn.edit import EditError, build_controllers, edit, edit_seeds, initial_latent
-from xattn.runfolder import RunFolderError
+from xattn.app.runfolder import RunFolderError
 
 import tiny_models
 

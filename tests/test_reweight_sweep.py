@@ -8,7 +8,7 @@ from PIL import Image
 
 from xattn.grid import EMPTY_CELL
 from xattn.reweight import ReweightError
-from xattn.reweight.sweep import Cell, _runs_of_consecutive, parse_seeds, parse_weights, sweep_sheet
+from xattn.app.reweight_sweep import Cell, _runs_of_consecutive, parse_seeds, parse_weights, sweep_sheet
 
 
 @pytest.mark.parametrize(("text", "seeds"), [("0:4", [0, 1, 2, 3]), ("3,7", [3, 7]), ("5", [5]), (" 2:3 ", [2])])
@@ -24,10 +24,12 @@ def test_parse_seeds_refuses(text):
 
 def test_parse_weights():
     assert parse_weights("-1,0,0.5, 1,2,4") == [-1.0, 0.0, 0.5, 1.0, 2.0, 4.0]
-    with pytest.raises(ReweightError, match="'two' is not a number"):
+    with pytest.raises(ReweightError, match="number, not 'two'"):
         parse_weights("1,two")
-    with pytest.raises(ReweightError, match="'inf' is not a finite number"):
+    with pytest.raises(ReweightError, match="finite number, not 'inf'"):
         parse_weights("1,inf")
+    with pytest.raises(ReweightError, match="float32"):
+        parse_weights("1,1e39")  # finite in Python, infinite in float32
 
 
 def test_consecutive_seeds_are_batched():

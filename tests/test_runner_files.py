@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 from PIL import Image
 
-from xattn import pngmeta, runfolder
+from xattn.app import pngmeta, runfolder
 
 # An A1111 parameters text written by hand from the format (not by our writer).
 A1111_TEXT = (

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from xattn import pngmeta, runner, sweep
+from xattn.app import pngmeta, runner, sweep
 from xattn.cli import app
-from xattn.config import ConfigError
+from xattn.app.config import ConfigError
 
 GRID = {"prompts": ["a red circle", "a blue square"], "seeds": [0, 1], "words": ["a"], "weights": [0.5, 2.0]}
 
@@ -198,7 +198,7 @@ def test_folder_of_another_sweep_or_other_files_is_refused(cli, sd1_path, tmp_pa
 def test_example_config_is_a_valid_grid_of_at_least_eight_jobs():
     from pathlib import Path
 
-    from xattn.config import load_config, one_of
+    from xattn.app.config import load_config, one_of
 
     path = Path(__file__).resolve().parents[1] / "configs" / "sweep-example.yaml"
     data = load_config(path, extra_keys={"job": one_of(sweep.JOB_KINDS), "grid": None})

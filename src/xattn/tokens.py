@@ -8,11 +8,16 @@ per-layer code.
 
 Words are the pieces CLIP's pre-tokenizer cuts the text into: runs of
 letters, single digits, runs of punctuation, and the contractions ('s, 't, ...).
-Matching ignores case, as CLIP does.
+Matching ignores case and Unicode composition, as CLIP does (its tokenizer
+applies NFC and lower-cases): a letter keeps the combining accents that follow
+it (``cafe`` + U+0301 is the word ``café``), and a special token written in
+the prompt (``<|endoftext|>``) is one word of one slot, as the tokenizer
+treats it.
 """
 
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from dataclasses import dataclass
 
@@ -20,8 +25,9 @@ import regex
 
 from .errors import XattnError
 
-# CLIP's pre-tokenization rule: contractions, letter runs, single digits, other symbol runs.
-_WORD_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+# CLIP's pre-tokenization rule: contractions, letter runs, single digits, other symbol runs; a letter run
+# keeps its combining marks (\p{M}), which NFC folds into the letters before CLIP splits.
+_WORD_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}\p{M}]+|\p{N}|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
 # Names that address the special slots.
 START_NAMES = ("<start>", "<bos>", "<|startoftext|>")
@@ -48,12 +54,31 @@ class Word:
 
     @property
     def key(self) -> str:
-        return self.text.lower()
+        return normal_key(self.text)
 
 
-def split_words(text: str) -> list[tuple[str, int, int]]:
-    """The prompt's words with their character spans."""
-    return [(m.group(0), m.start(), m.end()) for m in _WORD_PATTERN.finditer(text)]
+def normal_key(text: str) -> str:
+    """How CLIP's tokenizer sees a word: NFC-composed and lower-cased."""
+    return unicodedata.normalize("NFC", text).lower()
+
+
+def split_words(text: str, specials: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
+    """The prompt's words with their character spans; each of ``specials`` (``<|endoftext|>``) is one word."""
+    if not specials:
+        return [(m.group(0), m.start(), m.end()) for m in _WORD_PATTERN.finditer(text)]
+    cut = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    words, position = [], 0
+    for match in cut.finditer(text):
+        words += [(w, s + position, e + position) for w, s, e in split_words(text[position:match.start()])]
+        words.append((match.group(0), match.start(), match.end()))
+        position = match.end()
+    return words + [(w, s + position, e + position) for w, s, e in split_words(text[position:])]
+
+
+def _special_tokens(tokenizer) -> tuple[str, ...]:
+    """The special tokens the tokenizer keeps whole when they are written in a prompt."""
+    names = getattr(tokenizer, "all_special_tokens", None) or ()
+    return tuple(name for name in dict.fromkeys(names) if name and tokenizer.tokenize(name) == [name])
 
 
 class TokenMap:
@@ -77,7 +102,7 @@ class TokenMap:
         self.cut_words: list[str] = []
         pieces: list[str] = []
         counts: dict[str, int] = {}
-        for text, start, end in split_words(prompt):
+        for text, start, end in split_words(prompt, _special_tokens(tokenizer)):
             word_pieces = tokenizer.tokenize(text)
             first_slot = 1 + len(pieces)
             slots = tuple(s for s in range(first_slot, first_slot + len(word_pieces)) if s <= body)
@@ -86,8 +111,9 @@ class TokenMap:
                 self.cut_words.append(text)
             if not slots:
                 continue
-            counts[text.lower()] = counts.get(text.lower(), 0) + 1
-            self.words.append(Word(text, start, end, slots, counts[text.lower()]))
+            key = normal_key(text)
+            counts[key] = counts.get(key, 0) + 1
+            self.words.append(Word(text, start, end, slots, counts[key]))
         self._check_against_tokenizer(tokenizer, pieces)
         if self.cut_words:
             warnings.warn(
@@ -117,7 +143,7 @@ class TokenMap:
             if not 0 <= key < self.max_length:
                 raise TokenError(f"token index {key} is outside 0..{self.max_length - 1}")
             return [key]
-        name = key.strip().lower()
+        name = normal_key(key.strip())
         if name in START_NAMES:
             return [0]
         if name in END_NAMES:
@@ -130,7 +156,7 @@ class TokenMap:
             if not occurrence_text.isdigit() or int(occurrence_text) < 1:
                 raise TokenError(f"{key!r}: the part after '#' must be an occurrence number >= 1")
             occurrence = int(occurrence_text)
-        target = [w.lower() for w, _, _ in split_words(word_text)]
+        target = [normal_key(w) for w, _, _ in split_words(word_text)]
         if not target:
             raise TokenError(f"{key!r} holds no word; words of the prompt: {self._word_list()}")
         matches = self._find(target)
@@ -166,7 +192,7 @@ class TokenMap:
         return ", ".join(repr(w.text) for w in self.words) or "(none)"
 
     def _missing_message(self, key: str, word_text: str) -> str:
-        if any(word_text.lower() == cut.lower() for cut in self.cut_words):
+        if any(normal_key(word_text) == normal_key(cut) for cut in self.cut_words):
             return f"{key!r} was cut: the prompt is longer than {self.max_length - 2} tokens"
         return f"{key!r} is not in the prompt {self.prompt!r}; its words are: {self._word_list()}"
 

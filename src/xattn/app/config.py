@@ -18,9 +18,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from .errors import XattnError
-from .runner import DEVICES, DTYPES, SCHEDULERS, OptionError, parse_size
-from .selector import Selector, SelectorError
+from ..errors import XattnError
+from .. import validate as numbers
+from ..selector import Selector, SelectorError
+from ..validate import OptionError
+from .runner import DEVICES, DTYPES, SCHEDULERS
 
 Validator = Callable[[Any], Any]
 
@@ -39,24 +41,6 @@ def optional_text(value: Any) -> str | None:
     return str(value)
 
 
-def positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError("a positive integer")
-    return value
-
-
-def non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("an integer >= 0")
-    return value
-
-
-def number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError("a number")
-    return float(value)
-
-
 def one_of(choices: Iterable[str]) -> Validator:
     choices = tuple(choices)
 
@@ -69,10 +53,7 @@ def one_of(choices: Iterable[str]) -> Validator:
 
 
 def size_value(value: Any) -> str:
-    try:
-        width, height = parse_size(value)
-    except (OptionError, TypeError, ValueError):
-        raise ValueError("a size: one number (64) or WIDTHxHEIGHT (512x768), multiples of 8") from None
+    width, height = numbers.parse_size(value, max_pixels=None)  # the pixel limit is checked with --max-pixels
     return f"{width}x{height}"
 
 
@@ -90,10 +71,12 @@ COMMON_CHECKS: dict[str, Validator] = {
     "device": one_of(DEVICES),
     "dtype": one_of(("auto", *DTYPES)),
     "scheduler": one_of(SCHEDULERS),
-    "seed": non_negative_int,
-    "steps": positive_int,
-    "guidance": number,
+    "seed": numbers.seed,
+    "steps": numbers.steps,
+    "guidance": numbers.guidance,
     "size": size_value,
+    "threads": numbers.threads,
+    "max_pixels": lambda value: numbers.integer(value, "max_pixels", low=64),
     "negative_prompt": optional_text,
     "sites": selector_text,  # which sites to aggregate maps over
     "out": optional_text,
@@ -126,6 +109,8 @@ def validate(data: Mapping[str, Any], *, source: str = "config",
             continue
         try:
             cleaned[key] = check(value)
+        except OptionError as error:
+            raise ConfigError(f"{source}: key {key!r}: {error}") from None
         except ValueError as error:
             raise ConfigError(f"{source}: key {key!r} must be {error}, not {value!r}") from None
     return cleaned
@@ -145,7 +130,7 @@ def load_config(path: str | os.PathLike, *, extra_keys: Mapping[str, Validator |
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     return validate(data or {}, source=str(path), extra_keys=extra_keys)

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import XattnError
+from ..errors import XattnError
 
 CHUNK = "parameters"
 _NEGATIVE = "Negative prompt: "
@@ -72,6 +72,9 @@ def format_parameters(*, prompt: str, steps: int, sampler: str, cfg_scale: float
         xattn: xattn-specific settings, stored as JSON.
         extra: further ``Key: value`` pairs.
     """
+    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt or "")):
+        if "\0" in text:
+            raise PngMetadataError(f"the {name} holds a NUL character, which a PNG text chunk cannot carry")
     lines = [prompt]
     if negative_prompt:
         lines.append(_NEGATIVE + negative_prompt)
@@ -86,6 +89,34 @@ def format_parameters(*, prompt: str, steps: int, sampler: str, cfg_scale: float
         pairs["xattn"] = json.dumps(xattn, sort_keys=True, separators=(",", ":"))
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in pairs.items()))
     return "\n".join(lines)
+
+
+def image_parameters(pipe, settings: dict[str, Any], *, command: str, prompt: str, seed: int, image,
+                     own: dict[str, Any] | None = None) -> str:
+    """The ``parameters`` text of an image a command made with ``pipe`` and merged ``settings``.
+
+    Args:
+        pipe: the pipeline (its scheduler and ``xattn_identity`` are recorded).
+        settings: merged settings (``model``, ``scheduler``, ``dtype``, ``steps``, ``guidance``...).
+        command: the command that made it (``generate``, ``sweep``...).
+        prompt: the prompt of this image.
+        seed: this image's own seed.
+        image: the PIL image (its size is recorded).
+        own: command-specific settings (words, weights, the job...), stored under ``xattn``.
+    """
+    from .runner import SCHEDULERS, scheduler_name
+
+    scheduler = settings.get("scheduler") or scheduler_name(pipe.scheduler)
+    spec = SCHEDULERS.get(scheduler) if scheduler else None
+    identity = getattr(pipe, "xattn_identity", None) or {}
+    record = {"command": command, "model": settings.get("model"), "scheduler": scheduler,
+              "dtype": settings.get("dtype"), **(own or {})}
+    if identity.get("revision"):
+        record["revision"] = identity["revision"]
+    return format_parameters(
+        prompt=prompt, negative_prompt=settings.get("negative_prompt"), steps=settings["steps"],
+        sampler=spec.a1111 if spec else type(pipe.scheduler).__name__, cfg_scale=settings["guidance"],
+        seed=seed, width=image.width, height=image.height, model=identity.get("model"), xattn=record)
 
 
 def parse_parameters(text: str) -> dict[str, Any]:
@@ -126,6 +157,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
         }
     except (KeyError, ValueError) as error:
         raise PngMetadataError(f"the parameters line is missing or has a bad value ({error}): {lines[-1]!r}") from None
+    if not isinstance(result["xattn"], dict):
+        raise PngMetadataError(f"the parameters' xattn value must be a JSON object, not {pairs['xattn']!r}")
     return result
 
 
@@ -151,9 +184,20 @@ def read_parameters(png: str | os.PathLike | Image.Image) -> dict[str, Any]:
     else:
         if not os.path.isfile(png):
             raise PngMetadataError(f"PNG file {png} does not exist")
-        with Image.open(png) as image:
-            text = image.info.get(CHUNK)
+        try:
+            with Image.open(png) as image:
+                if image.format != "PNG":
+                    raise PngMetadataError(f"{png} is a {image.format} image, not a PNG")
+                image.load()  # text chunks after the image data are read here; a truncated file fails here
+                text = image.info.get(CHUNK)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL: not an image, truncated, bad chunk
+            if isinstance(error, PngMetadataError):
+                raise
+            raise PngMetadataError(f"{png} cannot be read as a PNG ({error})") from None
         name = str(png)
     if not text:
         raise PngMetadataError(f"{name} has no '{CHUNK}' text chunk; it was not written by xattn or an A1111-style tool")
     return parse_parameters(text)
+
+
+__all__ = ["CHUNK", "PngMetadataError", "format_parameters", "image_parameters", "parse_parameters", "png_info", "read_parameters"]

@@ -1,7 +1,7 @@
-"""Sweeps: one word at several weights, in one or more modes, over several seeds.
+"""Reweight grids: one word at several weights, in one or more modes, over several seeds.
 
 The CLI's ``xattn reweight --word red --weights 0,1,2 --modes scale,bias
---seeds 0:4`` and ``scripts/reweight_curve.py`` both call :func:`run_sweep`;
+--seeds 0:4`` calls :func:`run_sweep`;
 :func:`sweep_sheet` lays the result out as a labelled grid (rows weights,
 columns mode x seed). A weight a mode rejects (``bias`` with ``w <= 0``, or
 ``embedding`` on an encoder whose rows average to 0) becomes a skipped cell
@@ -15,12 +15,13 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from .. import validate
 from ..grid import labelled_grid
 from ..prompt_syntax import parse_prompt
+from ..reweight import Reweight
+from ..reweight.modes import ReweightError, mode_named
 from ..session import hooks
 from ..tokens import TokenMap
-from .controller import Reweight
-from .modes import ReweightError, mode_named
 
 # (clean prompt, first seed, image count) -> images seeded first, first + 1, ...
 GenerateFn = Callable[[str, int, int], list]
@@ -44,31 +45,19 @@ class Cell:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0:4"`` -> [0, 1, 2, 3]; ``"3,7"`` -> [3, 7]; ``"5"`` -> [5]."""
-    text = text.strip()
-    if ":" in text:
-        start, _, stop = text.partition(":")
-        if not (start.strip().isdigit() and stop.strip().isdigit()) or int(stop) <= int(start):
-            raise ReweightError(f"seeds {text!r}: a range is START:STOP with whole numbers, STOP > START (0:4)")
-        return list(range(int(start), int(stop)))
-    items = [item.strip() for item in text.split(",")]
-    if not items or not all(item.isdigit() for item in items):
-        raise ReweightError(f"seeds {text!r}: give a range 0:4 or a list 0,3,7 of whole numbers >= 0")
-    return [int(item) for item in items]
+    """``"0:4"`` -> [0, 1, 2, 3]; ``"3,7"`` -> [3, 7]; ``"5"`` -> [5] (:func:`xattn.validate.seed_list`)."""
+    try:
+        return validate.seed_list(text, "--seeds")
+    except validate.OptionError as error:
+        raise ReweightError(str(error)) from None
 
 
 def parse_weights(text: str) -> list[float]:
-    """``"-1,0,0.5,1,2,4"`` -> floats; names the item that is not a finite number."""
-    weights = []
-    for item in text.split(","):
-        try:
-            value = float(item)
-        except ValueError:
-            raise ReweightError(f"weights {text!r}: {item.strip()!r} is not a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ReweightError(f"weights {text!r}: {item.strip()!r} is not a finite number")
-        weights.append(value)
-    return weights
+    """``"-1,0,0.5,1,2,4"`` -> floats; names the item that is not a number finite in float32."""
+    try:
+        return validate.weight_list(text, "--weights")
+    except validate.OptionError as error:
+        raise ReweightError(str(error)) from None
 
 
 def _runs_of_consecutive(seeds: Sequence[int]) -> list[tuple[int, int]]:

@@ -2,9 +2,9 @@
 
 A run never overwrites earlier work. By default it gets a new folder
 ``outputs/<command>-<UTC timestamp>-<slug>``; an explicit ``--out`` folder
-must be new or empty (a sweep may reopen its own folder to resume). Every file
-is written to a temporary name in the same folder and renamed into place, so a
-killed run leaves either the old file or the new one, never half of one.
+must be new, empty, or hold a run that did not finish (its files are removed
+first); a sweep may reopen its own folder to resume. Files are written
+atomically (:mod:`xattn.files`).
 
 ``manifest.json`` records what is needed to redo the run: the command, every
 setting, the model (and Hub revision when known), package versions, timings.
@@ -14,65 +14,21 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import XattnError
+from ..files import OverwriteError, save_image_atomic, write_json_atomic  # noqa: F401 - save_image_atomic: for commands
+from ..versions import package_versions
 
 DEFAULT_ROOT = Path("outputs")
 MANIFEST = "manifest.json"
-_PACKAGES = ("xattn", "torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "pillow")
-
-
-class RunFolderError(XattnError, FileExistsError):
-    """An output folder or file that exists and must not be overwritten."""
-
-
-# -- atomic writes --------------------------------------------------------------------
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 ``text`` atomically (see :func:`write_bytes_atomic`)."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON atomically; values JSON lacks (paths) become strings."""
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def save_image_atomic(image, path: str | os.PathLike, **save_kwargs) -> Path:
-    """Save a PIL image atomically (format from the suffix; ``pnginfo=`` for PNG text chunks)."""
-    import io
-
-    path = Path(path)
-    buffer = io.BytesIO()
-    image.save(buffer, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"), **save_kwargs)
-    return write_bytes_atomic(path, buffer.getvalue())
+RunFolderError = OverwriteError  # an output folder or file that exists and must not be overwritten
+REUSE_FLAG = "--overwrite-failed"
 
 
 # -- folders ----------------------------------------------------------------------------
@@ -90,22 +46,67 @@ def default_folder_name(command: str, slug: str = "", now: datetime | None = Non
     return f"{command}-{stamp}" + (f"-{tail}" if tail else "")
 
 
-def check_out_folder(out: str | os.PathLike, *, resume: bool = False) -> Path:
-    """Raise unless ``out`` may be written: new, empty, or (``resume``) any folder.
+def _writable_parent(folder: Path) -> None:
+    """Refuse an ``--out`` below a file, or on a folder or file system that cannot be written."""
+    parent = folder
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise RunFolderError(f"--out {folder}: {parent} is a file, so no folder can be made below it")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise RunFolderError(f"--out {folder}: {parent} cannot be written (read-only or no permission)")
+
+
+def _reusable(folder: Path, overwrite_failed: bool) -> list[Path]:
+    """The files of an unfinished earlier run in ``folder`` that a new run may remove; raise if it may not."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        status = manifest.get("status") if isinstance(manifest, dict) else None
+    except (OSError, ValueError):
+        status, manifest = None, {}
+    if status == "finished":
+        raise RunFolderError(f"--out {folder} holds a finished run, which is never overwritten; pass a new folder")
+    if status not in ("failed", "running"):
+        raise RunFolderError(f"--out {folder} exists and is not empty; pass a new folder")
+    if status == "running" and not overwrite_failed:
+        raise RunFolderError(
+            f"--out {folder} holds a run whose manifest still says 'running': it is still running, or it was "
+            f"killed; if no xattn is writing there, pass {REUSE_FLAG} to reuse the folder")
+    listed = {MANIFEST, *(str(name) for name in manifest.get("outputs", []))}
+    ours = [path for path in folder.iterdir() if path.name in listed or
+            (path.name.startswith(".") and path.name.endswith(".tmp"))]
+    others = sorted(path.name for path in folder.iterdir() if path not in ours)
+    if others:
+        raise RunFolderError(f"--out {folder} holds an unfinished run and files it did not write "
+                             f"({', '.join(others[:5])}); pass a new folder")
+    return ours
+
+
+def check_out_folder(out: str | os.PathLike, *, resume: bool = False, overwrite_failed: bool = False) -> Path:
+    """Raise unless ``out`` may be written: new, empty, an unfinished run's, or (``resume``) any folder.
+
+    A folder whose run failed (its manifest says so) is reused: the failed
+    run's own files are removed when the new run makes the folder. One whose
+    manifest still says ``running`` is reused only with ``overwrite_failed``.
 
     Raises:
-        RunFolderError: ``out`` is a file, or a non-empty folder and ``resume`` is False.
+        RunFolderError: ``out`` is a file, below a file, not writable, or holds
+            other work (a finished run, files no run of ours wrote).
     """
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder} exists and is a file; pass a new folder")
+    _writable_parent(folder)
     if folder.is_dir() and any(folder.iterdir()) and not resume:
-        raise RunFolderError(f"--out {folder} exists and is not empty; pass a new folder")
+        _reusable(folder, overwrite_failed)
     return folder
 
 
 def create_run_folder(command: str, *, slug: str = "", out: str | os.PathLike | None = None,
-                      root: str | os.PathLike = DEFAULT_ROOT, resume: bool = False) -> Path:
+                      root: str | os.PathLike = DEFAULT_ROOT, resume: bool = False,
+                      overwrite_failed: bool = False) -> Path:
     """Make the folder a run writes into, never reusing finished work by accident.
 
     Args:
@@ -114,15 +115,23 @@ def create_run_folder(command: str, *, slug: str = "", out: str | os.PathLike | 
         out: exact folder to use; it must not exist or be empty unless ``resume``.
         root: where default folders go (``outputs/``).
         resume: allow an existing ``out`` (a sweep continuing its own folder).
+        overwrite_failed: reuse an ``out`` whose manifest says ``running`` (a killed run).
 
     Raises:
         RunFolderError: ``out`` exists with files in it and ``resume`` is False.
     """
     if out is not None:
-        folder = check_out_folder(out, resume=resume)
+        folder = check_out_folder(out, resume=resume, overwrite_failed=overwrite_failed)
+        if folder.is_dir() and any(folder.iterdir()) and not resume:
+            stale = _reusable(folder, overwrite_failed)
+            for path in stale:
+                path.unlink()
+            print(f"note: reusing --out {folder}: the run that wrote it did not finish; its files were removed",
+                  file=sys.stderr)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     root = Path(root)
+    _writable_parent(root)
     root.mkdir(parents=True, exist_ok=True)
     base = default_folder_name(command, slug)
     for attempt in range(1, 1000):
@@ -136,17 +145,6 @@ def create_run_folder(command: str, *, slug: str = "", out: str | os.PathLike | 
 
 
 # -- manifest ---------------------------------------------------------------------------
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that decide the pixels, plus Python's."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
 
 class Timings:
     """Wall-clock seconds per named phase, for the manifest."""
@@ -199,5 +197,18 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """The ``manifest.json`` of a run folder."""
-    return json.loads((Path(folder) / MANIFEST).read_text())
+    """The ``manifest.json`` of a run folder.
+
+    Raises:
+        RunFolderError: there is none, or it is not a JSON object.
+    """
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} does not exist; pass a run folder written by xattn") from None
+    except (OSError, ValueError) as error:
+        raise RunFolderError(f"{path} cannot be read as JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data

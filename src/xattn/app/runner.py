@@ -22,7 +22,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import XattnError
+from ..errors import XattnError
+from ..validate import OptionError, parse_size
+from .modelfolder import ModelError, check_folder, read_index
 
 DEFAULTS_FILE = "xattn_defaults.json"
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -33,8 +35,8 @@ class ModelNotFoundError(XattnError, FileNotFoundError):
     """A model reference that is neither a pipeline folder nor a cached Hub id."""
 
 
-class OptionError(XattnError, ValueError):
-    """A generation option (device, dtype, scheduler, size...) with a bad value."""
+class NonFiniteImageError(XattnError, ArithmeticError):
+    """Sampling produced NaN or infinite pixels: the settings overflowed the model's number range."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         ModelNotFoundError: naming the reference and what would be accepted.
     """
     if model is None:
-        from .world import model_path
+        from ..world import model_path
 
         try:
             return model_path()
@@ -166,9 +168,8 @@ def model_identity(model: str | os.PathLike | None, path: Path) -> dict[str, Any
     # A Hub cache snapshot lives in .../snapshots/<commit hash>/.
     if path.parent.name == "snapshots" and len(path.name) == 40:
         identity["revision"] = path.name
-    index = path / "model_index.json"
-    if index.is_file():
-        identity["pipeline_class"] = json.loads(index.read_text()).get("_class_name")
+    if (path / "model_index.json").is_file():
+        identity["pipeline_class"] = read_index(path).get("_class_name")
     return identity
 
 
@@ -191,6 +192,10 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    mps = getattr(torch.backends, "mps", None)
+    if device.startswith("mps") and not (mps is not None and mps.is_available()):
+        raise OptionError(f"device {device!r} was asked for but MPS (Apple GPU) is not available here; "
+                          "use --device cpu")
     return torch.device(device)
 
 
@@ -236,7 +241,7 @@ def scheduler_from_a1111(sampler: str) -> str:
 def _pipeline_class(path: Path):
     import diffusers
 
-    class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    class_name = check_folder(path)["_class_name"]
     if class_name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         return getattr(diffusers, class_name)
     return diffusers.DiffusionPipeline
@@ -255,6 +260,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto
 
     Raises:
         ModelNotFoundError: the model is not there (no download attempt offline).
+        ModelError: a folder xattn will not load (pickles only, custom code, not text-to-image).
         OptionError: a bad device, dtype or scheduler name.
     """
     torch_device = resolve_device(device)
@@ -265,10 +271,13 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto
     cls = _pipeline_class(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*")  # renamed `dtype` in new diffusers
-        pipe = cls.from_pretrained(
-            path, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True,
-            trust_remote_code=False,
-        )
+        try:
+            pipe = cls.from_pretrained(
+                path, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True,
+                trust_remote_code=False,
+            )
+        except (OSError, json.JSONDecodeError) as error:  # a missing or unreadable file in the folder
+            raise ModelError(f"could not load the pipeline in {path}: {error}") from None
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe = pipe.to(torch_device)
@@ -278,28 +287,6 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto
 
 
 # -- generating -----------------------------------------------------------------------
-
-def parse_size(size: int | str | Sequence[int] | None) -> tuple[int, int] | None:
-    """``64`` or ``"64"`` -> (64, 64); ``"512x768"`` -> (512, 768) as (width, height), A1111's order."""
-    if size is None:
-        return None
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2:
-            raise OptionError(f"size {size!r} must be [width, height]")
-        width, height = size
-    elif isinstance(size, int):
-        width = height = size
-    else:
-        text = str(size).strip().lower()
-        parts = text.split("x")
-        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-            raise OptionError(f"size {size!r} must be one number (64) or WIDTHxHEIGHT (512x768)")
-        width, height = (int(parts[0]), int(parts[-1]))
-    width, height = int(width), int(height)
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise OptionError(f"size {width}x{height} must be positive multiples of 8 (the VAE downsamples by 8)")
-    return width, height
-
 
 def image_seeds(seed: int, count: int) -> list[int]:
     """Seeds of ``count`` images of one call: ``seed, seed + 1, ...`` (A1111's convention)."""
@@ -336,8 +323,21 @@ def generate(pipe, prompts: str | Sequence[str], *, seed: int, steps: int, guida
     dims = parse_size(size)
     if dims is not None:
         kwargs["width"], kwargs["height"] = dims
-    result = pipe(
+    # "np" then the pipeline's own numpy_to_pil: the same pixels as output_type="pil", but NaN is still visible.
+    arrays = pipe(
         prompt=prompt_list, num_inference_steps=int(steps), guidance_scale=float(guidance),
-        num_images_per_prompt=num_images_per_prompt, generator=generators, output_type="pil", **kwargs,
-    )
-    return list(result.images)
+        num_images_per_prompt=num_images_per_prompt, generator=generators, output_type="np", **kwargs,
+    ).images
+    check_finite(arrays, seed=int(seed), guidance=guidance)
+    return list(pipe.numpy_to_pil(arrays))
+
+
+def check_finite(arrays, *, seed: int, guidance: float) -> None:
+    """Refuse images holding NaN or infinity: they would be saved as black pixels, silently."""
+    import numpy as np
+
+    bad = [index for index, array in enumerate(arrays) if not np.isfinite(array).all()]
+    if bad:
+        raise NonFiniteImageError(
+            f"the image of seed {seed + bad[0]} holds NaN or infinite values (guidance {guidance}); the numbers "
+            "overflowed the model's precision: use a smaller guidance or weight, or --dtype float32")

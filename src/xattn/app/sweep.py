@@ -7,14 +7,17 @@ every rerun sees the same list. :func:`run_sweep` then
 
 1. loads the pipeline once per process and checks every word against its prompt;
 2. makes (or reopens) the run folder and records the plan in ``plan.json``;
-3. drops the jobs that already have a done-record (``jobs/<name>.json``), so a
-   rerun of a killed sweep redoes nothing and loses nothing;
+3. drops the jobs that already have a valid done-record (``jobs/<name>.json``
+   that parses, with an image that opens), so a rerun of a killed sweep redoes
+   nothing and loses nothing; a damaged record or image is run again, with a
+   warning naming the file (:mod:`.sweepfolder`);
 4. splits the rest with ``accelerate.PartialState().split_between_processes``
    (one process without ``accelerate launch``);
 5. runs each job, saves its PNG, then writes its done-record atomically: a job
    counts as finished only once that record exists;
 6. on the main process, after every process is done, merges the records into
-   ``results.jsonl`` in plan order, and draws ``contact-sheet.png``.
+   ``results.jsonl`` in plan order, and draws ``contact-sheet.png``, both from
+   the valid records only.
 
 A job kind is a small function ``(pipe, job, settings) -> (image, info)``,
 registered in :data:`JOB_KINDS`.
@@ -32,26 +35,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .. import validate
+from ..files import save_image_atomic, write_json_atomic, write_text_atomic
 from . import runner
 from .config import ConfigError
-from .pngmeta import format_parameters, png_info
-from .runfolder import (
-    MANIFEST,
-    RunFolderError,
-    Timings,
-    build_manifest,
-    create_run_folder,
-    save_image_atomic,
-    write_json_atomic,
-    write_manifest,
-    write_text_atomic,
+from .pngmeta import image_parameters, png_info
+from .runfolder import Timings, build_manifest, create_run_folder, write_manifest
+from .sweepfolder import (
+    IMAGES_DIR,
+    PLAN,
+    check_existing_folder,
+    contact_sheet,
+    done_record,
+    earlier_runs,
+    merge_results,
+    plan_settings,
+    print_warning,
+    valid_records,
 )
+from .threads import apply_threads, choose_threads
 
-PLAN = "plan.json"
-RESULTS = "results.jsonl"
-CONTACT_SHEET = "contact-sheet.png"
-JOBS_DIR = "jobs"
-IMAGES_DIR = "images"
 GRID_KEYS = ("prompts", "seeds", "words", "weights", "modes", "step_windows")
 
 
@@ -84,15 +87,10 @@ class Job:
 # -- planning -------------------------------------------------------------------------------
 
 def _seed_list(value: Any) -> list[int]:
-    if isinstance(value, str) and ":" in value:
-        start, _, stop = value.partition(":")
-        if not (start.strip().isdigit() and stop.strip().isdigit()) or int(stop) <= int(start):
-            raise ValueError("a range START:STOP with START < STOP, e.g. 0:4")
-        return list(range(int(start), int(stop)))
-    items = value if isinstance(value, list) else [value]
-    if not items or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in items):
-        raise ValueError("a list of integers >= 0, or a range such as 0:4")
-    return list(items)
+    try:
+        return validate.seed_list(value)
+    except validate.OptionError as error:
+        raise ValueError(f"a list of seeds or a range such as 0:4 ({error})") from None
 
 
 def _text_list(value: Any) -> list[str]:
@@ -103,10 +101,12 @@ def _text_list(value: Any) -> list[str]:
 
 
 def _number_list(value: Any) -> list[float]:
-    items = value if isinstance(value, list) else [value]
-    if not items or not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
+    if isinstance(value, str) or (isinstance(value, list) and not value):
         raise ValueError("a non-empty list of numbers")
-    return [float(item) for item in items]
+    try:
+        return validate.weight_list(value)
+    except validate.OptionError as error:
+        raise ValueError(f"a list of finite numbers ({error})") from None
 
 
 def _window_list(value: Any) -> list[str | None]:
@@ -118,10 +118,8 @@ def _window_list(value: Any) -> list[str | None]:
 
 def _mode_list(value: Any) -> list[str]:
     modes = _text_list(value)
-    try:
-        from .reweight import MODES
-    except ImportError:  # the reweight package is optional to planning
-        return modes
+    from ..reweight import MODES
+
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"a list of reweight modes ({', '.join(MODES)}); {mode!r} is not one")
@@ -205,8 +203,8 @@ def generate_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict
 
 def reweight_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict]:
     """The job's word reweighted by its weight, mode and step window."""
-    from .reweight import Reweight
-    from .session import hooks
+    from ..reweight import Reweight
+    from ..session import hooks
 
     controller = Reweight({job.word: job.weight}, mode=job.mode or "scale", steps=job.window,
                           selector=settings.get("sites"))
@@ -220,7 +218,7 @@ JOB_KINDS: dict[str, JobFn] = {"generate": generate_job, "reweight": reweight_jo
 
 def check_words(pipe, jobs: Sequence[Job]) -> None:
     """Fail before any job runs if a job's word is not in its prompt (raises TokenError)."""
-    from .tokens import TokenMap
+    from ..tokens import TokenMap
 
     tokenizer = getattr(pipe, "tokenizer", None)
     pairs = {(job.prompt, job.word) for job in jobs if job.word is not None}
@@ -230,70 +228,11 @@ def check_words(pipe, jobs: Sequence[Job]) -> None:
         TokenMap(tokenizer, prompt).indices(word)
 
 
-# -- the folder -----------------------------------------------------------------------------
-
-def done_record(folder: Path, job: Job) -> Path:
-    return folder / JOBS_DIR / f"{job.name}.json"
-
-
-def finished_jobs(folder: Path, jobs: Sequence[Job]) -> list[Job]:
-    """The jobs whose done-record exists."""
-    return [job for job in jobs if done_record(folder, job).is_file()]
-
-
-PLAN_SETTINGS = ("model", "scheduler", "dtype", "steps", "guidance", "size", "negative_prompt", "sites")
-
-
-def plan_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that decide a sweep's pixels besides the jobs: a resumed sweep must keep them."""
-    return {key: settings.get(key) for key in PLAN_SETTINGS}
-
-
-def check_existing_folder(folder: Path, jobs: Sequence[Job], settings: Mapping[str, Any] | None = None) -> None:
-    """A sweep may reopen only a folder holding the same plan and settings (or an empty one).
-
-    Raises:
-        RunFolderError: the folder is a file, holds other files, another sweep's plan,
-            or this sweep made with other settings.
-    """
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise RunFolderError(f"--out {folder} exists and is a file; pass a new folder")
-    if not any(folder.iterdir()):
-        return
-    plan = folder / PLAN
-    if not plan.is_file():
-        raise RunFolderError(f"--out {folder} exists, is not empty and holds no sweep ({PLAN}); pass a new folder")
-    stored_plan = json.loads(plan.read_text())
-    stored = [entry["job"] for entry in stored_plan["jobs"]]
-    if stored != [job.name for job in jobs]:
-        raise RunFolderError(
-            f"--out {folder} holds a different sweep ({len(stored)} jobs, not these {len(jobs)}); "
-            "pass a new folder, or the config that made it to resume")
-    if settings is not None:
-        before, now = stored_plan.get("settings", {}), plan_settings(settings)
-        changed = {key: (before.get(key), now.get(key)) for key in now if before.get(key) != now.get(key)}
-        if changed:
-            detail = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
-            raise RunFolderError(f"--out {folder} holds this sweep made with other settings ({detail}); "
-                                 "resume it with the same settings, or pass a new folder")
-
-
-
 def _parameters_text(pipe, job: Job, settings: Mapping[str, Any], image, info: Mapping[str, Any]) -> str:
-    scheduler = settings.get("scheduler") or runner.scheduler_name(pipe.scheduler)
-    spec = runner.SCHEDULERS.get(scheduler) if scheduler else None
-    identity = getattr(pipe, "xattn_identity", {})
-    own = {"command": "sweep", "model": settings.get("model"), "scheduler": scheduler,
-           "dtype": settings.get("dtype"), "job": job.name,
-           **{k: v for k, v in job.params().items() if v is not None and k not in ("prompt", "seed")},
+    own = {"job": job.name, **{k: v for k, v in job.params().items() if v is not None and k not in ("prompt", "seed")},
            **info}  # e.g. the Reweight controller, so `xattn generate --from-png` can repeat the image
-    return format_parameters(
-        prompt=job.prompt, negative_prompt=settings.get("negative_prompt"), steps=settings["steps"],
-        sampler=spec.a1111 if spec else type(pipe.scheduler).__name__, cfg_scale=settings["guidance"],
-        seed=job.seed, width=image.width, height=image.height, model=identity.get("model"), xattn=own,
-    )
+    return image_parameters(pipe, dict(settings), command="sweep", prompt=job.prompt, seed=job.seed, image=image,
+                            own=own)
 
 
 def run_job(pipe, job: Job, settings: Mapping[str, Any], folder: Path, *, rank: int = 0,
@@ -321,41 +260,6 @@ def run_job(pipe, job: Job, settings: Mapping[str, Any], folder: Path, *, rank: 
     return record
 
 
-def merge_results(folder: Path, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """Write ``results.jsonl``: one line per finished job, in plan order."""
-    records = [json.loads(done_record(folder, job).read_text()) for job in finished_jobs(folder, jobs)]
-    write_text_atomic(folder / RESULTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    return records
-
-
-def contact_sheet(folder: Path, jobs: Sequence[Job]):
-    """One labelled grid of every finished image: rows prompt x seed, columns the other axes."""
-    from PIL import Image
-
-    from .grid import labelled_grid
-
-    done = {job.name for job in finished_jobs(folder, jobs)}
-    row_keys = list(dict.fromkeys((job.prompt, job.seed) for job in jobs))
-    col_keys = list(dict.fromkeys((job.word, job.weight, job.mode, job.window) for job in jobs))
-    cells: dict[tuple, Any] = {}
-    size = None
-    for job in jobs:
-        if job.name in done:
-            with Image.open(folder / IMAGES_DIR / f"{job.name}.png") as image:
-                cells[(job.prompt, job.seed, job.word, job.weight, job.mode, job.window)] = image.convert("RGB")
-                size = size or image.size
-    if size is None:
-        return None
-    blank = Image.new("RGB", size, (128, 128, 128))
-    rows = [[cells.get((p, s, *c), blank) for c in col_keys] for p, s in row_keys]
-    col_labels = [" ".join(str(v) for v in c if v is not None) or "image" for c in col_keys]
-    row_labels = [f"{p[:28]} | seed {s}" for p, s in row_keys]
-    sheet = labelled_grid(rows, row_labels=row_labels, col_labels=col_labels, title=f"{len(done)}/{len(jobs)} jobs",
-                          cell_scale=2 if max(size) <= 128 else 1)  # small images: room for the labels
-    save_image_atomic(sheet, folder / CONTACT_SHEET)
-    return sheet
-
-
 # -- running ----------------------------------------------------------------------------------
 
 def _wants_cpu(device: str) -> bool:
@@ -378,16 +282,6 @@ def _warn_if_one_cpu_process(state) -> None:
         print("xattn sweep: accelerate started one CPU process (its --cpu launcher needs MPI for more); "
               "this process runs every job. For N CPU processes without MPI use "
               "`accelerate launch --multi_gpu --num_processes N -m xattn sweep ...`.", file=sys.stderr)
-
-
-def _earlier_runs(folder: Path) -> list[dict[str, Any]]:
-    """Summaries of the runs that wrote this folder before, from its manifest."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return []
-    previous = json.loads(path.read_text())
-    summary = {key: previous.get(key) for key in ("created_utc", "status", "timings", "finished_jobs", "processes")}
-    return [*previous.get("earlier_runs", []), summary]
 
 
 @dataclass
@@ -428,6 +322,9 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
         check_existing_folder(Path(out), jobs, settings)
     if state.num_processes > 1 and device in ("auto", state.device.type):
         device = str(state.device)  # each process on its own GPU (or the CPU)
+    settings = dict(settings)
+    settings["threads"] = apply_threads(choose_threads(runner.resolve_model(settings.get("model")),
+                                                       runner.resolve_device(device), settings.get("threads")))
     with timings.phase("load"):
         pipe = runner.load_pipeline(settings.get("model"), device=device, dtype=settings.get("dtype") or "auto",
                                     scheduler=settings.get("scheduler"))
@@ -445,9 +342,9 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
         print(f"sweep folder: {folder} (if it stops early, rerun with --out {folder} to resume)", file=sys.stderr)
 
     state.wait_for_everyone()  # every process lists the done jobs before any writes new ones
-    already = {job.name for job in finished_jobs(folder, jobs)}
+    already = set(valid_records(folder, jobs, warn=print_warning if state.is_main_process else None))
     todo = [job for job in jobs if job.name not in already]
-    history = _earlier_runs(folder) if state.is_main_process else []  # a resumed sweep keeps its past
+    history = earlier_runs(folder) if state.is_main_process else []  # a resumed sweep keeps its past
     if state.is_main_process:
         write_manifest(folder, build_manifest("sweep", dict(settings), model=pipe.xattn_identity, status="running",
                                               extra={"jobs": len(jobs), "already_done": len(already),

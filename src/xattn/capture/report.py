@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -22,12 +23,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import XattnError
+from ..files import OverwriteError, write_text_atomic
 from .heatmaps import WordMaps
 from .pictures import DEFAULT_ALPHA, DEFAULT_CMAP
 
 MAP_SIDE = 64  # longest side of the maps embedded in the report; the canvas smooths them up
 VIEW_SIDE = 320  # longest side of the overlay on screen, in CSS pixels
 SPECIAL_TOKENS = ("<start>", "<end>")
+# Inside <script>, "<!--", "<script" and "</script" change how HTML reads the text; JSON lets us write
+# every <, > and & as a \u escape, so no user text (a prompt, a word) can ever be read as markup.
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                              "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+class ReportError(XattnError, ValueError):
+    """Maps and images that do not make a report (an unknown colormap, a wrong number of images)."""
+
+
+def script_json(data) -> str:
+    """``data`` as JSON safe to put inside a ``<script type="application/json">`` element."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).translate(_SCRIPT_SAFE)
 
 
 def write_report(maps: WordMaps, images: list[Image.Image], path: str | Path, *, title: str | None = None,
@@ -45,17 +61,12 @@ def write_report(maps: WordMaps, images: list[Image.Image], path: str | Path, *,
     """
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} exists; the report is never overwritten, choose a new path")
+        raise OverwriteError(f"{path} exists; the report is never overwritten, choose a new path")
     expected = maps.num_prompts * maps.images_per_prompt
     if len(images) != expected:
-        raise ValueError(f"got {len(images)} image(s), but the maps hold {maps.num_prompts} prompt(s) x "
+        raise ReportError(f"got {len(images)} image(s), but the maps hold {maps.num_prompts} prompt(s) x "
                          f"{maps.images_per_prompt} image(s) = {expected}; pass them in the pipeline's order")
-    page = render_report(maps, images, title=title, cmap=cmap, alpha=alpha)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return write_text_atomic(path, render_report(maps, images, title=title, cmap=cmap, alpha=alpha))
 
 
 def render_report(maps: WordMaps, images: list[Image.Image], *, title: str | None = None,
@@ -79,8 +90,15 @@ def render_report(maps: WordMaps, images: list[Image.Image], *, title: str | Non
         "items": items,
     }
     heading = title if title is not None else (maps.prompts[0] if maps.prompts and maps.prompts[0] else "xattn maps")
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # keep </script> out of the JSON
-    return _PAGE.replace("{{TITLE}}", html.escape(heading)).replace("{{DATA}}", payload)
+    values = {"TITLE": _text(heading), "DATA": script_json(data)}
+    # One pass, so a prompt holding "{{DATA}}" stays text.
+    return re.sub(r"\{\{(TITLE|DATA)\}\}", lambda match: values[match.group(1)], _PAGE)
+
+
+def _text(value: str) -> str:
+    """``value`` as HTML text: markup characters escaped, control characters (but tab and newline) dropped."""
+    kept = "".join(ch for ch in value if ch in "\t\n" or not (ord(ch) < 32 or 127 <= ord(ch) < 160))
+    return html.escape(kept, quote=True)
 
 
 def _item(maps: WordMaps, picture: Image.Image, prompt: int, image: int, side: tuple[int, int]) -> dict:
@@ -123,7 +141,7 @@ def _lookup_table(cmap: str) -> list[list[int]]:
     try:
         colormap = matplotlib.colormaps[cmap]
     except KeyError:
-        raise ValueError(f"unknown colormap {cmap!r}; use a matplotlib name such as 'inferno'") from None
+        raise ReportError(f"unknown colormap {cmap!r}; use a matplotlib name such as 'inferno'") from None
     rgb = colormap(np.linspace(0.0, 1.0, 256))[:, :3]
     return (rgb * 255).round().astype(int).tolist()
 

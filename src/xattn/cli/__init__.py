@@ -27,7 +27,7 @@ Examples:
   $ xattn sites
   $ xattn generate --from-png outputs/generate-20260101-120000-a-red-circle/image-0.png
   $ xattn sweep configs/sweep-example.yaml
-  $ accelerate launch --cpu --num_processes 2 -m xattn sweep configs/sweep-example.yaml
+  $ accelerate launch --multi_gpu --num_processes 2 -m xattn sweep configs/sweep-example.yaml
 """
 
 # Order of `xattn --help`; the first four are ours, the others are registered if present.

@@ -1,140 +1,109 @@
-"""Options and helpers every command shares: model, device, seed, config, run folder.
+"""What every command shares: merged settings, errors a user can fix, and a run with its folder.
 
-How a new command uses this module (``src/xattn/cli/mycommand.py``)::
-
-    import typer
-    from xattn.cli import common
+How a command uses this module (``src/xattn/cli/mycommand.py``)::
 
     def register(app: typer.Typer) -> None:
         @app.command(epilog=common.examples("xattn mycommand 'a red circle' --seed 3"))
-        def mycommand(
-            prompt: str,
-            words: Annotated[str, typer.Option(help="...")] = "",
-            model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
-            scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
-            guidance: common.Guidance = None, size: common.Size = None, out: common.Out = None,
-            config: common.Config = None,
-        ):
+        def mycommand(prompt: str, model: common.Model = None, seed: common.Seed = None, ...):
             \"\"\"One line that says what the command does.\"\"\"
-            with common.user_errors():
-                with common.start("mycommand", locals(), slug=prompt) as run:  # failed runs say so
-                    images = run.generate(prompt)      # uses the merged seed/steps/guidance/size
-                    run.save_png(images[0], "image.png", prompt=prompt, seed=run.settings["seed"])
-                    run.finish()
+            with common.user_errors(), common.start("mycommand", locals(), slug=prompt) as run:
+                images = run.generate(prompt)      # the merged seed/steps/guidance/size
+                run.save_png(images[0], "image.png", prompt=prompt, seed=run.settings["seed"])
+                run.finish()
 
-Every option defaults to ``None`` so a ``--config`` file can fill it; what is
-still unset falls back to the model's ``xattn_defaults.json``, then to
-:data:`DEFAULTS`. ``common.start`` merges them (command line > config > model
-defaults > built-in), loads the pipeline through :mod:`xattn.runner`, makes
-the run folder and writes a first manifest. Errors a user can fix (missing
-model, bad config key, existing ``--out``, unknown word, bad selector) are
-printed as one ``Error:`` line with exit code 2 by :func:`user_errors`.
+:func:`start` merges the settings (command line > config > model defaults >
+built-in), checks every number (:mod:`xattn.validate`), chooses the thread
+count and loads the pipeline. The run folder is made only when the run first
+writes, so a run refused before that leaves nothing behind; a run that fails
+or is interrupted after it marks its manifest ``failed``, and the next run
+with the same ``--out`` reuses the folder.
 """
 
 from __future__ import annotations
 
+import errno
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import typer
 
-from .. import runner
-from ..config import COMMON_KEYS, ConfigError, load_config
-from ..pngmeta import PngMetadataError, format_parameters, png_info
-from ..runfolder import (
-    RunFolderError,
-    Timings,
-    build_manifest,
-    check_out_folder,
-    create_run_folder,
-    save_image_atomic,
-    write_manifest,
-)
+from ..app import runner
+from ..app.config import COMMON_KEYS, ConfigError, load_config
+from ..app.pngmeta import image_parameters, png_info
+from ..app.runfolder import RunFolderError, Timings, build_manifest, check_out_folder, create_run_folder, write_manifest
+from ..app.threads import apply_threads, choose_threads
+from ..errors import XattnError
+from ..files import save_image_atomic
+from ..validate import check_settings
+from .options import *  # noqa: F401,F403 - the shared option types: common.Seed, common.Size...
+from .options import examples  # noqa: F401
 
 # Built-in fallbacks, used when neither the command line, the config nor the model set a value.
 DEFAULTS: dict[str, Any] = {
-    "model": None, "device": "auto", "dtype": "auto", "scheduler": None, "seed": 0,
-    "steps": 25, "guidance": 5.0, "size": None, "negative_prompt": None, "sites": None, "out": None,
+    "model": None, "device": "auto", "dtype": "auto", "scheduler": None, "seed": 0, "steps": 25,
+    "guidance": 5.0, "size": None, "negative_prompt": None, "sites": None, "out": None, "threads": None,
+    "max_pixels": None,
 }
-
-# -- typed options, shared by every command -------------------------------------------------
-Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", show_default="the embedded shapes-world model",
-    help="Pipeline folder, or a Hub id already in the local Hugging Face cache.")]
-DeviceName = Literal[tuple(runner.DEVICES)]
-DtypeName = Literal[("auto", *runner.DTYPES)]
-SchedulerName = Literal[tuple(runner.SCHEDULERS)]
-
-Device = Annotated[Optional[DeviceName], typer.Option(
-    show_default="auto",
-    help="Where to run: auto picks cuda, then mps, then cpu.")]
-Dtype = Annotated[Optional[DtypeName], typer.Option(
-    show_default="auto",
-    help="Precision: auto is float16 on CUDA and float32 elsewhere.")]
-Scheduler = Annotated[Optional[SchedulerName], typer.Option(
-    show_default="the model's own",
-    help="Sampler, mapped to a diffusers scheduler built from the model's config.")]
-Seed = Annotated[Optional[int], typer.Option(min=0, show_default=str(DEFAULTS["seed"]),
-                                             help="Seed of the first image; image i uses seed + i.")]
-Steps = Annotated[Optional[int], typer.Option(min=1, show_default="model default or 25",
-                                              help="Number of denoising steps.")]
-Guidance = Annotated[Optional[float], typer.Option(show_default="model default or 5.0",
-                                                   help="Classifier-free guidance scale.")]
-Size = Annotated[Optional[str], typer.Option(show_default="the model's native size",
-                                             help="Image size: 64 or WIDTHxHEIGHT such as 512x768.")]
-NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", help="Negative prompt.")]
-Out = Annotated[Optional[Path], typer.Option(
-    show_default="a new outputs/<command>-<time>-<slug>",
-    help="Output folder; must be new or empty.")]
-Config = Annotated[Optional[Path], typer.Option(
-    "--config", "-c", help="YAML file of option values (see configs/); the command line wins.")]
-Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
-
-
-def examples(*lines: str) -> str:
-    """An ``epilog`` for ``--help``: the given command lines under 'Examples'."""
-    body = "\n".join(f"  $ {line}" for line in lines)
-    return f"Examples:\n\n\b\n{body}"  # \b: click keeps the lines unwrapped
-
+# Parameters that are not settings a config file may hold (they are typed on the command line).
+NOT_CONFIG = ("config", "prompt", "source", "target", "from_png", "folder", "model_arg")
 
 # -- errors a user can fix ----------------------------------------------------------------
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from ..selector import SelectorError
-    from ..tokens import TokenError
-
-    return (runner.ModelNotFoundError, runner.OptionError, ConfigError, RunFolderError,
-            PngMetadataError, SelectorError, TokenError)
+# OS errors a user causes with a path: a read-only or full disk, no permission, a file where a folder goes.
+USER_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
+                         errno.EDQUOT, errno.ENAMETOOLONG, errno.EEXIST})
 
 
 @contextmanager
 def user_errors(*more: type[BaseException]) -> Iterator[None]:
     """Turn errors a user can fix into one ``Error: ...`` line on stderr and exit code 2.
 
+    Those are every :class:`~xattn.errors.XattnError` and the OS errors of
+    :data:`USER_ERRNOS` on a named path; anything else is a bug and keeps its traceback.
+
     Args:
         *more: further exception types the calling command treats as user errors.
     """
     try:
         yield
-    except (*_user_error_types(), *more) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(code=2) from None
+    except BaseException as error:
+        for run in reversed(_ACTIVE):  # a run started in this block and not left through its `with`
+            run.__exit__(type(error), error, error.__traceback__)
+        if isinstance(error, (XattnError, *more)):
+            typer.echo(f"Error: {error}", err=True)
+            raise typer.Exit(code=2) from None
+        if isinstance(error, OSError) and error.errno in USER_ERRNOS and error.filename:
+            typer.echo(f"Error: {error.filename}: {error.strerror}", err=True)
+            raise typer.Exit(code=2) from None
+        raise
+    finally:
+        _ACTIVE.clear()
+
+
+# Runs started and not yet finished or failed, so that user_errors can mark them failed.
+_ACTIVE: list["Run"] = []
 
 
 # -- settings -----------------------------------------------------------------------------
 
 def _current_context():
-    """The running command's context, or None outside a command (library use).
-
-    Typer >= 0.20 carries its own copy of click; older Typer runs on click.
-    """
+    """The running command's context, or None outside a command (library use)."""
     try:
         from typer._click.globals import get_current_context
     except ImportError:  # pragma: no cover - older typer
         from click import get_current_context
     return get_current_context(silent=True)
+
+
+def command_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the command's own parameters out of ``locals()`` (not names it imported)."""
+    context = _current_context()
+    if context is not None and context.command is not None:
+        names = {param.name for param in context.command.params}
+        return {k: v for k, v in options.items() if k in names}
+    return {k: v for k, v in options.items() if v is None or isinstance(v, (str, int, float, bool, list, tuple, Path))}
 
 
 def _is_default(name: str) -> bool:
@@ -152,31 +121,30 @@ def _like(default: Any):
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ValueError("true or false")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError("an integer")
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError("a number")
-            value = float(value)
+        elif isinstance(default, (int, float)):
+            from ..validate import integer, number
+
+            return integer(value, "value") if isinstance(default, int) else number(value, "value")
         elif isinstance(default, str):
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise ValueError("a string")
-            value = str(value)
+            return str(value)
         return value
 
     return check
 
 
-def _config_extra_keys(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Command-specific keys a config may set: the command's own option names."""
-    return {name: _like(value) for name, value in options.items()
-            if name not in COMMON_KEYS and name not in ("config", "progress")}
+def _config_keys(options: Mapping[str, Any], refuse: Sequence[str]) -> dict[str, Any]:
+    """Keys a config may set for this command: the common ones and the command's own option names."""
+    own = {name: _like(value) for name, value in options.items()
+           if name not in COMMON_KEYS and name not in NOT_CONFIG and name != "progress"}
+    own["progress"] = _like(True)
+    return {**own, **{name: None for name in refuse}}
 
 
 def merge_settings(options: Mapping[str, Any], *, config_path: str | Path | None = None,
-                   model_defaults: Mapping[str, Any] | None = None,
-                   pinned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   model_defaults: Mapping[str, Any] | None = None, pinned: Mapping[str, Any] | None = None,
+                   refuse: Sequence[str] = ()) -> dict[str, Any]:
     """Merge, first match wins: typed options, ``pinned``, config file, model defaults,
     the options' own defaults, :data:`DEFAULTS`.
 
@@ -188,29 +156,46 @@ def merge_settings(options: Mapping[str, Any], *, config_path: str | Path | None
         config_path: the ``--config`` file, if any.
         model_defaults: the model's ``xattn_defaults.json`` content.
         pinned: values that beat the config but not typed options (a PNG's parameters).
+        refuse: common keys that mean nothing to this command (a config holding one is an error).
     """
+    options = command_options(options)
     typed = {k: v for k, v in options.items() if k != "config" and v is not None and not _is_default(k)}
     own_defaults = {k: v for k, v in options.items() if k != "config" and k not in typed}
-    from_file = load_config(config_path, extra_keys=_config_extra_keys(options)) if config_path else {}
+    from_file = load_config(config_path, extra_keys=_config_keys(options, refuse)) if config_path else {}
+    for key in refuse:
+        if key in from_file:
+            raise ConfigError(f"{config_path}: key {key!r} has no meaning for this command; remove it")
     known_defaults = {k: v for k, v in (model_defaults or {}).items() if k in DEFAULTS}
-    # An option's own default (e.g. --images 1) only fills what nothing else set.
     own_defaults = {k: v for k, v in own_defaults.items() if v is not None or k not in DEFAULTS}
     return {**DEFAULTS, **own_defaults, **known_defaults, **from_file, **dict(pinned or {}), **typed}
 
 
-
 # -- a run ------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class Run:
-    """A command's run: merged settings, the loaded pipeline, its folder and timings."""
+    """A command's run: merged settings, the loaded pipeline, timings, and its folder once it writes.
+
+    Used as ``with common.start(...) as run:``; a run that raises (or is
+    interrupted) after its folder exists marks the manifest ``failed`` with the error.
+    """
 
     command: str
     settings: dict[str, Any]
     pipe: Any
-    folder: Path
+    slug: str = ""
     timings: Timings = field(default_factory=Timings)
     outputs: list[str] = field(default_factory=list)
+    _folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The run folder, made (with a ``running`` manifest) the first time the run writes."""
+        if self._folder is None:
+            self._folder = create_run_folder(self.command, slug=self.slug, out=self.settings.get("out"),
+                                             overwrite_failed=bool(self.settings.get("overwrite_failed")))
+            write_manifest(self._folder, self.manifest("running"))
+        return self._folder
 
     @property
     def model_identity(self) -> dict[str, Any]:
@@ -231,21 +216,17 @@ class Run:
         with self.timings.phase("generate"):
             return runner.generate(self.pipe, prompts, **s, **overrides)
 
-    def parameters_text(self, image, *, prompt: str, seed: int, xattn: Mapping[str, Any] | None = None) -> str:
-        """A1111 ``parameters`` text for an image of this run."""
-        scheduler = self.settings.get("scheduler") or runner.scheduler_name(self.pipe.scheduler)
-        spec = runner.SCHEDULERS.get(scheduler) if scheduler else None
-        identity = self.model_identity
-        own = {"command": self.command, "model": self.settings.get("model"), "scheduler": scheduler,
-               "dtype": self.settings.get("dtype"), **(xattn or {})}
-        if identity.get("revision"):
-            own["revision"] = identity["revision"]
-        return format_parameters(
-            prompt=prompt, negative_prompt=self.settings.get("negative_prompt"),
-            steps=self.settings["steps"], sampler=spec.a1111 if spec else type(self.pipe.scheduler).__name__,
-            cfg_scale=self.settings["guidance"], seed=seed, width=image.width, height=image.height,
-            model=identity.get("model"), xattn=own,
-        )
+    def new_path(self, name: str) -> Path:
+        """``folder / name``, listed among the outputs; an existing file is never overwritten."""
+        path = self.folder / name
+        if path.exists():
+            raise RunFolderError(f"{path} exists; a run never overwrites its files")
+        self.outputs.append(name)  # listed before it is written, so a failed run's reuse can remove it
+        return path
+
+    def save_image(self, picture, name: str) -> Path:
+        """Save a picture (grid, sheet) as ``name`` in the run folder."""
+        return save_image_atomic(picture, self.new_path(name))
 
     def save_png(self, image, name: str, *, prompt: str, seed: int, xattn: Mapping[str, Any] | None = None) -> Path:
         """Save ``image`` as ``name`` in the run folder, with its ``parameters`` chunk.
@@ -257,13 +238,9 @@ class Run:
             seed: the image's own seed.
             xattn: command-specific settings to record (words, weights...).
         """
-        path = self.folder / name
-        if path.exists():
-            raise RunFolderError(f"{path} exists; a run never overwrites its files")
-        text = self.parameters_text(image, prompt=prompt, seed=seed, xattn=xattn)
-        save_image_atomic(image, path, pnginfo=png_info(text))
-        self.outputs.append(name)
-        return path
+        text = image_parameters(self.pipe, self.settings, command=self.command, prompt=prompt, seed=seed,
+                                image=image, own=dict(xattn or {}))
+        return save_image_atomic(image, self.new_path(name), pnginfo=png_info(text))
 
     def manifest(self, status: str, **extra: Any) -> dict[str, Any]:
         return build_manifest(self.command, _jsonable(self.settings), model=self.model_identity,
@@ -274,13 +251,22 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """Used as ``with common.start(...) as run:``, a run that raises is marked ``failed``."""
-        if exc is not None:
-            write_manifest(self.folder, self.manifest("failed", error=f"{type(exc).__name__}: {exc}"))
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if exc is None or self._folder is None:
+            return
+        error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        try:
+            write_manifest(self._folder, self.manifest("failed", error=error))
+        except OSError:  # the disk that failed the run may refuse the manifest too
+            return
+        typer.echo(f"note: {self._folder} is marked failed; the same --out may be passed again", err=True)
 
     def finish(self, **extra: Any) -> Path:
         """Write the final manifest (status ``finished``) and print the folder."""
         path = write_manifest(self.folder, self.manifest("finished", **extra))
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         typer.echo(f"wrote {self.folder}")
         return path
 
@@ -290,12 +276,7 @@ def _jsonable(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load(settings: Mapping[str, Any], *, device: str | None = None):
-    """Load the pipeline the merged ``settings`` name.
-
-    Args:
-        settings: merged settings (``model``, ``device``, ``dtype``, ``scheduler``, ``progress``).
-        device: overrides ``settings["device"]``.
-    """
+    """Load the pipeline the merged ``settings`` name (``model``, ``device``, ``dtype``, ``scheduler``, ``progress``)."""
     return runner.load_pipeline(
         settings.get("model"), device=device or settings.get("device") or "auto",
         dtype=settings.get("dtype") or "auto", scheduler=settings.get("scheduler"),
@@ -303,34 +284,38 @@ def load(settings: Mapping[str, Any], *, device: str | None = None):
     )
 
 
-def start(command: str, options: Mapping[str, Any], *, slug: str = "", resume: bool = False,
-          device: str | None = None, pinned: Mapping[str, Any] | None = None) -> Run:
-    """Merge settings, load the pipeline, make the run folder, write a first manifest.
+def resolve(command_options_: Mapping[str, Any], *, pinned: Mapping[str, Any] | None = None,
+            refuse: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
+    """The merged, checked settings of a command and its model's folder, before anything loads."""
+    options = command_options(command_options_)
+    config_path = options.get("config")
+    preliminary = merge_settings(options, config_path=config_path, pinned=pinned, refuse=refuse)
+    model_path = runner.resolve_model(preliminary.get("model"))  # fails fast, before any folder is made
+    settings = merge_settings(options, config_path=config_path, model_defaults=runner.model_defaults(model_path),
+                              pinned=pinned, refuse=refuse)
+    return check_settings(settings), model_path
+
+
+def start(command: str, options: Mapping[str, Any], *, slug: str = "", device: str | None = None,
+          pinned: Mapping[str, Any] | None = None, refuse: Sequence[str] = ()) -> Run:
+    """Merge and check settings, choose threads, load the pipeline: a :class:`Run` that writes nothing yet.
 
     Args:
         command: the command's name (first part of the default folder name).
         options: the command's parameters, usually ``locals()``.
         slug: words for the folder name (the prompt, the config's name).
-        resume: allow ``--out`` to be an existing folder (sweeps).
         device: override the device (e.g. accelerate's process device).
         pinned: values above the config and below typed options (see :func:`merge_settings`).
+        refuse: common config keys that mean nothing to this command.
     """
-    options = dict(options)
-    config_path = options.get("config")
-    preliminary = merge_settings(options, config_path=config_path, pinned=pinned)
-    model_path = runner.resolve_model(preliminary.get("model"))  # fails fast, before any folder is made
-    settings = merge_settings(options, config_path=config_path, model_defaults=runner.model_defaults(model_path),
-                              pinned=pinned)
-    if settings.get("size") is not None:
-        width, height = runner.parse_size(settings["size"])
-        settings["size"] = f"{width}x{height}"
-    folder_kwargs = {"slug": slug, "out": settings.get("out"), "resume": resume}
-    if folder_kwargs["out"] is not None:
-        check_out_folder(folder_kwargs["out"], resume=resume)  # before the slow load, so it fails at once
+    settings, model_path = resolve(options, pinned=pinned, refuse=refuse)
+    if settings.get("out") is not None:  # before the slow load, so it fails at once
+        check_out_folder(settings["out"], overwrite_failed=bool(settings.get("overwrite_failed")))
+    torch_device = runner.resolve_device(device or settings.get("device") or "auto")
+    settings["threads"] = apply_threads(choose_threads(model_path, torch_device, settings.get("threads")))
     timings = Timings()
     with timings.phase("load"):
         pipe = load(settings, device=device)
-    folder = create_run_folder(command, **folder_kwargs)
-    run = Run(command, settings, pipe, folder, timings)
-    write_manifest(folder, run.manifest("running"))
+    run = Run(command, settings, pipe, slug=slug, timings=timings)
+    _ACTIVE.append(run)
     return run

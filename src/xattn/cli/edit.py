@@ -11,10 +11,13 @@ from typing import Annotated, Any, Mapping, Optional
 
 import typer
 
+from ..app import runner
 from ..edit import EditError, SelfInject, edit
+from ..edit.defaults import recommended
 from ..edit.run import MODES
 from ..edit.windows import DEFAULT_KEY, parse_window
-from ..runfolder import RunFolderError, save_image_atomic
+from ..app.runfolder import RunFolderError, save_image_atomic
+from ..validate import OptionError, number
 from . import common
 
 SHEET = "sheet.png"
@@ -35,14 +38,17 @@ def _pairs(items: list[str] | None, option: str, example: str) -> dict[str, str]
     return out
 
 
-def edit_options(values: Mapping[str, Any]) -> dict[str, Any]:
+def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Check the command's edit options and turn them into :func:`xattn.edit.edit` arguments.
 
     Runs twice: on the command line before the model loads (a typo fails at
-    once), and on the settings merged with ``--config``.
+    once), and on the settings merged with ``--config`` and the model's edit
+    defaults (``model_edit``, the ``"edit"`` section of its ``xattn_defaults.json``),
+    which fill what no flag or config value set.
     """
+    model = recommended(model_edit, values.get("source") or "", values.get("target") or [])
     given = {key: values.get(key) for key in EDIT_DEFAULTS}
-    merged = {key: EDIT_DEFAULTS[key] if value is None else value for key, value in given.items()}
+    merged = {key: model.get(key, EDIT_DEFAULTS[key]) if value is None else value for key, value in given.items()}
     if merged["mode"] not in MODES:
         raise EditError(f"--mode must be one of {', '.join(MODES)}, not {merged['mode']!r}")
     windows = {DEFAULT_KEY: merged["cross_steps"], **_pairs(values.get("word_steps"), "--word-steps", "circle=0:0.4")}
@@ -59,14 +65,20 @@ def edit_options(values: Mapping[str, Any]) -> dict[str, Any]:
     weights = {}
     for word, value in _pairs(values.get("reweight"), "--reweight", "green=2").items():
         try:
-            weights[word] = float(value)
-        except ValueError:
-            raise EditError(f"--reweight {word}={value}: the weight must be a number") from None
+            weights[word] = number(value, f"--reweight {word}")
+        except OptionError as error:
+            raise EditError(str(error)) from None
     blend = values.get("blend")
+    if blend is None:
+        blend_words = model.get("blend")
+    elif blend.strip().lower() in NO_WINDOW:
+        blend_words = None  # --blend none: no blending, whatever the model recommends
+    else:
+        blend_words = [w.strip() for w in blend.split(",") if w.strip()]
     return {
         "mode": merged["mode"], "cross_steps": windows, "self_steps": self_steps, "self_res": self_res,
-        "blend": [w.strip() for w in blend.split(",") if w.strip()] if blend else None,
-        "threshold": float(merged["threshold"]), "reweight": weights or None,
+        "blend": blend_words,
+        "threshold": number(merged["threshold"], "--threshold"), "reweight": weights or None,
         "rows": "all" if values.get("all_rows") else "cond",
     }
 
@@ -88,11 +100,11 @@ def register(app: typer.Typer) -> None:
             help=f"How target tokens take the source's maps: {', '.join(MODES)} (auto: replace when the word "
                  "counts match, refine otherwise).", show_default=EDIT_DEFAULTS["mode"])] = None,
         blend: Annotated[Optional[str], typer.Option(
-            help="Local blend: words whose maps bound the change, e.g. circle or 'circle,square'.",
-            show_default="no blending")] = None,
+            help="Local blend: words whose maps bound the change, e.g. circle or 'circle,square'; none: off.",
+            show_default="the model's edit defaults, else no blending")] = None,
         threshold: Annotated[Optional[float], typer.Option(
             help="Local blend threshold, a fraction of the map's peak.",
-            show_default=str(EDIT_DEFAULTS["threshold"]))] = None,
+            show_default=f"the model's edit defaults, else {EDIT_DEFAULTS['threshold']}")] = None,
         cross_steps: Annotated[Optional[str], typer.Option(
             help="Steps where cross-attention is replaced: 0:0.8 (fractions) or 0:20 (indices).",
             show_default=EDIT_DEFAULTS["cross_steps"])] = None,
@@ -112,16 +124,18 @@ def register(app: typer.Typer) -> None:
         negative_prompt: common.NegativePrompt = None,
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
-        guidance: common.Guidance = None, size: common.Size = None, out: common.Out = None,
-        config: common.Config = None, progress: common.Progress = False,
+        guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
+        threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
+        config: common.Config = None, progress: common.Progress = True,
     ):
         """Edit an image by editing attention: source and targets from one latent, plus a plain re-prompt."""
         options = dict(locals())
         with common.user_errors(EditError):
             edit_options(options)  # fail on a typo before the model loads
-            run = common.start("edit", options, slug=target[0] if target else source)
+            run = common.start("edit", options, slug=target[0] if target else source, refuse=("sites",))
             settings = run.settings
-            arguments = edit_options(settings)
+            model_edit = runner.model_defaults(runner.resolve_model(settings.get("model"))).get("edit")
+            arguments = edit_options(settings, model_edit)
             seed_value = int(settings["seed"])
             with run.timings.phase("generate"):
                 result = edit(run.pipe, source, list(target), **arguments, seed=seed_value,
@@ -139,4 +153,4 @@ def register(app: typer.Typer) -> None:
                 raise RunFolderError(f"{sheet_path} exists; a run never overwrites its files")
             save_image_atomic(result.sheet(), sheet_path)
             run.outputs.append(SHEET)
-            run.finish(sheet=SHEET, edit=result.settings, files=names)
+            run.finish(sheet=SHEET, edit=result.settings, files=names, model_edit_defaults=model_edit)

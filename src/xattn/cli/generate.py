@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ..validate import OptionError, check_settings
 from . import common
 
 # Commands whose images are a plain generation, or a reweighted one, of the PNG's settings.
@@ -35,20 +36,19 @@ def register(app: typer.Typer) -> None:
         negative_prompt: common.NegativePrompt = None,
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
-        guidance: common.Guidance = None, size: common.Size = None, out: common.Out = None,
+        guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
+        threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
         config: common.Config = None, progress: common.Progress = True,
     ):
         """Generate images from a prompt and save them as PNGs with A1111-style parameters."""
-        from ..reweight import ReweightError
-
-        with common.user_errors(ReweightError):
-            options = dict(locals())
-            options.pop("from_png")
-            pinned, reweight = _from_png(from_png) if from_png is not None else ({}, None)
+        options = dict(locals())
+        options.pop("from_png")
+        with common.user_errors():
+            pinned, reweight = _from_png(from_png, max_pixels) if from_png is not None else ({}, None)
             text = prompt or pinned.get("prompt")
             if not text:
-                raise common.runner.OptionError("no prompt given; pass a PROMPT or --from-png FILE")
-            with common.start("generate", options, slug=text, pinned=pinned) as run:
+                raise OptionError("no prompt given; pass a PROMPT or --from-png FILE")
+            with common.start("generate", options, slug=text, pinned=pinned, refuse=("sites",)) as run:
                 settings = run.settings
                 record = {"reweight": reweight.to_dict()} if reweight is not None else None
                 with _session(run.pipe, reweight):
@@ -68,15 +68,17 @@ def _session(pipe, controller):
     return hooks(pipe, controller)
 
 
-def _from_png(png: Path) -> tuple[dict[str, Any], Any]:
-    """The generation settings stored in a PNG, and the Reweight controller it records (or None).
+def _from_png(png: Path, max_pixels: int | None) -> tuple[dict[str, Any], Any]:
+    """The generation settings stored in a PNG, checked like typed ones, and the Reweight it records (or None).
+
+    The model comes only from xattn's own ``xattn`` field (A1111's ``Model:`` is a display name).
 
     Raises:
         PngMetadataError: no readable parameters.
-        OptionError: the image came from a command generate cannot repeat (``edit``).
+        OptionError: a value the command line would refuse, or an image generate cannot repeat (``edit``).
     """
-    from ..pngmeta import read_parameters
-    from ..runner import OptionError, scheduler_from_a1111
+    from ..app.pngmeta import read_parameters
+    from ..app.runner import scheduler_from_a1111
 
     params = read_parameters(png)
     own = params["xattn"]
@@ -93,10 +95,19 @@ def _from_png(png: Path) -> tuple[dict[str, Any], Any]:
         "seed": params["seed"],
         "size": f"{params['width']}x{params['height']}",
         "scheduler": own.get("scheduler") or (scheduler_from_a1111(params["sampler"]) if params["sampler"] else None),
-        "model": own.get("model", params["model"]),
+        "model": own.get("model"),
         "dtype": own.get("dtype"),
     }
+    stored = {key: value for key, value in stored.items() if value is not None}
+    stored = check_settings({**stored, "max_pixels": max_pixels}, source=f"{png}: ")
+    stored.pop("max_pixels")
     from ..reweight import Reweight
 
-    reweight = Reweight.from_dict(own["reweight"]) if own.get("reweight") else None
-    return {key: value for key, value in stored.items() if value is not None}, reweight
+    record = own.get("reweight")
+    if record is not None and not isinstance(record, dict):
+        raise OptionError(f"{png}: its xattn.reweight value must be a JSON object, not {record!r}")
+    try:
+        reweight = Reweight.from_dict(record) if record else None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise OptionError(f"{png}: its xattn.reweight value is not a reweighting ({error})") from None
+    return stored, reweight

@@ -14,12 +14,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..capture import Capture, CaptureBudgetError, pictures
+from ..capture import Capture, pictures
 from ..capture.controller import DEFAULT_BUDGET
 from ..capture.export import MAPS_FILE, maps_manifest, save_maps
 from ..capture.report import write_report
-from ..runfolder import RunFolderError, save_image_atomic
 from ..selector import Selector
+from ..validate import OptionError, parse_size
 from ..tokens import TokenMap
 from . import common
 
@@ -29,9 +29,10 @@ STEP_STRIP = "steps.png"
 REPORT = "report.html"
 
 
-def capture_selector(sites: list[str] | None, res: list[str] | None, steps: str | None) -> Selector:
-    """The capture's selector from the command line's ``--site``, ``--res`` and ``--window``."""
-    fields = {"kind": "cross"}
+def capture_selector(sites: list[str] | None, res: list[str] | None, steps: str | None,
+                     base: str | None = None) -> Selector:
+    """The capture's selector: the config's ``sites:`` selector (``base``), narrowed by ``--site``, ``--res``, ``--window``."""
+    fields = {**(Selector.coerce(base).to_dict() if base else {}), "kind": "cross"}
     if sites:
         fields["sites"] = list(sites)
     if res:
@@ -67,50 +68,87 @@ def register(app: typer.Typer) -> None:
         negative_prompt: common.NegativePrompt = None,
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
-        guidance: common.Guidance = None, size: common.Size = None, out: common.Out = None,
-        config: common.Config = None, progress: common.Progress = False,
+        guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
+        threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
+        config: common.Config = None, progress: common.Progress = True,
     ):
         """Capture where each word of the prompt lands: images, word grid, HTML report, maps and manifest."""
         options = dict(locals())
-        with common.user_errors(CaptureBudgetError):
-            capture = _capture(site, res, window, per_step, budget)  # bad options fail before loading
+        with common.user_errors():
+            settings, _ = common.resolve(options)  # the config's `sites:` is part of the selector
+            capture = _capture(site, res, window, per_step, budget, settings.get("sites"))  # fails before loading
             selector = capture.selector
-            run = common.start("maps", options, slug=prompt)
-            token_map = TokenMap(run.pipe.tokenizer, prompt)
-            shown = list(token) if token else None
-            for word in shown or []:
-                token_map.indices(word)  # an unknown word fails before generating
-            with _hooks(run.pipe, capture):
-                pictures_made = run.generate(prompt, num_images_per_prompt=images)
-            word_maps = capture.maps()
-            first_seed = int(run.settings["seed"])
-            for index, image in enumerate(pictures_made):
-                run.save_png(image, f"image-{index}.png", prompt=prompt, seed=first_seed + index,
-                             xattn={"maps": {"selector": str(selector), "per_step": per_step}})
-            focus = shown[0] if shown else _most_attended(word_maps)
-            shown = shown or word_maps.words(0)
-            _save(run, WORD_GRID, pictures.word_grid(pictures_made[0], word_maps, words=shown))
-            _save(run, RESOLUTIONS, pictures.resolution_breakdown(pictures_made[0], word_maps, focus))
-            if per_step:
-                _save(run, STEP_STRIP, pictures.step_strip(pictures_made[0], word_maps, focus))
-            _new_file(run, REPORT)
-            write_report(word_maps, pictures_made, run.folder / REPORT, title=prompt)
-            run.outputs.append(REPORT)
-            _new_file(run, MAPS_FILE)
-            save_maps(word_maps, run.folder, manifest=False)
-            run.outputs.append(MAPS_FILE)
-            seeds = [first_seed + k for k in range(len(pictures_made))]
-            run.finish(maps=maps_manifest(word_maps, seed=seeds, extra={
-                "selector": str(selector), "per_step": per_step, "budget": budget, "shown_words": shown,
-                "focus_word": focus}))
+            with common.start("maps", options, slug=prompt) as run:
+                _maps(run, prompt, token, capture, selector, images, per_step, budget)
 
 
-def _capture(site, res, window, per_step: bool, budget: str) -> Capture:
-    selector = capture_selector(site, res, window)
+def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images: int, per_step: bool,
+          budget: str) -> None:
+    """Everything after loading: check the words and map sizes, generate, write the files."""
+    token_map = TokenMap(run.pipe.tokenizer, prompt)
+    if not token_map.words:
+        raise OptionError(f"the prompt {prompt!r} has no words to map; pass a prompt with words")
+    shown = list(token) if token else None
+    for word in shown or []:
+        token_map.indices(word)  # an unknown word fails before generating
+    _check_selection(run, selector)
+    with _hooks(run.pipe, capture):
+        pictures_made = run.generate(prompt, num_images_per_prompt=images)
+    word_maps = capture.maps()
+    first_seed = int(run.settings["seed"])
+    for index, image in enumerate(pictures_made):
+        run.save_png(image, f"image-{index}.png", prompt=prompt, seed=first_seed + index,
+                     xattn={"maps": {"selector": str(selector), "per_step": per_step}})
+    focus = shown[0] if shown else _most_attended(word_maps)
+    shown = shown or word_maps.words(0)
+    run.save_image(pictures.word_grid(pictures_made[0], word_maps, words=shown), WORD_GRID)
+    run.save_image(pictures.resolution_breakdown(pictures_made[0], word_maps, focus), RESOLUTIONS)
+    if per_step:
+        run.save_image(pictures.step_strip(pictures_made[0], word_maps, focus), STEP_STRIP)
+    write_report(word_maps, pictures_made, run.new_path(REPORT), title=prompt)
+    run.new_path(MAPS_FILE)
+    save_maps(word_maps, run.folder, manifest=False)
+    seeds = [first_seed + k for k in range(len(pictures_made))]
+    run.finish(maps=maps_manifest(word_maps, seed=seeds, extra={
+        "selector": str(selector), "per_step": per_step, "budget": budget, "shown_words": shown,
+        "focus_word": focus}))
+
+
+def map_sizes(pipe, size: str | None) -> list[tuple[int, int]] | None:
+    """Every map size a UNet's attention can have at this image size (None when the model is not a UNet)."""
+    unet = getattr(pipe, "unet", None)
+    channels = getattr(getattr(unet, "config", None), "block_out_channels", None)
+    if channels is None:
+        return None
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    width, height = parse_size(size, max_pixels=None) if size else (unet.config.sample_size * scale,) * 2
+    h, w = height // scale, width // scale
+    sizes = []
+    for _ in channels:
+        sizes.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)  # a stride-2 convolution with padding 1
+    return sizes
+
+
+def _check_selection(run, selector: Selector) -> None:
+    """Refuse a --site or --res that matches nothing in this model, before generating."""
+    from ..sites import sites
+
+    cross = [site for site in sites(run.pipe) if site.kind == "cross"]
+    if not selector.select_sites(cross):
+        raise OptionError(f"no cross-attention site matches {selector}; list them with `xattn sites --kind cross`")
+    sizes = map_sizes(run.pipe, run.settings.get("size"))
+    if sizes is not None and not any(selector.matches_res(hw) for hw in sizes):
+        listed = ", ".join(f"{h}" if h == w else f"{h}x{w}" for h, w in sizes)
+        raise OptionError(f"no attention map matches {selector} at this image size; the maps are {listed}")
+
+
+def _capture(site, res, window, per_step: bool, budget: str, base: str | None = None) -> Capture:
+    selector = capture_selector(site, res, window, base)
     try:
         return Capture(selector, per_step=per_step, budget=budget)
     except ValueError as error:  # a bad --budget
-        raise common.runner.OptionError(str(error)) from None
+        raise OptionError(str(error)) from None
 
 
 def _most_attended(word_maps) -> str:
@@ -123,14 +161,3 @@ def _hooks(pipe, capture):
     from .. import hooks
 
     return hooks(pipe, capture)
-
-
-def _new_file(run, name: str) -> None:
-    if (run.folder / name).exists():
-        raise RunFolderError(f"{run.folder / name} exists; a run never overwrites its files")
-
-
-def _save(run, name: str, picture) -> None:
-    _new_file(run, name)
-    save_image_atomic(picture, run.folder / name)
-    run.outputs.append(name)

@@ -7,11 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..prompt_syntax import PromptSyntaxError
+from ..app.reweight_sweep import parse_seeds, parse_weights, run_sweep, sweep_sheet
 from ..reweight import MODES, Reweight, ReweightError
 from ..reweight.modes import mode_named
-from ..reweight.sweep import parse_seeds, parse_weights, run_sweep, sweep_sheet
-from ..runfolder import RunFolderError, save_image_atomic
 from . import common
 
 GRID = "grid.png"
@@ -43,33 +41,39 @@ def register(app: typer.Typer) -> None:
         negative_prompt: common.NegativePrompt = None,
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
-        guidance: common.Guidance = None, size: common.Size = None, out: common.Out = None,
-        config: common.Config = None, progress: common.Progress = False,
+        guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
+        threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
+        config: common.Config = None, progress: common.Progress = True,
     ):
         """Reweight words at the attention level; with --word and --weights, write a labelled grid."""
         options = dict(locals())
-        with common.user_errors(ReweightError, PromptSyntaxError):
+        with common.user_errors():
             # Read and check every reweighting option (command line > --config) before the model loads.
-            sweep = _Sweep.from_settings(common.merge_settings(options, config_path=config))
-            run = common.start("reweight", options, slug=sweep.prompt)
-            seed_list = sweep.seeds if sweep.seeds is not None else [int(run.settings["seed"])]
+            sweep = _Sweep.from_settings(common.resolve(options)[0])
+            with common.start("reweight", options, slug=sweep.prompt) as run:
+                _reweight(run, sweep)
 
-            def generate(clean_prompt: str, first: int, count: int) -> list:
-                return run.generate(clean_prompt, seed=first, num_images_per_prompt=count)
 
-            cells = run_sweep(run.pipe, sweep.prompt, generate, word=sweep.word, weights=sweep.weights,
-                              modes=sweep.modes, seeds=seed_list, **sweep.reweight_options)
-            for cell in cells:
-                if cell.image is not None:
-                    run.save_png(cell.image, cell.file_name, prompt=cell.reweight["prompt"], seed=cell.seed,
-                                 xattn={"reweight": cell.reweight})
-            _save_grid(run, sweep_sheet(cells, title=sweep.title))
-            run.finish(grid=GRID, reweight={**sweep.describe(), "seeds": seed_list, "cells": [
-                {"mode": c.mode, "weight": c.weight, "seed": c.seed,
-                 "file": None if c.image is None else c.file_name, "skipped": c.skipped} for c in cells]})
-            skipped = [c for c in cells if c.skipped]
-            if skipped:
-                typer.echo(f"note: {len(skipped)} cell(s) left grey: {skipped[0].skipped}", err=True)
+def _reweight(run: common.Run, sweep: "_Sweep") -> None:
+    """Generate every cell, save the images and the grid, finish the run."""
+    seed_list = sweep.seeds if sweep.seeds is not None else [int(run.settings["seed"])]
+
+    def generate(clean_prompt: str, first: int, count: int) -> list:
+        return run.generate(clean_prompt, seed=first, num_images_per_prompt=count)
+
+    cells = run_sweep(run.pipe, sweep.prompt, generate, word=sweep.word, weights=sweep.weights,
+                      modes=sweep.modes, seeds=seed_list, **sweep.reweight_options)
+    for cell in cells:
+        if cell.image is not None:
+            run.save_png(cell.image, cell.file_name, prompt=cell.reweight["prompt"], seed=cell.seed,
+                         xattn={"reweight": cell.reweight})
+    run.save_image(sweep_sheet(cells, title=sweep.title), GRID)
+    run.finish(grid=GRID, reweight={**sweep.describe(), "seeds": seed_list, "cells": [
+        {"mode": c.mode, "weight": c.weight, "seed": c.seed,
+         "file": None if c.image is None else c.file_name, "skipped": c.skipped} for c in cells]})
+    skipped = [c for c in cells if c.skipped]
+    if skipped:
+        typer.echo(f"note: {len(skipped)} cell(s) left grey: {skipped[0].skipped}", err=True)
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class _Sweep:
             prompt=settings["prompt"], word=settings.get("word"),
             weights=parse_weights(settings["weights"]) if settings.get("weights") is not None else None,
             modes=modes, seeds=parse_seeds(settings["seeds"]) if settings.get("seeds") is not None else None,
-            window=settings.get("window"), select=settings.get("select"),
+            window=settings.get("window"), select=settings.get("select") or settings.get("sites"),
             rows="all" if settings.get("all_rows") else "cond",
         )
         if (sweep.word is None) != (sweep.weights is None):
@@ -117,11 +121,3 @@ class _Sweep:
     def describe(self) -> dict:
         return {"prompt": self.prompt, "word": self.word, "weights": self.weights, "modes": self.modes,
                 "window": self.window, "select": self.select, "rows": self.rows}
-
-
-def _save_grid(run: common.Run, sheet) -> None:
-    path = run.folder / GRID
-    if path.exists():
-        raise RunFolderError(f"{path} exists; a run never overwrites its files")
-    save_image_atomic(sheet, path)
-    run.outputs.append(GRID)

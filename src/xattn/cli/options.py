@@ -1,0 +1,59 @@
+"""The typed options every generating command shares (``common.Seed``, ``common.Size``...).
+
+Every option defaults to ``None`` so that a ``--config`` file or the model's
+``xattn_defaults.json`` can fill it; numbers are checked after merging, by
+:func:`xattn.validate.check_settings`, so the command line, configs, sweeps
+and PNG parameters all pass the same checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from ..app import runner
+from ..validate import DEFAULT_MAX_PIXELS
+
+Model = Annotated[Optional[str], typer.Option(
+    "--model", "-m", show_default="the embedded shapes-world model",
+    help="Pipeline folder, or a Hub id already in the local Hugging Face cache.")]
+DeviceName = Literal[tuple(runner.DEVICES)]
+DtypeName = Literal[("auto", *runner.DTYPES)]
+SchedulerName = Literal[tuple(runner.SCHEDULERS)]
+
+Device = Annotated[Optional[DeviceName], typer.Option(
+    show_default="auto", help="Where to run: auto picks cuda, then mps, then cpu.")]
+Dtype = Annotated[Optional[DtypeName], typer.Option(
+    show_default="auto", help="Precision: auto is float16 on CUDA and float32 elsewhere.")]
+Scheduler = Annotated[Optional[SchedulerName], typer.Option(
+    show_default="the model's own", help="Sampler, mapped to a diffusers scheduler built from the model's config.")]
+Seed = Annotated[Optional[int], typer.Option(show_default="0",
+                                             help="Seed of the first image (0 to 2**64-1); image i uses seed + i.")]
+Steps = Annotated[Optional[int], typer.Option(show_default="model default or 25", help="Number of denoising steps.")]
+Guidance = Annotated[Optional[float], typer.Option(show_default="model default or 5.0",
+                                                   help="Classifier-free guidance scale.")]
+Size = Annotated[Optional[str], typer.Option(show_default="the model's native size",
+                                             help="Image size: 64 or WIDTHxHEIGHT such as 512x768.")]
+MaxPixels = Annotated[Optional[int], typer.Option(
+    "--max-pixels", show_default=str(DEFAULT_MAX_PIXELS),
+    help="Largest image (width x height) to accept; a larger --size is refused with the memory it needs.")]
+Threads = Annotated[Optional[int], typer.Option(
+    show_default="1 for a small model on the CPU, else torch's default",
+    help="CPU threads torch samples with (images can differ by one level between counts).")]
+NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", help="Negative prompt.")]
+Out = Annotated[Optional[Path], typer.Option(
+    show_default="a new outputs/<command>-<time>-<slug>",
+    help="Output folder: new, empty, or one whose run failed (its files are replaced).")]
+OverwriteFailed = Annotated[bool, typer.Option(
+    "--overwrite-failed", help="Reuse an --out whose run never finished (its manifest still says running).")]
+Config = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="YAML file of option values (see configs/); the command line wins.")]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def examples(*lines: str) -> str:
+    """An ``epilog`` for ``--help``: the given command lines under 'Examples'."""
+    body = "\n".join(f"  $ {line}" for line in lines)
+    return f"Examples:\n\n\b\n{body}"  # \b: click keeps the lines unwrapped
