@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import tiny_models
 import xattn
 from xattn.capture import Capture
 from xattn.capture.export import load_maps, save_maps
@@ -32,7 +33,7 @@ def test_round_trip_gives_the_same_maps(sd1_pipe, tmp_path, per_step):
     for prompt in range(2):
         assert loaded.words(prompt) == maps.words(prompt)
         for image in range(2):
-            for word in maps.words(prompt) + ["<end>"]:
+            for word in maps.words(prompt) + ["<end>", "<pad>"]:
                 assert torch.equal(loaded.word(word, prompt, image), maps.word(word, prompt, image))
             assert loaded.token_totals(prompt, image) == pytest.approx(maps.token_totals(prompt, image))
     if per_step:
@@ -57,7 +58,10 @@ def test_manifest_says_what_was_captured(sd1_pipe, tmp_path):
     assert manifest["note"] == "test"
     with safe_open(str(tmp_path / "maps.safetensors"), framework="pt") as handle:
         (key,) = handle.keys()
-        assert list(handle.get_tensor(key).shape) == [4, 1, 64, 77]  # [rows, heads, i, j]
+        # [rows, heads, i, j]: slots up to the longer prompt's end token, then the summed padding
+        kept = max(len(tiny_models.tokenizer().tokenize(p)) + 2 for p in PROMPTS)
+        assert list(handle.get_tensor(key).shape) == [4, 1, 64, kept + 1]
+    assert manifest["columns"] == list(range(kept)) and manifest["others"] is True
     assert manifest["layers"][0]["key"] == key and manifest["layers"][0]["res"] == [8, 8]
 
 

@@ -32,6 +32,36 @@ def bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def cubic_weights(t: float, a: float = -0.75) -> list[float]:
+    """Keys' cubic convolution weights of the 4 taps around a point ``t`` past the second one (a = -0.75)."""
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def bicubic(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize with half-pixel centres, edge taps repeated, in float64 loops."""
+    in_h, in_w = grid.shape
+
+    def taps(out_index, in_size, out_size):
+        source = (out_index + 0.5) * in_size / out_size - 0.5
+        base = int(np.floor(source))
+        indices = [min(max(base + k, 0), in_size - 1) for k in (-1, 0, 1, 2)]
+        return indices, cubic_weights(source - base)
+
+    out = np.zeros(size)
+    for y in range(size[0]):
+        rows, wy = taps(y, in_h, size[0])
+        for x in range(size[1]):
+            cols, wx = taps(x, in_w, size[1])
+            out[y, x] = sum(wy[m] * wx[n] * grid[rows[m], cols[n]] for m in range(4) for n in range(4))
+    return out
+
+
 def token_map() -> TokenMap:
     return TokenMap(tiny_models.tokenizer(), PROMPT)
 
@@ -65,7 +95,7 @@ def word_maps(layers) -> WordMaps:
                     image_size=IMAGE, num_steps=3)
 
 
-def reference(layers, slots, row, steps=None, res=None) -> np.ndarray:
+def reference(layers, slots, row, steps=None, res=None, resize=bicubic) -> np.ndarray:
     total, count = np.zeros(IMAGE), 0
     for layer in layers:
         if steps is not None and layer.steps[0] not in steps:
@@ -74,10 +104,9 @@ def reference(layers, slots, row, steps=None, res=None) -> np.ndarray:
             continue
         data = layer.data.double().numpy()[row]  # [heads, i, j]
         word = data[:, :, slots].sum(axis=-1).mean(axis=0)  # [i]
-        total += bilinear(word.reshape(layer.res), IMAGE)
+        total += resize(word.reshape(layer.res), IMAGE)
         count += layer.count
-    mean = total / count
-    return mean
+    return np.maximum(total / count, 0.0)
 
 
 def min_max(x):
@@ -96,6 +125,8 @@ def test_word_map_equals_reference_with_pieces_merged():
         assert np.abs(raw.double().numpy() - expected).max() <= 1e-6
         shown = maps.word("xylophonist", image=row)
         assert np.abs(shown.double().numpy() - min_max(expected)).max() <= 1e-5
+        smooth = maps.word("xylophonist", image=row, normalize=False, upsample="bilinear")
+        assert np.abs(smooth.double().numpy() - reference(layers, slots, row, resize=bilinear)).max() <= 1e-6
 
 
 def test_phrase_and_special_tokens_use_their_slots():
@@ -177,12 +208,15 @@ def test_site_choice_needs_per_site_sums(sd1_pipe):
     with xattn.hooks(sd1_pipe, per_site, aggregated):
         sd1_pipe("a red cat", num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
     maps = per_site.maps()
-    up = maps.word("cat", sites="up_blocks.*", normalize=False)
-    down = maps.word("cat", sites="down_blocks.*", normalize=False)
-    middle = maps.word("cat", sites="mid_block.*", normalize=False)
+    up = maps.word("cat", sites="up_blocks.*", normalize=False, upsample="bilinear")
+    down = maps.word("cat", sites="down_blocks.*", normalize=False, upsample="bilinear")
+    middle = maps.word("cat", sites="mid_block.*", normalize=False, upsample="bilinear")
     calls = {name: sum(l.count for l in maps.layers if l.sites[0].startswith(name)) for name in ("up", "down", "mid")}
     combined = (up * calls["up"] + down * calls["down"] + middle * calls["mid"]) / sum(calls.values())
-    assert torch.allclose(combined, maps.word("cat", normalize=False), atol=1e-6)  # the parts add up to the whole
+    whole = maps.word("cat", normalize=False, exclude=None, upsample="bilinear")
+    assert torch.allclose(combined, whole, atol=1e-6)  # the parts add up to the whole
     with pytest.raises(ValueError, match="splits the summed map"):
         aggregated.maps().word("cat", sites="up_blocks.*")
-    assert torch.allclose(aggregated.maps().word("cat", sites="*"), aggregated.maps().word("cat"))
+    assert torch.allclose(aggregated.maps().word("cat", sites="*"), aggregated.maps().word("cat", exclude=None))
+    # By default the mid block's own sum is left out: the same as choosing the other blocks' sites.
+    assert torch.allclose(aggregated.maps().word("cat"), aggregated.maps().word("cat", sites="[du]*_blocks.*"))

@@ -33,6 +33,7 @@ from .plan import CaptureBudgetError, PlannedSite, format_bytes, parse_bytes, re
 DEFAULT_BUDGET = "1GiB"
 DEFAULT_SELF_RES = 32  # self-attention maps are [i, i]: 64x64 sites would need 64 MiB per row and call
 DEFAULT_TEXT_LENGTH = 77  # CLIP's padded sequence, used when no tokenizer is known
+SLOT_CHOICES = ("prompt", "all")
 
 
 class _Choice:
@@ -65,18 +66,20 @@ class _Run:
     """Everything one pipeline call's capture needs, fixed at its first captured call."""
 
     def __init__(self, layout: BatchLayout, rows: list[int], columns: list[int] | None, key_length: int,
-                 latent_hw: tuple[int, int], image_hw: tuple[int, int], num_steps: int | None):
+                 latent_hw: tuple[int, int], image_hw: tuple[int, int], num_steps: int | None,
+                 others: bool = False):
         self.layout = layout
         self.row_indices = rows
         self.rows: tuple[Row, ...] = tuple(layout.rows[r] for r in rows)
         self.row_choice = _Choice(rows, layout.batch_size)
         self.columns = columns  # token slots kept at cross sites (None = all)
         self.column_choice = _Choice(columns, key_length)
+        self.others = others  # one more column: the summed attention on every slot after ``columns`` (padding)
         self.latent_hw = latent_hw
         self.image_hw = image_hw
         self.num_steps = num_steps
         self.layers: dict[tuple, MapLayer] = {}
-        self.scratch: dict[tuple, torch.Tensor] = {}  # [rows, 1, i, j] head sums, one per aggregated layer
+        self.scratch: dict[tuple, torch.Tensor] = {}  # [rows, 1, i, j'] head sums, one per aggregated layer
         self.sites: dict[tuple, set[str]] = {}
         self.steps: dict[tuple, set[int]] = {}
         self.planned_bytes = 0
@@ -100,6 +103,11 @@ class Capture(Controller):
         budget: the most bytes the capture may hold (``"256MB"``, an int, or
             None for no limit); checked before anything is stored.
         storage_dtype: dtype of per-step maps (running sums are float32).
+        slots: which token slots to keep at cross sites when the selector names no
+            ``tokens``: ``"prompt"`` (default) keeps the start token, the prompts'
+            pieces and their end token, plus one column with the summed attention
+            on the padding after them (so shares still add up to 1);
+            ``"all"`` keeps every slot of the text sequence (77 for CLIP).
         stream_to: a folder that does not exist yet (or is empty); per-step maps
             are written there as one safetensors shard per step and only the
             current step is held in memory.
@@ -117,7 +125,8 @@ class Capture(Controller):
     def __init__(self, selector: Selector | str | dict | None = None, *, per_step: bool = False,
                  keep_heads: bool = False, uncond: bool = False, self_attention: bool = False,
                  self_res: int = DEFAULT_SELF_RES, budget: int | str | None = DEFAULT_BUDGET,
-                 storage_dtype: torch.dtype = torch.float16, stream_to: str | Path | None = None):
+                 storage_dtype: torch.dtype = torch.float16, stream_to: str | Path | None = None,
+                 slots: str = "prompt"):
         chosen = Selector.coerce(selector)
         if chosen.kind in ("self", "all") and not self_attention:
             raise ValueError(
@@ -130,6 +139,8 @@ class Capture(Controller):
             raise ValueError("stream_to writes per-step maps to disk; pass per_step=True as well")
         if not isinstance(self_res, int) or self_res < 1:
             raise ValueError(f"self_res must be a positive map side such as 32, not {self_res!r}")
+        if slots not in SLOT_CHOICES:
+            raise ValueError(f"slots must be one of {', '.join(map(repr, SLOT_CHOICES))}, not {slots!r}")
         if not storage_dtype.is_floating_point:
             raise ValueError(f"storage_dtype must be a float dtype (torch.float16, torch.float32), not {storage_dtype}")
         self.selector = chosen
@@ -139,6 +150,7 @@ class Capture(Controller):
         self.self_res = self_res
         self.budget = parse_bytes(budget)
         self.storage_dtype = storage_dtype
+        self.slots = slots
         self.stream_to = None if stream_to is None else Path(stream_to)
         self._factors: dict[str, int] = {}
         self._sites: list[Site] = []
@@ -187,39 +199,50 @@ class Capture(Controller):
         heads = self._head_choice(site)
         if heads is not None:
             picked = heads.take(picked, 1)  # [r, h', i, j]
+        padding = None
         if site.kind == "cross":
+            if run.others:
+                kept = len(run.columns)
+                padding = picked.narrow(3, kept, picked.shape[3] - kept)  # [r, h', i, j - j']
             picked = run.column_choice.take(picked, 3)  # [r, h', i, j']
         if self.per_step:
-            self._keep_step(run, picked, ctx)
+            self._keep_step(run, picked, padding, ctx)
         else:
-            self._add_to_sum(run, picked, ctx)
+            self._add_to_sum(run, picked, padding, ctx)
         self.calls[(site.name, ctx.step)] += 1
         return None
 
     # -- storing -------------------------------------------------------------------
-    def _add_to_sum(self, run: _Run, picked: torch.Tensor, ctx: HookContext) -> None:
-        group = (ctx.site.kind, ctx.site.name if self.keep_heads else ctx.res)
+    def _add_to_sum(self, run: _Run, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext) -> None:
+        group = self._sum_group(ctx.site, ctx.res)
         layer = run.layers.get(group)
         if layer is None:
-            layer = self._new_layer(run, group, picked, ctx, steps=(), dtype=torch.float32)
+            layer = self._new_layer(run, group, picked, ctx, steps=(), dtype=torch.float32, others=padding is not None)
             if not self.keep_heads:
                 run.scratch[group] = torch.empty_like(layer.data)
             run.sites[group], run.steps[group] = set(), set()
+        kept = picked.shape[3]
         if self.keep_heads:
-            layer.data.add_(picked)
-        else:
+            layer.data[..., :kept].add_(picked)
+            if padding is not None:
+                layer.data[..., kept:].add_(padding.sum(dim=3, keepdim=True))
+        else:  # sums into the preallocated scratch: nothing is allocated per call
             scratch = run.scratch[group]
-            torch.sum(picked, dim=1, keepdim=True, dtype=torch.float32, out=scratch)  # [r, 1, i, j]
+            torch.sum(picked, dim=1, keepdim=True, dtype=torch.float32, out=scratch[..., :kept])  # [r, 1, i, j']
+            if padding is not None:
+                torch.sum(padding, dim=(1, 3), keepdim=True, dtype=torch.float32, out=scratch[..., kept:])  # [r, 1, i, 1]
             layer.data.add_(scratch, alpha=1.0 / picked.shape[1])
         layer.count += 1
         run.sites[group].add(ctx.site.name)
         if ctx.step is not None:
             run.steps[group].add(ctx.step)
 
-    def _keep_step(self, run: _Run, picked: torch.Tensor, ctx: HookContext) -> None:
+    def _keep_step(self, run: _Run, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext) -> None:
         if self.stream_to is not None and ctx.step != run.streaming_step:
             self._flush_stream(run)
             run.streaming_step = ctx.step
+        if padding is not None:
+            picked = torch.cat([picked, padding.sum(dim=3, keepdim=True)], dim=3)  # [r, h', i, j' + 1]
         maps = picked if self.keep_heads else picked.mean(dim=1, keepdim=True)  # [r, h'|1, i, j]
         group = (ctx.step, ctx.site.name)
         layer = run.layers.get(group)
@@ -229,13 +252,23 @@ class Capture(Controller):
         layer.data.add_(maps.to(self.storage_dtype))  # a scheduler may call the UNet twice per step (Heun)
         layer.count += 1
 
+    def _sum_group(self, site: Site, res: tuple[int, int]) -> tuple:
+        """The running sum a site adds into: its own when heads are kept, else one per (kind, res, mid or not).
+
+        The mid block gets sums of its own so that word maps can leave it out
+        (they do by default, see docs/maps.md) even where it shares a size with other blocks.
+        """
+        if self.keep_heads:
+            return (site.kind, site.name)
+        return (site.kind, res, site.block == "mid")
+
     def _new_layer(self, run: _Run, group: tuple, picked: torch.Tensor, ctx: HookContext, *,
-                   steps: tuple[int, ...], dtype: torch.dtype) -> MapLayer:
+                   steps: tuple[int, ...], dtype: torch.dtype, others: bool = False) -> MapLayer:
         kept_heads = None
         if self.keep_heads:
             kept_heads = tuple(self.selector.head_indices(ctx.site.heads) or range(ctx.site.heads))
         rows, h, i, j = picked.shape
-        shape = (rows, h if self.keep_heads else 1, i, j)
+        shape = (rows, h if self.keep_heads else 1, i, j + others)
         data = torch.zeros(shape, dtype=dtype, device=picked.device)
         layer = MapLayer(kind=ctx.site.kind, res=ctx.res, steps=steps, sites=(ctx.site.name,), count=0,
                          heads=kept_heads, data=data)
@@ -280,21 +313,35 @@ class Capture(Controller):
         if not rows:
             raise ValueError(f"this call has no conditional rows to capture (layout: {layout.rows}); pass uncond=True")
         key_length = x.shape[-1] if ctx.site.kind == "cross" else (self._text_length or DEFAULT_TEXT_LENGTH)
-        columns = self._resolve_columns(layout, key_length)
+        columns, others = self._resolve_columns(layout, key_length)
         factor = self._factors.get(ctx.site.name, 1)
         latent_hw = (ctx.res[0] * factor, ctx.res[1] * factor)
         image_hw = (latent_hw[0] * self._vae_scale, latent_hw[1] * self._vae_scale)
-        run = _Run(layout, rows, columns, key_length, latent_hw, image_hw, ctx.num_steps)
+        run = _Run(layout, rows, columns, key_length, latent_hw, image_hw, ctx.num_steps, others)
         run.planned_bytes = self._check_budget(run, ctx, key_length)
         if self.stream_to is not None:
             self._prepare_stream_folder()
         self._run = run
         return run
 
-    def _resolve_columns(self, layout: BatchLayout, key_length: int) -> list[int] | None:
-        """Token slots named by ``selector.tokens``, for every prompt of the call (words resolved once)."""
+    def _resolve_columns(self, layout: BatchLayout, key_length: int) -> tuple[list[int] | None, bool]:
+        """Token slots to keep at cross sites, and whether one more column sums the padding after them.
+
+        With ``selector.tokens``: the slots it names, for every prompt of the call
+        (words resolved once). Otherwise (``slots="prompt"``): slot 0 up to the
+        longest prompt's end token, then one padding column; every slot when the
+        prompts are unknown (bare model calls) or fill the sequence.
+        """
         if self.selector.tokens is None:
-            return None
+            if self.slots == "all":
+                return None, False
+            try:
+                last = max(layout.token_map(p).end_slot for p in range(layout.num_prompts))
+            except (LookupError, ValueError):  # prompts unknown: nothing says which slots matter
+                return None, False
+            if last + 2 >= key_length:  # a padding column would save nothing
+                return None, False
+            return list(range(last + 1)), True
         slots: set[int] = set()
         for prompt in range(layout.num_prompts):
             for token in self.selector.tokens:
@@ -305,7 +352,7 @@ class Capture(Controller):
         bad = sorted(s for s in slots if s >= key_length)
         if bad:
             raise ValueError(f"token slots {bad} are outside this model's {key_length} text positions")
-        return sorted(slots)
+        return sorted(slots), False
 
     def plan(self, run: _Run, key_length: int) -> list[PlannedSite]:
         """The sites this run will capture, with their sizes (from the model's structure)."""
@@ -321,7 +368,7 @@ class Capture(Controller):
             if count == 0:
                 continue
             if site.kind == "cross":
-                keys = key_length if run.columns is None else len(run.columns)
+                keys = key_length if run.columns is None else len(run.columns) + run.others
             else:
                 keys = res[0] * res[1]
             planned.append(PlannedSite(site, res, count if self.keep_heads else 1, keys))
@@ -340,7 +387,7 @@ class Capture(Controller):
         else:
             groups: dict[tuple, PlannedSite] = {}
             for p in planned:
-                groups[(p.site.kind, p.site.name if self.keep_heads else p.res)] = p
+                groups[self._sum_group(p.site, p.res)] = p
             per_group = 1 if self.keep_heads else 2  # running sum + head-sum scratch
             needed = sum(per_group * p.bytes_per_call(rows, 4) for p in groups.values())
             what = f"aggregated capture of {len(planned)} site(s) in {len(groups)} running sum(s)"
@@ -413,6 +460,7 @@ class Capture(Controller):
             layers,
             rows=run.rows,
             columns=run.columns,
+            others=run.others,
             prompts=list(layout.prompts),
             token_maps=list(layout.token_maps),
             image_size=run.image_hw,

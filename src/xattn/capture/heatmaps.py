@@ -3,10 +3,12 @@
 A word's map is the attention its token slots receive at every query
 position, combined over what was captured: each layer's sum is reduced to the
 word (its BPE pieces summed, heads averaged) at its own resolution,
-upsampled bilinearly to a common size (the generated image's), added up over
-layers, sites and steps, and divided by the number of attention calls. The
-result is the mean attention probability on the word at each pixel; with
-``normalize=True`` it is min-max scaled to [0, 1] for display and thresholds.
+upsampled to a common size (the generated image's; bicubic, clamped at 0, by
+default), added up over layers, sites and steps, and divided by the number of
+attention calls. The mid block is left out by default (its maps are the
+coarsest, 1/8 of the latent's side in SD). The result is the mean attention
+probability on the word at each pixel; with ``normalize=True`` it is min-max
+scaled to [0, 1] for display and thresholds. Why these defaults: docs/maps.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from .layers import MapLayer
 StepsArg = str | range | tuple[int, int] | Iterable[int] | None
 ResArg = int | str | tuple[int, int] | None
 
+DEFAULT_EXCLUDE = "mid_block.*"  # sites word maps leave out unless told otherwise (docs/maps.md)
+DEFAULT_UPSAMPLE = "bicubic"
+UPSAMPLE_MODES = ("bicubic", "bilinear", "nearest")
+
 
 class WordMaps:
     """The maps of one captured pipeline call: every prompt, every image.
@@ -33,6 +39,8 @@ class WordMaps:
         layers: the captured sums (see :class:`~xattn.capture.layers.MapLayer`).
         rows: what each captured row is (cond / prompt / image), in tensor order.
         columns: the token slots kept at cross sites, or None for all.
+        others: the tensors hold one more column after ``columns``: the summed
+            attention on every other slot (the padding after the prompts).
         prompts: the prompts of the call (may be empty for bare model calls).
         token_maps: one TokenMap per prompt (None where unknown).
         image_size: (H, W) of the generated images: maps come out at this size.
@@ -42,10 +50,13 @@ class WordMaps:
 
     def __init__(self, layers: list[MapLayer], *, rows: tuple[Row, ...], columns: list[int] | None,
                  prompts: list[str | None], token_maps: list[TokenMap | None], image_size: tuple[int, int],
-                 num_steps: int | None = None, info: dict | None = None):
+                 num_steps: int | None = None, info: dict | None = None, others: bool = False):
         self.layers = list(layers)
         self.rows = tuple(rows)
         self.columns = None if columns is None else list(columns)
+        if others and (self.columns is None or self.columns != list(range(len(self.columns)))):
+            raise ValueError("a padding column follows kept slots 0..k-1 only")
+        self.others = bool(others)
         self.prompts = list(prompts)
         self.token_maps = list(token_maps)
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -94,8 +105,9 @@ class WordMaps:
     # -- word maps ----------------------------------------------------------------------
     def word(self, word: str | int, prompt: int = 0, image: int = 0, *, steps: StepsArg = None,
              res: ResArg = None, sites: str | None = None, heads: Iterable[int] | None = None,
-             normalize: bool = True, size: tuple[int, int] | None = None, cond: bool = True) -> torch.Tensor:
-        """The heat map of a word, phrase, ``<start>``/``<end>`` or slot index: ``[H, W]`` float32.
+             normalize: bool = True, size: tuple[int, int] | None = None, cond: bool = True,
+             exclude: str | None = DEFAULT_EXCLUDE, upsample: str = DEFAULT_UPSAMPLE) -> torch.Tensor:
+        """The heat map of a word, phrase, ``<start>``/``<end>``/``<pad>`` or slot index: ``[H, W]`` float32.
 
         Args:
             word: ``"cat"`` (every occurrence), ``"cat#2"``, ``"red circle"``, ``"<end>"`` or ``5``.
@@ -110,25 +122,30 @@ class WordMaps:
             normalize: min-max scale to [0, 1] (False: mean attention probability per pixel).
             size: output (H, W); default the generated image's size.
             cond: the conditional row (False: the unconditional one, if captured).
+            exclude: leave out sites matching this glob; default the mid block, when other
+                sites were captured and ``sites`` is not given (None keeps every site).
+            upsample: ``"bicubic"`` (clamped at 0), ``"bilinear"`` or ``"nearest"``: how each
+                resolution's map is brought to ``size``.
         """
         total, count = self.word_total(word, prompt, image, steps=steps, res=res, sites=sites, heads=heads,
-                                       size=size, cond=cond)
-        heat = total / count
+                                       size=size, cond=cond, exclude=exclude, upsample=upsample)
+        heat = (total / count).clamp(min=0)  # bicubic overshoots below 0 next to sharp edges
         if normalize:
             heat = _min_max(heat)
         return heat.float()
 
     def word_total(self, word: str | int, prompt: int = 0, image: int = 0, *, steps: StepsArg = None,
                    res: ResArg = None, sites: str | None = None, heads: Iterable[int] | None = None,
-                   size: tuple[int, int] | None = None,
-                   cond: bool = True) -> tuple[torch.Tensor, int]:
+                   size: tuple[int, int] | None = None, cond: bool = True,
+                   exclude: str | None = DEFAULT_EXCLUDE, upsample: str = DEFAULT_UPSAMPLE) -> tuple[torch.Tensor, int]:
         """The upsampled sum behind :meth:`word` and the number of attention calls in it (float64).
 
-        Sums over step ranges add, so a viewer can combine them and divide once.
+        Sums over step ranges add, so a viewer can combine them and divide once
+        (:meth:`word` then clamps at 0 what bicubic upsampling undershoots).
         """
         row = self._row(prompt, image, cond)
         positions = self._positions(word, prompt)
-        layers = self._select(steps, res, sites)
+        layers = self._select(steps, res, sites, exclude)
         size = self.image_size if size is None else (int(size[0]), int(size[1]))
         at_res: dict[tuple[int, int], torch.Tensor] = {}
         count = 0
@@ -140,12 +157,13 @@ class WordMaps:
             count += layer.count
         total = torch.zeros(size, dtype=torch.float64)
         for (h, w), flat in at_res.items():
-            grid = flat.view(1, 1, h, w)  # [1, 1, h, w]
-            total += F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
+            total += upsample_maps(flat.view(1, h, w), size, upsample)[0]
         return total, count
 
     def totals_by_step_and_res(self, words: list[str | int], prompt: int = 0, image: int = 0, *,
-                               size: tuple[int, int] | None = None) -> dict[tuple[int | None, tuple[int, int]], tuple[torch.Tensor, int]]:
+                               size: tuple[int, int] | None = None, exclude: str | None = DEFAULT_EXCLUDE,
+                               upsample: str = DEFAULT_UPSAMPLE,
+                               ) -> dict[tuple[int | None, tuple[int, int]], tuple[torch.Tensor, int]]:
         """Upsampled word sums for every (step, resolution) separately, in one pass over the layers.
 
         Keys are ``(step, res)`` for per-step captures and ``(None, res)`` for
@@ -157,11 +175,10 @@ class WordMaps:
         positions = [self._positions(word, prompt) for word in words]
         size = self.image_size if size is None else (int(size[0]), int(size[1]))
         out: dict = {}
-        for layer in self._cross():
+        for layer in self._select(None, None, None, exclude):
             maps = layer.tensor()[row].double().mean(dim=0)  # [i, j], heads averaged
             per_word = torch.stack([maps[:, cols].sum(dim=-1) for cols in positions])  # [words, i]
-            grid = per_word.view(1, len(words), *layer.res)  # [1, words, h, w]
-            upsampled = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]  # [words, H, W]
+            upsampled = upsample_maps(per_word.view(len(words), *layer.res), size, upsample)  # [words, H, W]
             key = (layer.steps[0] if self.per_step and layer.steps else None, layer.res)
             total, count = out.get(key, (0, 0))
             out[key] = (total + upsampled, count + layer.count)
@@ -187,6 +204,8 @@ class WordMaps:
         slots = self.columns if self.columns is not None else list(range(share.shape[0]))
         token_map = self.token_map(prompt)
         totals: dict[str, float] = {}
+        if self.others:
+            totals["<pad>"] = float(share[len(slots)])  # the padding column
         for position, slot in enumerate(slots):
             name = token_map.word_at(slot)
             if name not in ("<start>", "<end>", "<pad>"):
@@ -239,10 +258,19 @@ class WordMaps:
         if self._column_of is None:
             return slots
         missing = [slot for slot in slots if slot not in self._column_of]
+        padding = list(range(len(self.columns), self._text_length(prompt)))
+        if self.others and missing and missing == padding:  # every padding slot: the padding column holds their sum
+            return [self._column_of[slot] for slot in slots if slot in self._column_of] + [len(self.columns)]
         if missing:
             raise TokenError(f"{word!r} (slots {missing}) was not captured; the capture kept slots {self.columns} "
                              "(widen the selector's tokens=)")
         return [self._column_of[slot] for slot in slots]
+
+    def _text_length(self, prompt: int) -> int:
+        try:
+            return self.token_map(prompt).max_length
+        except LookupError:
+            return len(self.columns)
 
     def _head_positions(self, layer: MapLayer, heads: Iterable[int] | None) -> list[int] | slice:
         if heads is None:
@@ -255,11 +283,15 @@ class WordMaps:
             raise ValueError(f"heads {missing} were not captured at {layer.sites[0]}; kept heads: {list(layer.heads)}")
         return [layer.heads.index(h) for h in wanted]
 
-    def _select(self, steps: StepsArg, res: ResArg, sites: str | None = None) -> list[MapLayer]:
+    def _select(self, steps: StepsArg, res: ResArg, sites: str | None = None,
+                exclude: str | None = None) -> list[MapLayer]:
+        layers = self._cross()
+        if exclude is not None and not (sites is not None and exclude == DEFAULT_EXCLUDE):  # sites= overrides the default
+            layers = self._without(layers, exclude)
         spec = _res_selector(res)
         wanted = None if steps is None else self._step_set(steps)
         chosen = []
-        for layer in self._cross():
+        for layer in layers:
             if not spec.matches_res(layer.res):
                 continue
             if sites is not None:
@@ -283,6 +315,26 @@ class WordMaps:
             raise LookupError(f"no captured cross-attention matches steps={steps!r}, res={res!r}, sites={sites!r}; "
                               f"captured resolutions {self.resolutions}, steps {self.steps}")
         return chosen
+
+    def _without(self, layers: list[MapLayer], exclude: str) -> list[MapLayer]:
+        """The layers without the sites matching ``exclude``.
+
+        The default (the mid block) gives way where it would leave nothing, and
+        keeps whole a sum that mixes mid-block and other sites (maps saved
+        before the mid block was summed apart); an explicit glob is strict.
+        """
+        kept = []
+        for layer in layers:
+            matching = [fnmatch.fnmatchcase(site, exclude) for site in layer.sites]
+            if all(matching):
+                continue
+            if any(matching) and exclude != DEFAULT_EXCLUDE:
+                raise ValueError(f"exclude={exclude!r} splits the summed map {layer.describe()}; capture with "
+                                 "per_step=True or keep_heads=True to keep each site apart")
+            kept.append(layer)
+        if not kept and exclude == DEFAULT_EXCLUDE:
+            return layers
+        return kept
 
     def _step_set(self, steps: StepsArg) -> set[int]:
         if isinstance(steps, str):
@@ -317,3 +369,13 @@ def _min_max(heat: torch.Tensor) -> torch.Tensor:
     if high <= low:
         return torch.zeros_like(heat)
     return (heat - low) / (high - low)
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = DEFAULT_UPSAMPLE) -> torch.Tensor:
+    """``[n, h, w]`` maps at ``size``: ``[n, H, W]`` (half-pixel centres; bicubic may undershoot 0 at edges)."""
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample must be one of {', '.join(map(repr, UPSAMPLE_MODES))}, not {mode!r}")
+    grid = maps[None]  # [1, n, h, w]
+    if mode == "nearest":
+        return F.interpolate(grid, size=size, mode="nearest-exact")[0]
+    return F.interpolate(grid, size=size, mode=mode, align_corners=False)[0]
