@@ -39,7 +39,7 @@ from .errors import LayoutError, NothingSelectedError, UnsupportedProcessorError
 from .hookpoints import BatchLayout, Controller, Hook, HookContext, HookFn, Run
 from .processor import XattnProcessor
 from .selector import Selector
-from .sites import Site, denoiser_of, resolution_of, sites as list_sites
+from .sites import Site, denoiser_of, latent_size, resolution_of, sites as list_sites
 
 # Keyword groups a denoiser call may carry for its processors; only LoRA's ``scale`` is consumed before them.
 _PROCESSOR_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
@@ -160,7 +160,7 @@ class _Runtime:
         timestep_value = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0].item())
         step, num_steps = self.clock.step_of(timestep_value, self._scheduler())
         layout = self._layout_of(text, sample.shape[0])
-        latent_hw = tuple(sample.shape[-2:])
+        latent_hw = latent_size(sample, bound)
         if self._starts_run(layout, step):
             self._begin_run(Run(layout, num_steps, latent_hw))
         if step is not None:
@@ -209,11 +209,16 @@ class _Runtime:
         prompts = next((s.prompts for s in reversed(self.sessions) if s.prompts is not None), None)
         tokenizer = next((s.tokenizer for s in reversed(self.sessions) if s.tokenizer is not None), None)
         if override is not None or text is None or self._encoded is None:
-            return layout_without_encoding(batch_size, override, prompts, tokenizer if text is not None else None)
-        key = (id(text), text.data_ptr(), text._version, tuple(text.shape), id(self._encoded))
-        if key != self._layout_key:
-            self._layout = layout_of_pipeline_call(text, self._encoded, self.adapter, self.pipe, prompts, tokenizer)
-            self._layout_key = key
+            key = ("bare", batch_size, id(override), None if prompts is None else tuple(prompts), id(tokenizer),
+                   text is None)
+            if key != self._layout_key:  # one object per distinct call shape, so a bare run keeps its layout
+                self._layout = layout_without_encoding(batch_size, override, prompts,
+                                                       tokenizer if text is not None else None)
+        else:
+            key = (id(text), text.data_ptr(), text._version, tuple(text.shape), id(self._encoded))
+            if key != self._layout_key:
+                self._layout = layout_of_pipeline_call(text, self._encoded, self.adapter, self.pipe, prompts, tokenizer)
+        self._layout_key = key
         return self._layout
 
     def _wrap_encode_prompt(self, pipe) -> bool:
