@@ -58,7 +58,7 @@ def plan_sites(controllers: list[Controller], site_list: list[Site]) -> dict[str
         for site in site_list:
             if controller.selector.matches_site(site):
                 for point, fn in points.items():
-                    if point == "context" and site.kind != "cross":
+                    if point == "context" and site.kind not in ("cross", "joint"):
                         continue
                     entries.setdefault(site.name, []).append((controller, point, fn))
     return entries

@@ -6,6 +6,11 @@ old one did. That is known for an explicit list of diffusers classes
 xformers, attention slicing, a user's own, a subclass of a listed one) is
 refused with an error that names the site, the class and what to do, before
 anything is changed. Restoring puts back the very objects that were there.
+
+Joint processors (SD3's ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``,
+:data:`xattn.joint.JOINT_PROCESSORS`) are not reproduced but kept: a
+:class:`~xattn.joint.JointProcessor` runs the stock object and takes over its
+attention core only.
 """
 
 from __future__ import annotations
@@ -40,18 +45,18 @@ _ADVICE = {
     "CustomDiffusionAttnProcessor": "Custom Diffusion's processor is not reproduced: deselect these sites",
     "CustomDiffusionAttnProcessor2_0": "Custom Diffusion's processor is not reproduced: deselect these sites",
     "FusedAttnProcessor2_0": "fused QKV projections are on: call pipe.unfuse_qkv_projections() first",
-    "JointAttnProcessor2_0": "joint (SD3-style) attention is not hooked yet: xattn supports UNet and "
-                             "cross-attention transformer sites for now",
-    "FluxAttnProcessor": "joint (Flux-style) attention is not hooked yet: xattn supports UNet and "
-                         "cross-attention transformer sites for now",
+    "FusedJointAttnProcessor2_0": "fused QKV projections are on: call pipe.unfuse_qkv_projections() first",
 }
 
 
 def is_reproduced(processor) -> bool:
     """True when xattn's processor computes exactly what ``processor`` does (its exact class is listed)."""
+    from .joint import JOINT_PROCESSORS, JointProcessor
     from .processor import XattnProcessor
 
-    return type(processor) in REPRODUCED or type(processor) is XattnProcessor
+    if type(processor) in JOINT_PROCESSORS:  # kept and run as is; context-parallel cores are not ours to replace
+        return getattr(processor, "_parallel_config", None) is None
+    return type(processor) in REPRODUCED or type(processor) in (XattnProcessor, JointProcessor)
 
 
 def refusal(name: str, processor) -> str:
@@ -81,7 +86,12 @@ def check_processors(denoiser: nn.Module, names: Iterable[str]) -> None:
 
 
 def install(denoiser: nn.Module, names: Iterable[str], make, originals: dict) -> None:
-    """Put ``make(name)`` on every site in ``names`` not yet xattn's; remember what was there in ``originals``."""
+    """Put ``make(name)`` on every site in ``names`` not yet xattn's; remember what was there in ``originals``.
+
+    Where a joint processor was, ``make(name)``'s site and runtime go to a
+    :class:`~xattn.joint.JointProcessor` that wraps it.
+    """
+    from .joint import JointProcessor, family_of
     from .processor import XattnProcessor
 
     names = list(names)
@@ -93,7 +103,10 @@ def install(denoiser: nn.Module, names: Iterable[str], make, originals: dict) ->
         if isinstance(current[key], XattnProcessor):
             continue
         originals[key] = current[key]
-        current[key] = make(name)
+        made = make(name)
+        if family_of(current[key]) is not None:
+            made = JointProcessor(made.site, made.runtime, current[key])
+        current[key] = made
         changed = True
     if changed:
         denoiser.set_attn_processor(current)

@@ -7,7 +7,8 @@ One type, one string syntax, shared by the Python API, the CLI and config files:
 Items are ``key=value`` separated by spaces or ``;``; values are comma lists.
 
 ``sites``   globs over site names (``fnmatch``): ``up_blocks.*.attn2``
-``kind``    ``cross``, ``self`` or ``all``
+``kind``    ``cross``, ``self``, ``joint`` or ``all``; ``cross`` also takes joint
+            sites (SD3, Flux), whose points show their image->text block
 ``res``     a site's size, i.e. the larger side of its (h, w) map: ``16``,
             ``<=32``, ``>=8``, or an exact ``16x24`` (h x w)
 ``steps``   a step window (:mod:`xattn.steps`): ``3``, ``2:10``, ``5:``, ``0:0.8``,
@@ -38,7 +39,8 @@ from .steps import Span, StepWindowError, contains, parse_span
 _KEYS = ("sites", "kind", "res", "steps", "heads", "tokens")
 WHERE_KEYS = ("sites", "kind", "res", "steps")  # where and when a hook runs: every controller honours them
 SLICE_KEYS = ("heads", "tokens")  # what a controller takes out of a map: only some controllers honour them
-_KINDS = ("cross", "self", "all")
+_KINDS = ("cross", "self", "joint", "all")
+_SITE_KINDS = {"cross": ("cross", "joint"), "self": ("self",), "joint": ("joint",)}  # selector kind -> site kinds
 
 
 class SelectorError(XattnError, ValueError):
@@ -70,7 +72,7 @@ class Selector:
     """Which attention calls something applies to. Every field ``None`` = all."""
 
     sites: tuple[str, ...] | None = None
-    kind: str | None = None  # "cross", "self", "all"; None = not set (all)
+    kind: str | None = None  # "cross", "self", "joint", "all"; None = not set (all)
     res: tuple[ResSpec, ...] | None = None
     steps: tuple[Span, ...] | None = None
     heads: tuple[Span, ...] | None = None
@@ -170,7 +172,7 @@ class Selector:
     # -- matching ----------------------------------------------------------
     def matches_site(self, site: Site) -> bool:
         """Static part of the match: name and kind."""
-        if self.kind not in (None, "all") and site.kind != self.kind:
+        if self.kind not in (None, "all") and site.kind not in _SITE_KINDS[self.kind]:
             return False
         if self.sites is not None and not any(fnmatch.fnmatchcase(site.name, pattern) for pattern in self.sites):
             return False

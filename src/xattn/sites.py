@@ -5,20 +5,28 @@ A site is where a hook can run. Its name is the path diffusers itself uses in
 invented and never repeat. The spatial resolution of a site is *not* stored:
 it depends on the latent size of the call and is derived at run time by
 :func:`resolution_of`.
+
+Kinds: ``cross`` (image queries, text keys: a UNet's or PixArt's ``attn2``),
+``self`` (image to image), ``joint`` (image and text tokens in one attention:
+SD3's joint blocks, Flux's double- and single-stream blocks; see
+:mod:`xattn.joint`). A joint site's hook points show its image->text block,
+so selectors read ``kind=cross`` as "cross or joint".
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 from typing import Literal
 
 from torch import nn
 
-Kind = Literal["cross", "self"]
+Kind = Literal["cross", "self", "joint"]
 Block = Literal["down", "mid", "up", "other"]
 
 _PROCESSOR_SUFFIX = ".processor"
+PACKING = 2  # Flux pipelines pack each 2 x 2 patch of the latent into one token
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,7 @@ class Site:
     """One attention module: where it is and what it attends to."""
 
     name: str  # module path, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
-    kind: Kind  # "cross": queries attend to the text; "self": to the image itself
+    kind: Kind  # "cross": queries attend to the text; "self": to the image itself; "joint": image and text together
     block: Block  # which half of the UNet the module sits in
     heads: int
     head_dim: int
@@ -56,13 +64,20 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: modules[name] for name in names}
 
 
-def _site_of(name: str, module: nn.Module) -> Site:
+def _kind_of(module: nn.Module, parent: nn.Module | None) -> Kind:
+    from .joint import is_joint
+
+    if getattr(module, "is_cross_attention", False):
+        return "cross"
+    return "joint" if is_joint(module, parent) else "self"
+
+
+def _site_of(name: str, module: nn.Module, parent: nn.Module | None = None) -> Site:
     heads = int(module.heads)
     inner_dim = module.to_q.out_features
-    is_cross = bool(getattr(module, "is_cross_attention", False))
     return Site(
         name=name,
-        kind="cross" if is_cross else "self",
+        kind=_kind_of(module, parent),
         block=_block_of(name),
         heads=heads,
         head_dim=inner_dim // heads,
@@ -91,7 +106,30 @@ def sites(model) -> list[Site]:
             exposing ``attn_processors``.
     """
     denoiser = denoiser_of(model)
-    return [_site_of(name, module) for name, module in attention_modules(denoiser).items()]
+    modules = dict(denoiser.named_modules())
+    return [_site_of(name, module, modules.get(name.rpartition(".")[0]))
+            for name, module in attention_modules(denoiser).items()]
+
+
+def latent_size(sample, arguments: dict[str, Any]) -> tuple[int, int]:
+    """(H, W) of the latent behind a denoiser call's input.
+
+    ``[b, c, H, W]`` latents (UNets, SD3, PixArt) give it directly. Flux's
+    packed tokens ``[b, n, c]`` carry their grid in ``img_ids`` (row, column
+    per token): the latent is ``PACKING`` times that grid, so that a site's
+    map, (H/2, W/2), is the token grid at any aspect ratio.
+    """
+    if sample.ndim == 4:
+        return int(sample.shape[-2]), int(sample.shape[-1])
+    ids = arguments.get("img_ids")
+    tokens = int(sample.shape[1])
+    if sample.ndim == 3 and ids is not None:
+        ids = ids[0] if ids.ndim == 3 else ids  # [n, 3]: (frame, row, column)
+        rows, columns = (int(v) + 1 for v in ids[:, 1:].amax(dim=0).tolist())
+        if rows * columns == tokens:
+            return rows * PACKING, columns * PACKING
+    side = math.isqrt(tokens)  # a sequence without a known grid: square when it can be, else flat
+    return (side, side) if side * side == tokens else (1, tokens)
 
 
 def resolution_of(query_length: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

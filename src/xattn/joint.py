@@ -1,0 +1,326 @@
+"""Joint attention (SD3, Flux): the stock processor runs, xattn takes over only its attention core.
+
+In a joint block, image and text tokens attend together: one softmax over the
+concatenated sequence (SD3: image then text; Flux: text then image). Each
+stock processor keeps doing what it does (projections, QK norms, added
+projections, rotary embeddings, single-stream layout, output split) and calls
+its attention core once: SD3's ``F.scaled_dot_product_attention`` on
+``[b, h, s, d]``, Flux's ``dispatch_attention_fn`` on ``[b, s, h, d]``. While
+hooks run at a site, that one name in the processor's module is routed, for
+this thread and this call only, to :func:`joint_attention`.
+
+What the six points see at a joint site (rows = image queries, columns = text keys)::
+
+    context      [b, j_txt, d]     text hidden states entering the (added) projections
+    map_rows     [b]               row r uses row x[r]'s queries and keys: the whole joint map
+    logit_bias   [b, j_txt]        added to the image->text logits only
+    value_scale  [b, j_txt]        multiplies the image->text probabilities only
+    scores       [b, h, i_img, j_txt]  the image->text block of the joint logits
+    probs        [b, h, i_img, j_txt]  the image->text block of the joint softmax (a view)
+
+``probs`` is a slice of softmax over image *and* text keys, so its rows sum to
+the share of attention an image token gives the text (< 1). A hook that
+returns a new block writes it back into the joint map. Text queries (the
+text->text and text->image rows) are never changed by the fused points. At a
+self site served by a joint processor (SD3.5's ``attn2``) rows and columns are
+the whole sequence, as at any self site.
+
+Dimensions: b rows, h heads, s joint sequence, i/j query/key positions, d head dim.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UnsupportedProcessorError
+from .processor import XattnProcessor
+from .sites import PACKING, Site
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one stock joint processor calls its attention core, and how it lays out the sequence."""
+
+    name: str
+    processor: type  # the stock processor class
+    module: object  # the module whose global ``attribute`` the processor calls
+    attribute: str  # "F" (its scaled_dot_product_attention) or "dispatch_attention_fn"
+    sequence_dim: int  # 2: the core gets [b, h, s, d]; 1: [b, s, h, d]
+    text_first: bool  # Flux: [text, image]; SD3: [image, text]
+
+
+def _families() -> tuple[Family, ...]:
+    from diffusers.models import attention_processor as sd3
+    from diffusers.models.transformers import transformer_flux as flux
+
+    return (
+        Family("sd3", sd3.JointAttnProcessor2_0, sd3, "F", sequence_dim=2, text_first=False),
+        Family("flux", flux.FluxAttnProcessor, flux, "dispatch_attention_fn", sequence_dim=1, text_first=True),
+    )
+
+
+FAMILIES = _families()
+JOINT_PROCESSORS = tuple(family.processor for family in FAMILIES)
+
+
+def family_of(processor) -> Family | None:
+    return next((family for family in FAMILIES if type(processor) is family.processor), None)
+
+
+def single_stream_blocks() -> tuple[type, ...]:
+    """Blocks whose attention sees text and image in one ``hidden_states`` (no ``encoder_hidden_states``)."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    return (FluxSingleTransformerBlock,)
+
+
+def is_joint(module: nn.Module, parent: nn.Module | None) -> bool:
+    """Whether ``module`` attends over image and text tokens together."""
+    if getattr(module, "added_kv_proj_dim", None) is not None:  # added (text) projections: a dual-stream block
+        return True
+    return isinstance(parent, single_stream_blocks())
+
+
+# -- routing the stock processor's core call ------------------------------------------------
+_ROUTES = threading.local()  # per thread: family name -> the core the current stock call must use
+_PATCHED: dict[str, list] = {}  # family name -> [original attribute, number of open routes]
+_LOCK = threading.Lock()
+
+
+class _Functional:
+    """``torch.nn.functional`` with ``scaled_dot_product_attention`` routed (SD3's processor calls ``F.``)."""
+
+    def __init__(self, routed: Callable):
+        self.scaled_dot_product_attention = routed
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+
+def _replacement(family: Family, original) -> object:
+    call = original.scaled_dot_product_attention if family.attribute == "F" else original
+
+    def routed(*args, **kwargs):
+        core = getattr(_ROUTES, family.name, None)
+        return call(*args, **kwargs) if core is None else core(*args, **kwargs)
+
+    return _Functional(routed) if family.attribute == "F" else routed
+
+
+@contextmanager
+def routed(family: Family, core: Callable):
+    """Within the block, this thread's calls of the family's core go to ``core``; other threads are untouched."""
+    with _LOCK:
+        entry = _PATCHED.get(family.name)
+        if entry is None:
+            original = getattr(family.module, family.attribute)
+            entry = _PATCHED[family.name] = [original, 0]
+            setattr(family.module, family.attribute, _replacement(family, original))
+        entry[1] += 1
+    outer = getattr(_ROUTES, family.name, None)
+    setattr(_ROUTES, family.name, core)
+    try:
+        yield
+    finally:
+        setattr(_ROUTES, family.name, outer)
+        with _LOCK:
+            entry[1] -= 1
+            if entry[1] == 0:
+                setattr(family.module, family.attribute, entry[0])
+                del _PATCHED[family.name]
+
+
+# -- the processor ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Parts:
+    """Where the map's rows and columns sit in the joint sequence."""
+
+    rows: slice  # image queries (everything at a self site)
+    columns: slice  # text keys (everything at a self site)
+
+
+class JointProcessor(XattnProcessor):
+    """xattn at a site served by a stock joint processor: the stock one runs, its core is ours."""
+
+    def __init__(self, site: Site, runtime, stock):
+        super().__init__(site, runtime)
+        self.stock = stock
+        self.family = family_of(stock)
+        if self.family is None:
+            raise UnsupportedProcessorError(f"{type(stock).__name__} at {site.name} is not a joint processor xattn knows")
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **unknown):
+        if unknown:
+            raise UnsupportedProcessorError(f"xattn's processor at {self.site.name} takes no {sorted(unknown)}; "
+                                            "close the xattn session to use them")
+        extra = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
+        parts = self._parts(hidden_states, encoder_hidden_states)
+        active = self.runtime.active_hooks(self.site, parts.rows.stop - parts.rows.start)
+        if active is None:  # nothing runs here this call: the stock processor, untouched
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        if active.has("context"):
+            hidden_states, encoder_hidden_states = self._context(active, parts, hidden_states, encoder_hidden_states)
+        calls = []
+
+        def core(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **rest):
+            if dropout_p or is_causal or rest.get("enable_gqa"):
+                raise UnsupportedProcessorError(f"{self.site.name}: xattn's joint core takes no dropout, causal "
+                                                "mask or grouped-query attention")
+            calls.append(1)
+            dim = self.family.sequence_dim
+            q, k, v = (x.transpose(1, 2) if dim == 1 else x for x in (query, key, value))  # [b, h, s, d]
+            out = joint_attention(active, q, k, v, attn_mask, scale, parts)  # [b, h, s, d]
+            return out.transpose(1, 2) if dim == 1 else out
+
+        with routed(self.family, core):
+            out = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        if len(calls) != 1:
+            raise UnsupportedProcessorError(
+                f"{type(self.stock).__name__} at {self.site.name} called its attention core {len(calls)} time(s), "
+                "not once: this diffusers version computes joint attention differently from what xattn hooks")
+        return out
+
+    def _parts(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> Parts:
+        length = hidden_states.shape[1]
+        if self.site.kind != "joint":  # a self site: rows and columns are the whole sequence
+            return Parts(slice(0, length), slice(0, length))
+        if encoder_hidden_states is not None:  # dual stream: image and text arrive apart
+            image, text = length, encoder_hidden_states.shape[1]
+        else:  # single stream: [text, image] in one sequence; the image part is the latent's token grid
+            image = _image_tokens(self.runtime, self.site)
+            text = length - image
+            if text < 0:
+                raise ValueError(f"{self.site.name}: {length} tokens cannot hold the latent's {image} image tokens")
+        if self.family.text_first:
+            return Parts(rows=slice(text, text + image), columns=slice(0, text))
+        return Parts(rows=slice(0, image), columns=slice(image, image + text))
+
+    def _context(self, active, parts: Parts, hidden_states, encoder_hidden_states):
+        """The ``context`` point: the text tokens' hidden states, before any projection."""
+        if encoder_hidden_states is not None:
+            return hidden_states, active.run("context", encoder_hidden_states)  # [b, j, d]
+        text = active.run("context", hidden_states[:, parts.columns])  # [b, j, d] (single stream)
+        rest = hidden_states[:, parts.rows]
+        pieces = (text, rest) if self.family.text_first else (rest, text)
+        return torch.cat(pieces, dim=1), None
+
+
+def _image_tokens(runtime, site: Site) -> int:
+    """Image tokens of the current denoiser call (a packed latent: one token per PACKING x PACKING patch)."""
+    call = getattr(runtime, "call", None)
+    if call is None:
+        raise ValueError(f"{site.name} is a single-stream joint site: xattn learns where its text ends from the "
+                         "denoiser call, so call the whole model, not the attention module alone")
+    height, width = call.latent_hw
+    return math.ceil(height / PACKING) * math.ceil(width / PACKING)
+
+
+# -- the core -----------------------------------------------------------------------------------
+def joint_attention(active, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float | None, parts: Parts) -> torch.Tensor:
+    """Attention over the joint sequence with the hook points on the rows x columns block: [b, h, s, d]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, length, keys = q.shape[0], q.shape[2], k.shape[2]
+    if active.has("map_rows"):
+        q, k, mask = _borrow(active, q, k, mask)
+    columns = parts.columns.stop - parts.columns.start
+    bias = weights = None
+    if active.has("logit_bias"):
+        bias = active.run("logit_bias", torch.zeros(batch, columns, dtype=q.dtype, device=q.device))  # [b, j]
+    if active.has("value_scale"):
+        weights = active.run("value_scale", torch.ones(batch, columns, dtype=q.dtype, device=q.device))  # [b, j]
+    if active.explicit:
+        return _explicit(active, q, k, v, mask, scale, parts, bias, weights)
+    if bias is None and weights is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # The block's queries see a biased mask and scaled text values; the other queries see neither.
+    # Queries are independent, so two SDPA calls over row ranges are exact and build no map.
+    block_mask = _with_bias(mask, bias, parts.columns, keys, q.dtype)  # [b, h|1, s|1, s]
+    block_value = v if weights is None else _scale_rows(v, weights, parts.columns)
+    if parts.rows == slice(0, length):
+        return F.scaled_dot_product_attention(q, k, block_value, attn_mask=block_mask, scale=scale)
+    pieces = []
+    for rows, value, row_mask in ((parts.rows, block_value, block_mask), (_others(parts.rows, length), v, mask)):
+        pieces.append((rows.start, F.scaled_dot_product_attention(
+            q[:, :, rows], k, value, attn_mask=_mask_rows(row_mask, rows), scale=scale)))  # [b, h, i', d]
+    return torch.cat([out for _, out in sorted(pieces, key=lambda piece: piece[0])], dim=2)
+
+
+def _explicit(active, q, k, v, mask, scale, parts: Parts, bias, weights) -> torch.Tensor:
+    """softmax over the joint keys, with ``scores`` / ``probs`` hooks on the rows x columns block, then @ V."""
+    rows, columns = parts.rows, parts.columns
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, h, s, s]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if bias is not None:
+        scores[:, :, rows, columns] += bias[:, None, None, :]
+    if active.has("scores"):
+        block = scores[:, :, rows, columns]  # [b, h, i, j]: a view
+        new = active.run("scores", block)
+        if new is not block:
+            scores[:, :, rows, columns] = new
+    probs = scores.float().softmax(dim=-1).to(q.dtype)  # [b, h, s, s]
+    block = probs[:, :, rows, columns]  # [b, h, i, j]: a view of the joint map
+    new = block if weights is None else block * weights[:, None, None, :]
+    new = active.run("probs", new)
+    if new is not block:
+        probs = probs.clone()  # softmax's output is saved for its backward: write into a copy
+        probs[:, :, rows, columns] = new
+    return torch.matmul(probs, v)  # [b, h, s, d]
+
+
+def _borrow(active, q, k, mask):
+    """``map_rows`` over the whole joint attention: row r uses row rows[r]'s queries and keys."""
+    batch = q.shape[0]
+    rows = active.run("map_rows", torch.arange(batch))
+    if rows.dtype != torch.long or rows.device.type != "cpu" or ((rows < 0) | (rows >= batch)).any():
+        raise ValueError(f"map_rows hooks at {active.context.site.name} must return row indices in 0..{batch - 1} "
+                         f"(a long CPU tensor), got {rows}")
+    if mask is not None and mask.shape[0] == batch:
+        mask = mask[rows]
+    return q[rows], k[rows], mask
+
+
+def _with_bias(mask, bias, columns: slice, keys: int, dtype) -> torch.Tensor | None:
+    """The additive mask with ``bias`` on the text columns: [b, h|1, s|1, s]."""
+    if bias is None:
+        return mask
+    full = torch.zeros(bias.shape[0], keys, dtype=dtype, device=bias.device)
+    full[:, columns] = bias
+    full = full[:, None, None, :]  # [b, 1, 1, s]
+    if mask is None:
+        return full
+    if mask.dtype == torch.bool:  # True = keep, as SDPA reads boolean masks
+        mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
+    return mask + full
+
+
+def _scale_rows(v: torch.Tensor, weights: torch.Tensor, columns: slice) -> torch.Tensor:
+    """V with its text rows scaled: P diag(c) V = P (diag(c) V).  [b, h, s, d]"""
+    factor = torch.ones(v.shape[0], v.shape[2], dtype=v.dtype, device=v.device)
+    factor[:, columns] = weights
+    return v * factor[:, None, :, None]
+
+
+def _others(rows: slice, length: int) -> slice:
+    """The query rows outside ``rows`` (one contiguous run: text and image sit at the two ends)."""
+    return slice(rows.stop, length) if rows.start == 0 else slice(0, rows.start)
+
+
+def _mask_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    if mask is None or mask.ndim < 2 or mask.shape[-2] == 1:
+        return mask
+    return mask[..., rows, :]
+
+
+__all__ = ["FAMILIES", "JOINT_PROCESSORS", "Family", "JointProcessor", "Parts", "family_of", "is_joint",
+           "joint_attention", "routed"]

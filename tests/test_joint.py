@@ -1,0 +1,199 @@
+"""Joint attention (SD3 / SD3.5, Flux.1): sites, parity with the stock processors, every point vs float64.
+
+Tiny random-weight transformers are built, saved and loaded back; latents are
+non-square (SD3 8 x 12 latent -> a 4 x 6 patch grid, Flux a 3 x 5 token grid).
+Each site's inputs and output are recorded in the hooked run itself, and the
+float64 reference (tests/joint_reference.py) recomputes that site from them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models import attention_processor
+from diffusers.models.transformers import transformer_flux
+
+import xattn
+from joint_reference import flux_inputs, flux_model, max_difference, recording, reference, sd3_inputs, sd3_model
+from tiny_models import tokenizer
+from xattn.joint import JointProcessor
+from xattn.selector import Selector
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("joint")
+    return {"sd3": sd3_model(folder / "sd3"), "flux": flux_model(folder / "flux")}
+
+
+FAMILIES = {  # family -> (inputs, patch grid, text first, image tokens at single-stream sites)
+    "sd3": (sd3_inputs, (4, 6), False, None),
+    "flux": (flux_inputs, (3, 5), True, 15),
+}
+
+
+def run(model, *controllers, **kwargs):
+    with torch.no_grad(), xattn.hooks(model, *controllers, layout=xattn.BatchLayout.plain(2)):
+        return model(**kwargs).sample
+
+
+def stock(model, **kwargs):
+    with torch.no_grad():
+        return model(**kwargs).sample
+
+
+def check_sites(model, family, records, kinds=("joint",), **options):
+    """Every recorded site's output equals the float64 reference of the same operation (at sites of ``kinds``)."""
+    _, grid, text_first, single_tokens = FAMILIES[family]
+    modules = dict(model.named_modules())
+    sites = {site.name: site for site in xattn.sites(model)}
+    for name, record in records.items():
+        tokens = single_tokens if (sites[name].kind == "joint" and record["context"] is None) else None
+        expected = reference(modules[name], record, family=family, text_first=text_first, image_tokens=tokens,
+                             **(options if sites[name].kind in kinds else {}))
+        assert max_difference(record["output"], expected["output"]) <= TOLERANCE, name
+
+
+def test_sites_have_the_joint_kind(models):
+    assert [(s.name, s.kind) for s in xattn.sites(models["sd3"])] == [
+        ("transformer_blocks.0.attn", "joint"), ("transformer_blocks.0.attn2", "self"),
+        ("transformer_blocks.1.attn", "joint")]
+    assert [(s.name, s.kind) for s in xattn.sites(models["flux"])] == [
+        ("transformer_blocks.0.attn", "joint"), ("single_transformer_blocks.0.attn", "joint")]
+    joint = xattn.sites(models["sd3"])[0]
+    assert Selector.parse("kind=cross").matches_site(joint) and Selector.parse("kind=joint").matches_site(joint)
+    assert not Selector.parse("kind=self").matches_site(joint)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_no_hooks_fused_and_explicit_match_stock(models, family):
+    model, make_inputs = models[family], FAMILIES[family][0]
+    kwargs = make_inputs(seed=1)
+    expected = stock(model, **kwargs)
+    before = dict(model.attn_processors)
+    with torch.no_grad(), xattn.hooks(model, layout=xattn.BatchLayout.plain(2)):
+        wrapped = model.attn_processors
+        assert all(isinstance(p, JointProcessor) and p.stock is before[k] for k, p in wrapped.items())
+        assert (model(**kwargs).sample - expected).abs().max() <= TOLERANCE
+    assert all(model.attn_processors[k] is p for k, p in before.items())
+    fused = xattn.Hook("value_scale", lambda x, ctx: x * 1.0, selector="kind=all")  # xattn's SDPA core runs
+    explicit = xattn.Hook("probs", lambda p, ctx: None, selector="kind=all")  # the map is built
+    assert (run(model, fused, **kwargs) - expected).abs().max() <= TOLERANCE
+    assert (run(model, explicit, **kwargs) - expected).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_scores_and_probs_equal_float64_blocks(models, family):
+    model, (make_inputs, grid, text_first, single_tokens) = models[family], FAMILIES[family]
+    kwargs = make_inputs(seed=2)
+    seen = {}
+
+    def keep(point):
+        def hook(x, ctx):
+            seen[(ctx.site.name, point)] = (x.clone(), ctx.res, ctx.kind)
+        return hook
+
+    names = [site.name for site in xattn.sites(model)]
+    with recording(model, names) as records:
+        run(model, xattn.Hook("scores", keep("scores"), "kind=all"), xattn.Hook("probs", keep("probs"), "kind=all"),
+            **kwargs)
+    modules = dict(model.named_modules())
+    for name, record in records.items():
+        kind = seen[(name, "probs")][2]
+        tokens = single_tokens if (kind == "joint" and record["context"] is None) else None
+        expected = reference(modules[name], record, family=family, text_first=text_first, image_tokens=tokens)
+        for point in ("scores", "probs"):
+            got, res, _ = seen[(name, point)]
+            assert got.shape == expected[point].shape, (name, point)
+            assert (got.double() - expected[point]).abs().max() <= TOLERANCE, (name, point)
+        probs, res, _ = seen[(name, "probs")]
+        assert res == grid and probs.shape[2] == grid[0] * grid[1], name  # rows: the patch grid
+        if kind == "joint":  # [b, h, i_img, 7 text keys], a slice of the joint softmax: rows sum below 1
+            assert probs.shape[3] == 7 and probs.sum(dim=-1).max() < 1, name
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("point", ["value_scale", "logit_bias"])
+def test_fused_points_equal_float64_and_explicit(models, family, point):
+    model, make_inputs = models[family], FAMILIES[family][0]
+    kwargs = make_inputs(seed=3)
+    weights = torch.rand(2, 7, generator=torch.Generator().manual_seed(4)) * 2 + 0.1  # [b, j_text]
+    if point == "value_scale":
+        fused = xattn.Hook(point, lambda x, ctx: x * weights, "kind=joint")
+        explicit = xattn.Hook("probs", lambda p, ctx: p * weights[:, None, None, :], "kind=joint")
+        options = {"weights": weights}
+    else:
+        fused = xattn.Hook(point, lambda x, ctx: x + weights.log(), "kind=joint")
+        explicit = xattn.Hook("scores", lambda s, ctx: s + weights.log()[:, None, None, :], "kind=joint")
+        options = {"bias": weights.log()}
+    joint_names = [site.name for site in xattn.sites(model) if site.kind == "joint"]
+    with recording(model, joint_names) as records:
+        got = run(model, fused, **kwargs)
+    check_sites(model, family, records, **options)
+    assert (got - run(model, explicit, **kwargs)).abs().max() <= TOLERANCE
+    assert (got - stock(model, **kwargs)).abs().max() > 1e-3  # the weights did something
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_map_rows_and_context_equal_float64(models, family):
+    model, make_inputs = models[family], FAMILIES[family][0]
+    kwargs = make_inputs(seed=5)
+    names = [site.name for site in xattn.sites(model)]
+
+    def borrow(rows, ctx):
+        rows[1] = 0
+        return rows
+
+    with recording(model, names) as records:
+        run(model, xattn.Hook("map_rows", borrow, "kind=all"), **kwargs)
+    check_sites(model, family, records, kinds=("joint", "self"), borrow=torch.tensor([0, 0]))
+    with recording(model, names) as records:
+        got = run(model, xattn.Hook("context", lambda c, ctx: c * 2.0, "kind=joint"), **kwargs)
+    check_sites(model, family, records, context_scale=2.0)
+    assert (got - stock(model, **kwargs)).abs().max() > 1e-3
+
+
+def test_reweight_a_word_on_sd3_equals_float64(models):
+    # A bare model call named by prompts=: the text is 77 CLIP slots, so words resolve with the CLIP tokenizer.
+    model = models["sd3"]
+    kwargs = sd3_inputs(seed=6, text=77)
+    prompts = ["a red circle", "a circle and a square"]
+    joint_names = [site.name for site in xattn.sites(model) if site.kind == "joint"]
+    with recording(model, joint_names) as records, torch.no_grad(), \
+            xattn.hooks(model, xattn.Reweight({"circle": 0}), prompts=prompts, tokenizer=tokenizer()):
+        got = model(**kwargs).sample
+    weights = torch.ones(2, 77)
+    weights[0, 3] = weights[1, 2] = 0  # <start> a red circle / <start> a circle ...
+    check_sites(model, "sd3", records, weights=weights)
+    assert (got - stock(model, **kwargs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_capture_keeps_maps_on_the_patch_grid(models, family):
+    model, (make_inputs, grid, _, _) = models[family], FAMILIES[family]
+    capture = xattn.Capture()  # kind=cross: the joint sites' image->text blocks
+    run(model, capture, **make_inputs(seed=7))
+    layers = capture.maps().layers
+    assert layers and {layer.kind for layer in layers} == {"joint"}
+    for layer in layers:
+        assert layer.res == grid and tuple(layer.data.shape) == (2, 1, grid[0] * grid[1], 7)
+    single = [s.name for s in xattn.sites(model) if s.name.startswith("single_")]
+    assert all(capture.calls[(name, 0)] == 1 for name in single)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_processors_and_cores_restored_after_an_exception(models, family):
+    model, make_inputs = models[family], FAMILIES[family][0]
+    before = dict(model.attn_processors)
+
+    def fail(p, ctx):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(model, xattn.Hook("probs", fail, "kind=joint"), **make_inputs(seed=8))
+    assert all(model.attn_processors[k] is p for k, p in before.items())
+    assert attention_processor.F is F
+    assert transformer_flux.dispatch_attention_fn.__module__ == "diffusers.models.attention_dispatch"
