@@ -7,11 +7,16 @@ batch from each seed's latent, and the target is also sampled plainly (the
 re-prompt). The table gives, per swap, how often the edit keeps the object's
 mask (IoU >= 0.9 and the colour changed), how often the re-prompt does, the
 median IoU and the centroid jitter; then the shape swaps. Judged with
-:mod:`xattn.world.edits`, the measures of the edit tests.
+:mod:`xattn.world.measure`, the measures of the edit tests.
 
-    python scripts/eval_edits.py                         # seeds 0..63, default edit settings
+The edit is built the way ``xattn edit`` builds it: the options given here go
+through the command's own ``edit_options`` with the model's edit defaults
+(its ``xattn_defaults.json``), so with no option this measures what a user
+gets from ``xattn edit --source ... --target ...``.
+
+    python scripts/eval_edits.py                         # seeds 0..63, xattn edit's default settings
     python scripts/eval_edits.py --seeds 100:132 --self-steps 0.8 --json outputs/edits.json
-    python scripts/eval_edits.py --blend --threshold 0.75   # with local blending on the edited object
+    python scripts/eval_edits.py --blend none            # plain prompt-to-prompt, no local blending
 """
 
 from __future__ import annotations
@@ -50,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the shipped shapes world)")
     parser.add_argument("--seeds", type=seed_range, default=list(range(64)), help="N (0..N-1) or START:STOP")
-    parser.add_argument("--cross-steps", default="0.8", help="cross-attention replacement window")
-    parser.add_argument("--self-steps", default="0.4", help="self-attention injection window ('none': off)")
-    parser.add_argument("--blend", action="store_true",
-                        help="LocalBlend on the edited object's shape word (both shape words in a shape swap)")
-    parser.add_argument("--threshold", type=float, default=0.3, help="LocalBlend threshold (fraction of the map's max)")
+    # As xattn edit's options: unset ones come from the model's edit defaults, then the command's own.
+    parser.add_argument("--cross-steps", default=None, help="cross-attention replacement window")
+    parser.add_argument("--self-steps", default=None, help="self-attention injection window ('none': off)")
+    parser.add_argument("--blend", default=None, help="LocalBlend words ('none': off); default: the model's")
+    parser.add_argument("--threshold", type=float, default=None, help="LocalBlend threshold (fraction of the map's max)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (a new file)")
     args = parser.parse_args(argv)
@@ -65,28 +70,30 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from xattn import runner
+    from xattn.cli.edit import edit_options
     from xattn.edit import edit_seeds
-    from xattn.eval import object_words
     from xattn.world import model_path
-    from xattn.world.edits import colour_swap, colour_swap_summary, shape_swap
+    from xattn.world.measure import colour_swap, colour_swap_summary, shape_swap
 
     pipe = runner.load_pipeline(args.model, device="cpu", dtype="float32")
     defaults = runner.model_defaults(args.model or model_path())
-    settings = {"steps": int(defaults["steps"]), "guidance": float(defaults["guidance"]),
-                "cross_steps": args.cross_steps,
-                "self_steps": None if args.self_steps == "none" else args.self_steps}
-    if args.blend:
-        settings["threshold"] = args.threshold
-    figures: dict = {"settings": {**settings, "blend": args.blend, "seeds": [args.seeds[0], args.seeds[-1] + 1]},
-                     "colour": {}, "shape": {}}
+    sampling = {"steps": int(defaults["steps"]), "guidance": float(defaults["guidance"])}
+    given = {"cross_steps": args.cross_steps, "self_steps": args.self_steps, "blend": args.blend,
+             "threshold": args.threshold}
 
-    def blend_words(*words: str) -> dict:
-        return {"blend": list(words)} if args.blend else {}
+    def arguments(source: str, target: str) -> dict:
+        """What ``xattn edit --source SOURCE --target TARGET`` with these options passes to the edit."""
+        return edit_options({**given, "source": source, "target": [target]}, defaults.get("edit"))
+
+    figures: dict = {"settings": {**sampling, **given, "model_edit_defaults": defaults.get("edit"),
+                                  "seeds": [args.seeds[0], args.seeds[-1] + 1]},
+                     "colour": {}, "shape": {}, "arguments": {}}
 
     rows = []
     for source, target, before, after in tqdm(COLOUR_SWAPS, desc="colour swaps"):
-        shape = dict(object_words(source))[before]  # the edited object's shape word
-        results = edit_seeds(pipe, source, target, args.seeds, **settings, **blend_words(shape))
+        options = arguments(source, target)
+        figures["arguments"][f"{before}->{after}"] = options
+        results = edit_seeds(pipe, source, target, args.seeds, **sampling, **options)
         cases = [colour_swap(seed, r.source, r.targets[0], r.reprompts[0], before, after)
                  for seed, r in zip(args.seeds, results)]
         summary = colour_swap_summary(cases)
@@ -94,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"{before} -> {after}", summary))
     shape_rows = []
     for source, target, colour, shape in tqdm(SHAPE_SWAPS, desc="shape swaps"):
-        old_shape = dict(object_words(source))[colour]
-        results = edit_seeds(pipe, source, target, args.seeds, reprompt=False, **settings,
-                             **blend_words(old_shape, shape))
+        options = arguments(source, target)
+        figures["arguments"][f"{colour} -> {shape}"] = options
+        results = edit_seeds(pipe, source, target, args.seeds, reprompt=False, **sampling, **options)
         cases = [case for case in (shape_swap(seed, r.source, r.targets[0], colour)
                                    for seed, r in zip(args.seeds, results)) if case.drawn]
         summary = {"cases": len(cases), "kept": float(np.mean([c.kept for c in cases])),
@@ -105,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         figures["shape"][f"{colour} -> {shape}"] = summary
         shape_rows.append((f"{colour} object -> {shape}", summary))
 
-    print(f"\n{args.model or 'shapes world'}, seeds {args.seeds[0]}..{args.seeds[-1]}, {settings}\n")
+    print(f"\n{args.model or 'shapes world'}, seeds {args.seeds[0]}..{args.seeds[-1]}, {sampling}, given {given}")
+    for name, options in figures["arguments"].items():
+        print(f"  {name}: blend {options['blend']}, threshold {options['threshold']}, "
+              f"cross {options['cross_steps']}, self {options['self_steps']}")
+    print()
     print("| colour swap | cases | mask kept, edit | mask kept, re-prompt | colour changed | median IoU | jitter px |")
     print("|---|---|---|---|---|---|---|")
     for name, s in rows:

@@ -8,10 +8,13 @@ Prints (and optionally writes as JSON):
     held-out two-object scenes (own-object win rate, IoU own vs other),
     read with xattn's Capture;
   * reweighting: pixels of a colour when its word's attention is scaled
-    with xattn's Reweight (scale mode).
+    with xattn's Reweight (scale mode);
+  * captions (--captions): which two-object training captions are drawn
+    exactly as named, seed by seed (how the docs' example prompts were chosen).
 
   python scripts/eval_world.py                      # the shipped model
   python scripts/eval_world.py --model checkpoints/world/latest --quick
+  python scripts/eval_world.py --skip generation localisation reweight --captions 8
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a few seeds only")
     ap.add_argument("--skip", nargs="*", default=[], choices=["generation", "localisation", "reweight"])
+    ap.add_argument("--captions", type=int, default=0, metavar="SEEDS",
+                    help="also check every two-object training caption over seeds 0..SEEDS-1")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -44,7 +49,8 @@ def main(argv=None) -> None:
     from diffusers import StableDiffusionPipeline
 
     from xattn.world import heldout_prompts, model_path
-    from xattn.world.measure import generation_scores, localisation_scores, reweight_curve
+    from xattn.world.measure import (caption_fidelity, generation_scores, localisation_scores, pair_captions,
+                                     reweight_curve)
 
     folder = args.model or model_path()
     pipe = StableDiffusionPipeline.from_pretrained(folder)
@@ -95,6 +101,14 @@ def main(argv=None) -> None:
         report["reweight"] = {str(k): v for k, v in curve.items()}
         print("reweight (colour pixels vs weight 1): "
               + "  ".join(f"w={k:g}: {v:.3f}" for k, v in curve.items()), flush=True)
+    if args.captions:
+        drawn = caption_fidelity(pipe, pair_captions(), list(range(args.captions)), guidances[0], steps)
+        report["captions"] = drawn
+        for caption, ok in drawn.items():
+            print(f"{sum(ok)}/{len(ok)} drawn as named: {caption}", flush=True)
+        always = sum(all(ok) for ok in drawn.values())
+        rate = sum(map(sum, drawn.values())) / sum(map(len, drawn.values()))
+        print(f"captions: {always} of {len(drawn)} drawn as named in every seed; {rate:.3f} of images", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

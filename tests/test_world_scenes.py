@@ -108,3 +108,18 @@ def test_grounding_targets_put_masks_on_slots():
     for k, (cs, ss) in enumerate(object_slots(scene)):
         assert torch.allclose(targets[256][0, cs].reshape(16, 16), masks[0, k])
         assert torch.allclose(targets[64][0, ss].sum(), masks[0, k].sum() / 4)
+
+
+def test_drawn_as_named_accepts_ground_truth_and_refuses_swapped_shapes():
+    from xattn.world.measure import drawn_as_named
+
+    checked = 0
+    for seed in range(40):
+        scene = make_scene(seed, n_objects=2)
+        (c1, s1), (c2, s2) = object_words(scene.caption)
+        assert drawn_as_named(scene.image, scene.caption), scene.caption
+        if s1 != s2:
+            assert not drawn_as_named(scene.image, f"a {c1} {s2} and a {c2} {s1}")
+            checked += 1
+        assert not drawn_as_named(scene.image, f"a {c1} {s1}")  # two objects drawn, one named
+    assert checked >= 10

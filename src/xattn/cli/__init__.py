@@ -23,7 +23,7 @@ outputs/ with a manifest.json and PNGs that carry their generation parameters.
 Examples:
 
 \b
-  $ xattn generate "a red circle and a blue square" --seed 3
+  $ xattn generate "a red square and a blue circle" --seed 3
   $ xattn sites
   $ xattn generate --from-png outputs/generate-20260101-120000-a-red-circle/image-0.png
   $ xattn sweep configs/sweep-example.yaml

@@ -85,9 +85,9 @@ def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None
 
 def register(app: typer.Typer) -> None:
     @app.command("edit", epilog=common.examples(
-        'xattn edit --source "a red circle and a blue square" --target "a green circle and a blue square" --seed 3',
-        'xattn edit --source "a red circle and a blue square" --target "a green circle and a blue square" '
-        '--blend circle --cross-steps 0:0.8 --self-steps 0:0.4',
+        'xattn edit --source "a red square and a blue circle" --target "a green square and a blue circle" --seed 3',
+        'xattn edit --source "a red square and a blue circle" --target "a green square and a blue circle" '
+        '--blend none --cross-steps 0:0.8 --self-steps 0:0.4',
         'xattn edit --source "a red circle" --target "a red square" --target "a red triangle" '
         '--word-steps square=0:0.3',
         'xattn edit --source "a red circle" --target "a big red circle" --mode refine --reweight big=2',

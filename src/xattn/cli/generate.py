@@ -23,7 +23,7 @@ _REPRODUCIBLE = (None, "generate", "maps", "reweight", "sweep")
 
 def register(app: typer.Typer) -> None:
     @app.command(epilog=common.examples(
-        'xattn generate "a red circle and a blue square" --seed 3',
+        'xattn generate "a red square and a blue circle" --seed 3',
         'xattn generate "a green triangle" --images 4 --steps 30 --out outputs/triangles',
         "xattn generate --model path/to/sd15 --size 512x768 --scheduler euler-a \"a cat\"",
         "xattn generate --from-png outputs/generate-.../image-0.png",

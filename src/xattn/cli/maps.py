@@ -44,8 +44,8 @@ def capture_selector(sites: list[str] | None, res: list[str] | None, steps: str 
 
 def register(app: typer.Typer) -> None:
     @app.command(epilog=common.examples(
-        'xattn maps "a red circle and a blue square"',
-        'xattn maps "a red circle and a blue square" --token red --token circle --res 16 --out outputs/maps-red',
+        'xattn maps "a red square and a blue circle"',
+        'xattn maps "a red square and a blue circle" --token red --token circle --res 16 --out outputs/maps-red',
         'xattn maps "a green triangle" --per-step --window 0:10 --site "up_blocks.*"',
     ))
     def maps(

@@ -18,8 +18,8 @@ GRID = "grid.png"
 def register(app: typer.Typer) -> None:
     @app.command(epilog=common.examples(
         'xattn reweight "a (red:2) circle and a blue square"',
-        'xattn reweight "a red circle and a blue square" --word red --weights -1,0,0.5,1,2,4 --mode scale --seeds 0:4',
-        'xattn reweight "a red circle and a blue square" --word red --weights 0,0.5,1,2 --modes scale,bias,embedding',
+        'xattn reweight "a red square and a blue circle" --word red --weights -1,0,0.5,1,2,4 --mode scale --seeds 0:4',
+        'xattn reweight "a red square and a blue circle" --word red --weights 0,0.5,1,2 --modes scale,bias,embedding',
         'xattn reweight "a red circle" --word red --weights 0,1 --window 0:0.3 --select "res=16"',
     ))
     def reweight(

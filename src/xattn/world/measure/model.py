@@ -10,14 +10,15 @@ split, so every figure can be rerun exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import permutations
 
 import numpy as np
 import torch
 
 from ..data import image_to_tensor, object_slots
-from ..scenes import Scene, heldout_prompts, heldout_scenes
-from .pixels import (MIN_BLOB, classify_shape, components, dominant_color, foreground, mask_iou, object_mask,
-                     object_words, segment)
+from ..scenes import TRAIN_COMBOS, Scene, heldout_prompts, heldout_scenes
+from .pixels import (MIN_BLOB, classify_shape, components, dominant_color, drawn_as_named, foreground, mask_iou,
+                     object_mask, object_words, segment)
 
 
 def generate(pipe, prompt: str, seeds: list[int], guidance: float, steps: int) -> np.ndarray:
@@ -66,6 +67,18 @@ def generation_scores(pipe, seeds: list[int], guidance: float, steps: int,
                             len(color_ok), len(both_ok))
 
 
+def pair_captions() -> list[str]:
+    """Two-object captions of training combinations with distinct colours and distinct shapes, both orders."""
+    return [f"a {c1} {s1} and a {c2} {s2}" for (c1, s1), (c2, s2) in permutations(TRAIN_COMBOS, 2)
+            if c1 != c2 and s1 != s2]
+
+
+def caption_fidelity(pipe, captions: list[str], seeds: list[int], guidance: float, steps: int) -> dict[str, list[bool]]:
+    """For each caption, whether each seed's image is drawn as named (:func:`.pixels.drawn_as_named`)."""
+    return {caption: [drawn_as_named(img, caption) for img in generate(pipe, caption, seeds, guidance, steps)]
+            for caption in captions}
+
+
 # ---------------------------------------------------------------- localisation
 
 @torch.no_grad()
@@ -98,7 +111,7 @@ def scene_word_maps(pipe, scene: Scene, slots: list[int], timesteps=(300, 500, 7
         total, count = 0.0, 0
         for row in range(rows):
             for res in resolutions:
-                part, calls = maps.word_total(slot, row, 0, res=res, size=size)
+                part, calls = maps.word_total(slot, row, 0, res=res, size=size, upsample="bilinear")
                 total, count = total + part, count + calls
         out[slot] = (total / max(count, 1)).numpy()
     return out

@@ -144,6 +144,15 @@ def object_extent(image: np.ndarray, color: str, min_pixels: int = MIN_BLOB) -> 
     return mask if mask.sum() >= min_pixels else np.zeros_like(mask)
 
 
+def drawn_as_named(image: np.ndarray, caption: str) -> bool:
+    """Every object the caption names is drawn in its shape, and nothing else is (one blob per object)."""
+    named = object_words(caption)
+    blobs = sum(int(c.sum() >= MIN_BLOB) for c in components(foreground(image)))
+    return blobs == len(named) and all(
+        object_mask(image, colour).sum() >= MIN_BLOB and classify_shape(object_mask(image, colour)) == shape
+        for colour, shape in named)
+
+
 def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
     """Intersection over union of two boolean masks (0 when both are empty)."""
     union = np.logical_or(first, second).sum()
