@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                     word = daam.WordHeatMap(global_map.heat_maps[slot])
                     picture = types.SimpleNamespace(size=size)  # expand_as reads only .size
                     maps.append(word.expand_as(picture, absolute=True).numpy())
+            if not arrays:  # what DAAM holds for one image: its running sums per (factor, layer, head)
+                held = sum(t.numel() * t.element_size() for _, t in tc.all_heat_maps)
+                arrays["bytes_held"] = np.array(held)
             arrays[f"{c}/{seed}/image"] = image
             arrays[f"{c}/{seed}/maps"] = np.stack(maps).astype(np.float32)  # [slots, H, W], before min-max
             print(f"[daam] {caption!r} seed {seed}", file=sys.stderr, flush=True)

@@ -2,7 +2,14 @@
 
 Colours come from matplotlib's colormaps (perceptually uniform ``inferno`` by
 default); grids are matplotlib figures rendered off-screen (no pyplot state),
-returned as PIL images so callers save or embed them as they like.
+returned as PIL images so callers save or embed them as they like. Every grid
+has a colour bar and one of two scales:
+
+- ``"shared"`` (default): one scale for every panel, from 0 to the largest
+  mean attention probability of any panel, so a word the image barely looks
+  at (``a``) stays dim next to one it looks at a lot (``red``);
+- ``"panel"``: each panel from its own minimum to its own maximum, which shows
+  the shape of a weak map at the cost of making every panel equally bright.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -21,6 +30,24 @@ DEFAULT_CMAP = "inferno"
 DEFAULT_ALPHA = 0.6  # weight of the heat colours over the image
 PANEL_INCHES = 1.8  # side of one grid panel
 MAX_STRIP_PANELS = 10  # a per-step strip groups steps into at most this many windows
+COLORBAR_INCHES = 0.8  # width added to a grid for its colour bar and its labels
+SCALES = ("shared", "panel")
+DEFAULT_SCALE = "shared"
+
+
+def scale_maps(heats: list[torch.Tensor], scale: str = DEFAULT_SCALE) -> tuple[list[torch.Tensor], tuple[float, float]]:
+    """Raw word maps (mean attention probabilities) in [0, 1] for display, and the range the colours span.
+
+    ``"shared"``: every map divided by the largest value of any (0 stays 0), range
+    ``(0, that value)``; ``"panel"``: each map min-max scaled on its own, range ``(0, 1)``.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(map(repr, SCALES))}, not {scale!r}")
+    heats = [torch.as_tensor(heat, dtype=torch.float64) for heat in heats]
+    if scale == "panel":
+        return [_min_max(heat) for heat in heats], (0.0, 1.0)
+    top = max((float(heat.max()) for heat in heats), default=0.0)
+    return [heat / top if top > 0 else torch.zeros_like(heat) for heat in heats], (0.0, top)
 
 
 def colorize(heat: torch.Tensor | np.ndarray, cmap: str = DEFAULT_CMAP) -> np.ndarray:
@@ -56,44 +83,61 @@ def overlay(image: Image.Image | np.ndarray, heat: torch.Tensor, *, cmap: str = 
     return Image.blend(picture, colours, alpha)
 
 
-def word_grid(image, maps: WordMaps, prompt: int = 0, image_index: int = 0, *, words: list[str] | None = None,
-              cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA) -> Image.Image:
-    """The image, then one overlay per word of the prompt, titled with the word's share of attention."""
+def word_panels(image, maps: WordMaps, prompt: int = 0, image_index: int = 0, *, words: list[str] | None = None,
+                scale: str = DEFAULT_SCALE, cmap: str = DEFAULT_CMAP,
+                alpha: float = DEFAULT_ALPHA) -> tuple[list[tuple[str, Image.Image]], tuple[float, float]]:
+    """The overlays of :func:`word_grid` (titled with each word's share of attention) and their colour range."""
     words = maps.words(prompt) if words is None else words
     totals = maps.token_totals(prompt, image_index)
-    panels = [("image", _as_pil(image))]
-    for word in words:
-        heat = maps.word(word, prompt, image_index)
+    heats, colour_range = scale_maps([maps.word(word, prompt, image_index, normalize=False) for word in words], scale)
+    panels = []
+    for word, heat in zip(words, heats):
         share = totals.get(word)
         title = word if share is None else f"{word} ({share:.1%})"
         panels.append((title, overlay(image, heat, cmap=cmap, alpha=alpha)))
-    return _figure(panels, title=maps.prompts[prompt] if maps.prompts else None)
+    return panels, colour_range
+
+
+def word_grid(image, maps: WordMaps, prompt: int = 0, image_index: int = 0, *, words: list[str] | None = None,
+              scale: str = DEFAULT_SCALE, cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA) -> Image.Image:
+    """The image, then one overlay per word of the prompt, titled with the word's share of attention.
+
+    Args:
+        scale: ``"shared"`` (one colour scale for every word: weak words stay dim) or
+            ``"panel"`` (each word from its own minimum to its maximum).
+    """
+    panels, colour_range = word_panels(image, maps, prompt, image_index, words=words, scale=scale, cmap=cmap,
+                                       alpha=alpha)
+    return _figure([("image", _as_pil(image))] + panels, title=maps.prompts[prompt] if maps.prompts else None,
+                   colorbar=_colour_bar(colour_range, scale, cmap))
 
 
 def step_strip(image, maps: WordMaps, word: str, prompt: int = 0, image_index: int = 0, *,
-               max_panels: int = MAX_STRIP_PANELS, cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA) -> Image.Image:
+               max_panels: int = MAX_STRIP_PANELS, scale: str = DEFAULT_SCALE, cmap: str = DEFAULT_CMAP,
+               alpha: float = DEFAULT_ALPHA) -> Image.Image:
     """How a word's map evolves over the denoising steps (needs a per-step capture)."""
     if not maps.per_step:
         raise ValueError("a step strip needs maps per step: capture with Capture(per_step=True) or `--per-step`")
     steps = maps.steps
     windows = [list(chunk) for chunk in np.array_split(steps, min(max_panels, len(steps))) if len(chunk)]
+    heats, colour_range = scale_maps([maps.word(word, prompt, image_index, steps=window, normalize=False)
+                                      for window in windows], scale)
     panels = []
-    for window in windows:
-        heat = maps.word(word, prompt, image_index, steps=window)
+    for window, heat in zip(windows, heats):
         label = f"step {window[0]}" if len(window) == 1 else f"steps {window[0]}-{window[-1]}"
         panels.append((label, overlay(image, heat, cmap=cmap, alpha=alpha)))
-    return _figure(panels, title=f"{word!r} over the steps")
+    return _figure(panels, title=f"{word!r} over the steps", colorbar=_colour_bar(colour_range, scale, cmap))
 
 
 def resolution_breakdown(image, maps: WordMaps, word: str, prompt: int = 0, image_index: int = 0, *,
-                         cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA) -> Image.Image:
-    """A word's map from each captured resolution alone, then all combined."""
-    panels = []
-    for h, w in maps.resolutions:
-        heat = maps.word(word, prompt, image_index, res=(h, w))
-        panels.append((f"{h}x{w}", overlay(image, heat, cmap=cmap, alpha=alpha)))
-    panels.append(("combined", overlay(image, maps.word(word, prompt, image_index), cmap=cmap, alpha=alpha)))
-    return _figure(panels, title=f"{word!r} by resolution")
+                         scale: str = DEFAULT_SCALE, cmap: str = DEFAULT_CMAP,
+                         alpha: float = DEFAULT_ALPHA) -> Image.Image:
+    """A word's map from each captured resolution alone (every site), then the default combination."""
+    labels = [f"{h}x{w}" for h, w in maps.resolutions] + ["combined"]
+    raw = [maps.word(word, prompt, image_index, res=res, exclude=None, normalize=False) for res in maps.resolutions]
+    heats, colour_range = scale_maps(raw + [maps.word(word, prompt, image_index, normalize=False)], scale)
+    panels = [(label, overlay(image, heat, cmap=cmap, alpha=alpha)) for label, heat in zip(labels, heats)]
+    return _figure(panels, title=f"{word!r} by resolution", colorbar=_colour_bar(colour_range, scale, cmap))
 
 
 def _as_pil(image) -> Image.Image:
@@ -105,9 +149,22 @@ def _as_pil(image) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _figure(panels: list[tuple[str, Image.Image]], *, title: str | None) -> Image.Image:
-    """Panels side by side with titles, rendered off-screen to a PIL image."""
-    figure = Figure(figsize=(PANEL_INCHES * len(panels), PANEL_INCHES + (0.5 if title else 0.3)), dpi=100)
+def _colour_bar(colour_range: tuple[float, float], scale: str, cmap: str) -> tuple[float, float, str, str]:
+    label = "mean attention probability" if scale == "shared" else "each panel: its min to its max"
+    return (*colour_range, label, cmap)
+
+
+def _min_max(heat: torch.Tensor) -> torch.Tensor:
+    low, high = heat.min(), heat.max()
+    return (heat - low) / (high - low) if high > low else torch.zeros_like(heat)
+
+
+def _figure(panels: list[tuple[str, Image.Image]], *, title: str | None,
+            colorbar: tuple[float, float, str, str] | None = None) -> Image.Image:
+    """Panels side by side with titles (and a colour bar: low, high, label, colormap), rendered off-screen."""
+    extra = COLORBAR_INCHES if colorbar else 0.0
+    width = PANEL_INCHES * len(panels) + extra
+    figure = Figure(figsize=(width, PANEL_INCHES + (0.5 if title else 0.3)), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (label, picture) in zip(axes, panels):
@@ -116,7 +173,15 @@ def _figure(panels: list[tuple[str, Image.Image]], *, title: str | None) -> Imag
         ax.axis("off")
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1 - extra / width, 1))
+    if colorbar:
+        low, high, label, cmap = colorbar
+        left = 1 - extra / width
+        bar = figure.add_axes((left + 0.05 / width, 0.12, 0.12 / width, 0.7))  # [left, bottom, width, height]
+        mappable = ScalarMappable(norm=Normalize(low, high if high > low else low + 1), cmap=cmap)
+        figure.colorbar(mappable, cax=bar)
+        bar.tick_params(labelsize=6)
+        bar.set_ylabel(label, fontsize=6)
     figure.canvas.draw()
     rgba = np.asarray(figure.canvas.buffer_rgba())  # [H, W, 4]
     return Image.fromarray(rgba[..., :3].copy())
