@@ -25,10 +25,19 @@ class StepClock:
         self._key: tuple | None = None
         self._distinct: list[float] = []
         self._seen: list[float] = []  # arrival order, when there is no schedule
+        self._relative = False
+        self._offset: int | None = None  # schedule position of the run's first step
 
-    def new_run(self) -> None:
-        """Forget the arrival order of a schedule-less run."""
+    def new_run(self, *, relative: bool = False) -> None:
+        """Start counting a new run.
+
+        ``relative``: step 0 is the first step the run actually takes (a
+        pipeline run: img2img with ``strength < 1`` or an SDXL refiner starts
+        part-way through the schedule), and the step count is the number of
+        steps from there. Otherwise steps are positions in the whole schedule.
+        """
         self._seen = []
+        self._relative, self._offset = relative, None
 
     def _schedule(self, scheduler) -> list[float] | None:
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
@@ -51,7 +60,11 @@ class StepClock:
         if distinct:
             nearest = min(range(len(distinct)), key=lambda i: abs(distinct[i] - timestep))
             if _close(distinct[nearest], timestep, 1e-3):
-                return nearest, len(distinct)
+                if not self._relative:
+                    return nearest, len(distinct)
+                if self._offset is None:
+                    self._offset = nearest
+                return nearest - self._offset, len(distinct) - self._offset
         for index, value in enumerate(self._seen):
             if _close(value, timestep, 1e-6):
                 return index, None

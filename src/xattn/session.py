@@ -123,7 +123,6 @@ class _Runtime:
     def _begin_run(self, run: Run) -> None:
         self._end_run()
         self.run, self._last_step, self._selected = run, None, set()
-        self.clock.new_run()
         for controller in self.controllers():
             controller.begin_run(run)
 
@@ -158,10 +157,15 @@ class _Runtime:
         timestep = bound.get("timestep")
         text = bound.get("encoder_hidden_states")
         timestep_value = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0].item())
+        if self._in_pipeline_call and self.run is None:
+            self.clock.new_run(relative=True)  # step 0 is the first step this pipeline call takes
         step, num_steps = self.clock.step_of(timestep_value, self._scheduler())
         layout = self._layout_of(text, sample.shape[0])
         latent_hw = latent_size(sample, bound)
         if self._starts_run(layout, step):
+            if not self._in_pipeline_call:
+                self.clock.new_run()
+                step, num_steps = self.clock.step_of(timestep_value, self._scheduler())
             self._begin_run(Run(layout, num_steps, latent_hw))
         if step is not None:
             self._last_step = step

@@ -1,0 +1,105 @@
+"""The pipelines people run beside text-to-image: img2img and inpainting, LoRA-free fp16/bf16, offloading.
+
+Each is a tiny random-weight pipeline loaded with ``from_pretrained`` from the
+saved SD 1.x / SDXL fixtures; hooks must leave stock output unchanged, count
+only the steps that actually run, and see what the pipeline encoded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+)
+from PIL import Image
+
+import xattn
+
+
+def _image(size=32, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _steps_seen(pipe, **call):
+    seen = []
+    hook = xattn.Hook("value_scale", lambda x, ctx: seen.append((ctx.step, ctx.num_steps)), "kind=cross")
+    with xattn.hooks(pipe, hook):
+        out = pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    return sorted(set(seen)), out
+
+
+@pytest.mark.parametrize("strength, expected_steps", [(1.0, 10), (0.5, 5), (0.3, 3)])
+def test_img2img_counts_the_steps_that_run_from_zero(sd1_path, strength, expected_steps):
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd1_path, safety_checker=None)
+    steps, _ = _steps_seen(pipe, prompt="a red circle", image=_image(), strength=strength,
+                           num_inference_steps=10, guidance_scale=5.0)
+    assert steps == [(s, expected_steps) for s in range(expected_steps)]
+
+
+def test_img2img_with_no_hooks_matches_stock(sd1_path):
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd1_path, safety_checker=None)
+    call = dict(prompt="a red circle", image=_image(), strength=0.6, num_inference_steps=5, guidance_scale=5.0,
+                output_type="latent")
+    stock = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with xattn.hooks(pipe, xattn.Hook("value_scale", lambda x, ctx: None)):
+        hooked = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(hooked, stock, rtol=0, atol=1e-5)
+
+
+def test_sdxl_img2img_layout_and_steps(sdxl_path):
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_path)
+    runs = []
+
+    class Runs(xattn.Controller):
+        selector = xattn.Selector.coerce("kind=cross")
+
+        def begin_run(self, run):
+            runs.append(run)
+
+        def value_scale(self, x, ctx):
+            return None
+
+    with xattn.hooks(pipe, Runs()):
+        pipe(prompt=["a red circle", "a blue square"], image=_image(), strength=0.5, num_inference_steps=6,
+             guidance_scale=5.0, output_type="latent")
+    (run,) = runs
+    assert run.num_steps == 3 and run.layout.num_prompts == 2 and len(run.layout.uncond_rows()) == 2
+
+
+def test_the_inpainting_unet_is_hooked_like_any_other(tmp_path):
+    import tiny_models
+
+    unet = tiny_models.sd1_unet()
+    config = {**unet.config, "in_channels": 9}
+    inpaint_unet = type(unet).from_config(config)
+    path = tiny_models.build_sd(tmp_path / "inpaint", inpaint_unet)
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(path, safety_checker=None)
+    mask = Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 32 > 16).astype(np.uint8) * 255)
+    call = dict(prompt="a red circle", image=_image(), mask_image=mask, num_inference_steps=3,
+                guidance_scale=5.0, height=32, width=32)
+    stock = pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    steps, hooked = _steps_seen(pipe, **call)
+    assert steps == [(s, 3) for s in range(3)]
+    torch.testing.assert_close(hooked, stock, rtol=0, atol=1e-5)
+    capture = xattn.Capture()
+    with xattn.hooks(pipe, capture):
+        pipe(**call, output_type="latent")
+    assert capture.maps().word("circle").shape[-2:] == (32, 32)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2)])
+def test_low_precision_weights_match_stock_within_the_stated_tolerance(sd1_path, dtype, tolerance):
+    """bf16 on the CPU: xattn's fused path against diffusers' own, same weights and dtype."""
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd1_path, safety_checker=None, torch_dtype=dtype)
+    call = dict(prompt="a red circle", image=_image(), strength=0.8, num_inference_steps=3, guidance_scale=5.0,
+                output_type="latent")
+    stock = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with xattn.hooks(pipe, xattn.Reweight({"red": 1.0})):  # weight 1: the same attention, through xattn's path
+        hooked = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert hooked.dtype == dtype
+    torch.testing.assert_close(hooked.float(), stock.float(), rtol=0, atol=tolerance)
