@@ -139,8 +139,14 @@ def test_bad_config_key_is_named(cli, sd1_path, tmp_path):
 
 def test_bad_selector_in_config_is_named(cli, sd1_path, tmp_path):
     (tmp_path / "c.yaml").write_text('sites: "kind=sideways"\n')
-    result = cli("generate", "x", "--model", sd1_path, "--config", "c.yaml", *FAST)
+    result = cli("maps", "x", "--model", sd1_path, "--config", "c.yaml", *FAST)
     assert result.exit_code == 2 and "key 'sites'" in result.output and "sideways" in result.output
+
+
+def test_sites_in_a_generate_config_is_refused_not_ignored(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text('sites: "kind=cross res=16"\n')
+    result = cli("generate", "x", "--model", sd1_path, "--config", "c.yaml", *FAST)
+    assert result.exit_code == 2 and "key 'sites' has no meaning" in result.output
 
 
 def test_existing_output_folder_is_refused_and_kept(cli, sd1_path, tmp_path):
@@ -186,18 +192,41 @@ def test_sites_missing_model(cli, tmp_path):
     assert result.exit_code == 2 and "nothing" in result.output
 
 
-def test_a_failed_run_is_marked_failed(cli, sd1_path, tmp_path, monkeypatch):
-    from xattn import runner as runner_module
+def test_a_run_failing_before_it_writes_leaves_no_folder(cli, sd1_path, tmp_path, monkeypatch):
+    from xattn.app import runner as runner_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(runner_module, "generate", broken)
     result = cli("generate", "x", "--model", sd1_path, "--out", "o", *FAST)
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)  # a bug keeps its traceback
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_run_is_marked_failed_and_its_out_reused(cli, sd1_path, tmp_path, monkeypatch):
+    from xattn.cli import common
+
+    real, calls = common.image_parameters, []
+
+    def fails_on_the_second_image(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk trouble")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(common, "image_parameters", fails_on_the_second_image)
+    result = cli("generate", "x", "--model", sd1_path, "--out", "o", "--images", 2, *FAST)
     assert result.exit_code != 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and "out of memory" in manifest["error"]
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["manifest.json"]
+    assert manifest["status"] == "failed" and "disk trouble" in manifest["error"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["image-0.png", "manifest.json"]
+    monkeypatch.setattr(common, "image_parameters", real)
+    again = cli("generate", "x", "--model", sd1_path, "--out", "o", "--images", 2, *FAST)
+    assert again.exit_code == 0, again.output
+    assert "reusing --out" in again.output
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["status"] == "finished"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["image-0.png", "image-1.png", "manifest.json"]
 
 
 def test_config_beats_an_option_default_but_not_a_typed_option(cli, sd1_path, tmp_path):

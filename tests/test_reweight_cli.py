@@ -70,7 +70,7 @@ def test_prompt_weights_alone_make_one_row(sd1_path, tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--word", "purple", "--weights", "0,1"], "'purple' is not in the prompt"),
-    (["--word", "red", "--weights", "1,nan"], "'nan' is not a finite number"),
+    (["--word", "red", "--weights", "1,nan"], "finite number, not 'nan'"),
     (["--word", "red"], "--word and --weights together"),
     (["--modes", "scale,multiply"], "unknown reweight mode 'multiply'"),
     (["--mode", "scale", "--modes", "bias"], "--mode or --modes"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from typing import Any, Mapping, Sequence
 
 from .errors import XattnError
@@ -57,8 +58,10 @@ def number(value: Any, name: str) -> float:
     result = float(value)
     if not math.isfinite(result):
         raise OptionError(f"{name} must be a finite number, not {given!r}")
-    if abs(result) > FLOAT32_MAX:
-        raise OptionError(f"{name} {given!r} is out of float32 range (about ±3.4e38): it would be infinite in the model")
+    try:
+        struct.pack("<f", result)  # C's double -> float rounding: 1e39 overflows, 3.40282356e38 does not
+    except OverflowError:
+        raise OptionError(f"{name} {given!r} is out of float32 range (about ±3.4e38): it would be infinite in the model") from None
     return result
 
 

@@ -67,7 +67,7 @@ def _reusable(folder: Path, overwrite_failed: bool) -> list[Path]:
     except (OSError, ValueError):
         status, manifest = None, {}
     if status == "finished":
-        raise RunFolderError(f"--out {folder} holds a finished run, which is never overwritten; pass a new folder")
+        raise RunFolderError(f"--out {folder} exists and holds a finished run, which is never overwritten; pass a new folder")
     if status not in ("failed", "running"):
         raise RunFolderError(f"--out {folder} exists and is not empty; pass a new folder")
     if status == "running" and not overwrite_failed:

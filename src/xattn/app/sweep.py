@@ -90,7 +90,7 @@ def _seed_list(value: Any) -> list[int]:
     try:
         return validate.seed_list(value)
     except validate.OptionError as error:
-        raise ValueError(f"a list of seeds or a range such as 0:4 ({error})") from None
+        raise ValueError(f"a range such as 0:4 or a list of seeds ({error})") from None
 
 
 def _text_list(value: Any) -> list[str]:
@@ -106,7 +106,7 @@ def _number_list(value: Any) -> list[float]:
     try:
         return validate.weight_list(value)
     except validate.OptionError as error:
-        raise ValueError(f"a list of finite numbers ({error})") from None
+        raise ValueError(f"a non-empty list of numbers, finite in float32 ({error})") from None
 
 
 def _window_list(value: Any) -> list[str | None]:

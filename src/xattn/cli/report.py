@@ -37,7 +37,7 @@ def run_images(folder: Path) -> list[Image.Image]:
 def read_maps(folder: Path):
     """The run's word maps; a folder that is not a maps run, or whose files were changed, is a named error."""
     if not folder.is_dir():
-        raise RunFolderError(f"{folder} is not a folder; pass a run folder written by `xattn maps`")
+        raise RunFolderError(f"{folder} is missing or not a folder; pass a run folder written by `xattn maps`")
     read_manifest(folder)  # a manifest that is not JSON is named here
     try:
         return load_maps(folder)

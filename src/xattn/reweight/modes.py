@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import XattnError
-from ..validate import FLOAT32_MAX
+from ..validate import OptionError, number as float32_number
 
 
 # Embedding mode refuses rows whose mean is below this fraction of their mean absolute value.
@@ -80,9 +80,11 @@ def check_weight(mode: Mode, name: str, value: object) -> float:
     number = float(value)
     if not math.isfinite(number):
         raise ReweightError(f"weight of {name!r} is {value!r}, not a finite number")
-    if abs(number) > FLOAT32_MAX:
+    try:
+        float32_number(number, "weight")
+    except OptionError:
         raise ReweightError(f"weight of {name!r} is {value!r}, out of float32 range (about ±3.4e38): "
-                            "it would be infinite in the model")
+                            "it would be infinite in the model") from None
     if number < 0 and not mode.allows_negative:
         raise ReweightError(f"weight of {name!r} is {value!r}: mode {mode.name!r} needs weights > 0 "
                             "(it adds log w to the logits); use mode 'scale' for negative weights")
