@@ -148,3 +148,39 @@ def test_report_of_a_real_capture_shows_tokens_with_their_share(sd1_pipe, tmp_pa
     assert np.abs(shown_map(page) - first).max() > 0
     assert "blue" in page.locator("#word option").all_inner_texts()
     assert errors == []
+
+
+HOSTILE = "a red <!-- cat </script><script>window.pwned=1</script> \"quoted\" 'single' & \x07bell {{DATA}}"
+
+
+def test_user_text_reaches_the_page_only_as_escaped_data(sd1_pipe, tmp_path):
+    capture = Capture()
+    with xattn.hooks(sd1_pipe, capture):
+        images = sd1_pipe(HOSTILE, num_inference_steps=1, guidance_scale=5.0, height=32, width=32).images
+    page = write_report(capture.maps(), images, tmp_path / "report.html", title=HOSTILE).read_text()
+    data = page.split('<script type="application/json" id="xattn-data">', 1)[1].split("</script>", 1)[0]
+    assert "<" not in data and ">" not in data and "&" not in data  # \u003c... only: nothing HTML could read
+    title = page.split("<title>")[1].split("</title>")[0]
+    assert page.count("<script") == 2 and "<" not in title and "&lt;script&gt;window.pwned" in title
+    assert "{{DATA}}" in title  # one substitution pass: a placeholder in a prompt stays text
+
+
+@pytest.mark.browser
+def test_hostile_prompt_leaves_the_page_working(sd1_pipe, tmp_path, browser_page):
+    page, errors = browser_page
+    capture = Capture()
+    with xattn.hooks(sd1_pipe, capture):
+        images = sd1_pipe(HOSTILE, num_inference_steps=1, guidance_scale=5.0, height=32, width=32).images
+    maps = capture.maps()
+    path = write_report(maps, images, tmp_path / "report.html", title=HOSTILE)
+    page.goto(path.as_uri())
+    page.wait_for_function("document.body.dataset.shown !== undefined")  # the script ran to the end
+    assert page.evaluate("window.pwned") is None
+    assert page.title() == HOSTILE.replace("\x07", "")  # control characters dropped from the title only
+    chips = [chip.split("\n")[0] for chip in page.locator(".token").all_inner_texts()]
+    assert "<!--" in chips and "</" in "".join(chips)  # the words arrive as text
+    labels = page.locator("#item option").all_inner_texts()
+    assert HOSTILE.replace("\x07", "") in labels[0].replace("\x07", "")
+    page.select_option("#word", "cat")
+    page.wait_for_function("document.body.dataset.shown.includes('|cat|')")
+    assert errors == []
