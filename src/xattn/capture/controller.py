@@ -24,67 +24,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..hookpoints import BatchLayout, Controller, HookContext, Row
+from ..hookpoints import BatchLayout, Controller, HookContext
 from ..selector import Selector
 from ..sites import Site
 from .layers import MapLayer
-from .plan import CaptureBudgetError, PlannedSite, format_bytes, parse_bytes, res_at, site_downsampling
+from .plan import (CaptureBudgetError, PlannedSite, RunState, Slice, format_bytes, parse_bytes, res_at,
+                   site_downsampling, token_columns)
 
 DEFAULT_BUDGET = "1GiB"
 DEFAULT_SELF_RES = 32  # self-attention maps are [i, i]: 64x64 sites would need 64 MiB per row and call
 DEFAULT_TEXT_LENGTH = 77  # CLIP's padded sequence, used when no tokenizer is known
 SLOT_CHOICES = ("prompt", "all")
-
-
-class _Choice:
-    """Which indices of one dimension to keep: everything, a contiguous run (a view), or a list."""
-
-    def __init__(self, indices: list[int] | None, size: int):
-        self.count = size if indices is None else len(indices)
-        self.span: tuple[int, int] | None = None
-        self.index: torch.Tensor | None = None
-        self._on_device: dict[torch.device, torch.Tensor] = {}
-        if indices is None or indices == list(range(size)):
-            return
-        if indices == list(range(indices[0], indices[0] + len(indices))):
-            self.span = (indices[0], len(indices))
-        else:
-            self.index = torch.tensor(indices, dtype=torch.long)
-
-    def take(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        if self.span is not None:
-            return x.narrow(dim, *self.span)
-        if self.index is None:
-            return x
-        index = self._on_device.get(x.device)
-        if index is None:
-            index = self._on_device[x.device] = self.index.to(x.device)
-        return x.index_select(dim, index)
-
-
-class _Run:
-    """Everything one pipeline call's capture needs, fixed at its first captured call."""
-
-    def __init__(self, layout: BatchLayout, rows: list[int], columns: list[int] | None, key_length: int,
-                 latent_hw: tuple[int, int], image_hw: tuple[int, int], num_steps: int | None,
-                 others: bool = False):
-        self.layout = layout
-        self.row_indices = rows
-        self.rows: tuple[Row, ...] = tuple(layout.rows[r] for r in rows)
-        self.row_choice = _Choice(rows, layout.batch_size)
-        self.columns = columns  # token slots kept at cross sites (None = all)
-        self.column_choice = _Choice(columns, key_length)
-        self.others = others  # one more column: the summed attention on every slot after ``columns`` (padding)
-        self.latent_hw = latent_hw
-        self.image_hw = image_hw
-        self.num_steps = num_steps
-        self.layers: dict[tuple, MapLayer] = {}
-        self.scratch: dict[tuple, torch.Tensor] = {}  # [rows, 1, i, j'] head sums, one per aggregated layer
-        self.sites: dict[tuple, set[str]] = {}
-        self.steps: dict[tuple, set[int]] = {}
-        self.planned_bytes = 0
-        self.streaming_step: int | None = None
-        self.shards: list[Path] = []
 
 
 class Capture(Controller):
@@ -157,7 +107,7 @@ class Capture(Controller):
         self._vae_scale = 1
         self._text_length: int | None = None
         self.model_info: dict = {}
-        self._heads: dict[str, _Choice | None] = {}
+        self._heads: dict[str, Slice | None] = {}
         self.reset()
 
     # -- protocol ------------------------------------------------------------------
@@ -180,7 +130,7 @@ class Capture(Controller):
 
     def reset(self) -> None:
         """Forget the previous call's maps (the session calls this when a pipeline call starts)."""
-        self._run: _Run | None = None
+        self._run: RunState | None = None
         self.calls: Counter = Counter()  # (site name, step) -> attention calls captured
 
     def active(self, ctx: HookContext) -> bool:
@@ -213,7 +163,7 @@ class Capture(Controller):
         return None
 
     # -- storing -------------------------------------------------------------------
-    def _add_to_sum(self, run: _Run, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext) -> None:
+    def _add_to_sum(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext) -> None:
         group = self._sum_group(ctx.site, ctx.res)
         layer = run.layers.get(group)
         if layer is None:
@@ -237,7 +187,7 @@ class Capture(Controller):
         if ctx.step is not None:
             run.steps[group].add(ctx.step)
 
-    def _keep_step(self, run: _Run, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext) -> None:
+    def _keep_step(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext) -> None:
         if self.stream_to is not None and ctx.step != run.streaming_step:
             self._flush_stream(run)
             run.streaming_step = ctx.step
@@ -262,7 +212,7 @@ class Capture(Controller):
             return (site.kind, site.name)
         return (site.kind, res, site.block == "mid")
 
-    def _new_layer(self, run: _Run, group: tuple, picked: torch.Tensor, ctx: HookContext, *,
+    def _new_layer(self, run: RunState, group: tuple, picked: torch.Tensor, ctx: HookContext, *,
                    steps: tuple[int, ...], dtype: torch.dtype, others: bool = False) -> MapLayer:
         kept_heads = None
         if self.keep_heads:
@@ -282,7 +232,7 @@ class Capture(Controller):
             )
         return layer
 
-    def _flush_stream(self, run: _Run) -> None:
+    def _flush_stream(self, run: RunState) -> None:
         """Write the held step's maps to one shard and drop them from memory."""
         held = [(group, layer) for group, layer in run.layers.items() if layer.data is not None]
         if not held:
@@ -307,54 +257,24 @@ class Capture(Controller):
         folder.mkdir(parents=True, exist_ok=True)
 
     # -- the first call of a run: rows, columns, sizes, budget --------------------
-    def _start(self, ctx: HookContext, x: torch.Tensor) -> _Run:
+    def _start(self, ctx: HookContext, x: torch.Tensor) -> RunState:
         layout = ctx.layout
         rows = list(range(layout.batch_size)) if self.uncond else layout.row_indices(cond=True)
         if not rows:
             raise ValueError(f"this call has no conditional rows to capture (layout: {layout.rows}); pass uncond=True")
         key_length = x.shape[-1] if ctx.site.kind == "cross" else (self._text_length or DEFAULT_TEXT_LENGTH)
-        columns, others = self._resolve_columns(layout, key_length)
+        columns, others = token_columns(layout, key_length, self.selector.tokens, self.slots)
         factor = self._factors.get(ctx.site.name, 1)
         latent_hw = (ctx.res[0] * factor, ctx.res[1] * factor)
         image_hw = (latent_hw[0] * self._vae_scale, latent_hw[1] * self._vae_scale)
-        run = _Run(layout, rows, columns, key_length, latent_hw, image_hw, ctx.num_steps, others)
+        run = RunState(layout, rows, columns, key_length, latent_hw, image_hw, ctx.num_steps, others)
         run.planned_bytes = self._check_budget(run, ctx, key_length)
         if self.stream_to is not None:
             self._prepare_stream_folder()
         self._run = run
         return run
 
-    def _resolve_columns(self, layout: BatchLayout, key_length: int) -> tuple[list[int] | None, bool]:
-        """Token slots to keep at cross sites, and whether one more column sums the padding after them.
-
-        With ``selector.tokens``: the slots it names, for every prompt of the call
-        (words resolved once). Otherwise (``slots="prompt"``): slot 0 up to the
-        longest prompt's end token, then one padding column; every slot when the
-        prompts are unknown (bare model calls) or fill the sequence.
-        """
-        if self.selector.tokens is None:
-            if self.slots == "all":
-                return None, False
-            try:
-                last = max(layout.token_map(p).end_slot for p in range(layout.num_prompts))
-            except (LookupError, ValueError):  # prompts unknown: nothing says which slots matter
-                return None, False
-            if last + 2 >= key_length:  # a padding column would save nothing
-                return None, False
-            return list(range(last + 1)), True
-        slots: set[int] = set()
-        for prompt in range(layout.num_prompts):
-            for token in self.selector.tokens:
-                if isinstance(token, int):
-                    slots.add(token)
-                else:
-                    slots.update(layout.token_map(prompt).indices(token))
-        bad = sorted(s for s in slots if s >= key_length)
-        if bad:
-            raise ValueError(f"token slots {bad} are outside this model's {key_length} text positions")
-        return sorted(slots), False
-
-    def plan(self, run: _Run, key_length: int) -> list[PlannedSite]:
+    def plan(self, run: RunState, key_length: int) -> list[PlannedSite]:
         """The sites this run will capture, with their sizes (from the model's structure)."""
         planned = []
         for site in self._sites:
@@ -374,7 +294,7 @@ class Capture(Controller):
             planned.append(PlannedSite(site, res, count if self.keep_heads else 1, keys))
         return planned
 
-    def _check_budget(self, run: _Run, ctx: HookContext, key_length: int) -> int:
+    def _check_budget(self, run: RunState, ctx: HookContext, key_length: int) -> int:
         planned = self.plan(run, key_length)
         rows = len(run.rows)
         if self.per_step:
@@ -404,13 +324,13 @@ class Capture(Controller):
             return [ctx.step] if ctx.step is not None else [0]
         return [s for s in range(ctx.num_steps) if self.selector.matches_step(s, ctx.num_steps)]
 
-    def _head_choice(self, site: Site) -> _Choice | None:
+    def _head_choice(self, site: Site) -> Slice | None:
         if site.name not in self._heads:
             indices = self.selector.head_indices(site.heads)
-            self._heads[site.name] = None if indices is None else _Choice(indices, site.heads)
+            self._heads[site.name] = None if indices is None else Slice(indices, site.heads)
         return self._heads[site.name]
 
-    def _check_same_rows(self, run: _Run, layout: BatchLayout) -> None:
+    def _check_same_rows(self, run: RunState, layout: BatchLayout) -> None:
         rows = tuple(layout.rows[r] for r in run.row_indices) if layout.batch_size == run.layout.batch_size else None
         if rows != run.rows:
             raise ValueError(

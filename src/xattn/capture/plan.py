@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import XattnError
+from ..hookpoints import BatchLayout, Row
 from ..sites import Site
+from .layers import MapLayer
 
 
 class CaptureBudgetError(XattnError, MemoryError):
@@ -86,3 +90,84 @@ class PlannedSite:
 
     def bytes_per_call(self, rows: int, itemsize: int) -> int:
         return rows * self.heads_kept * self.res[0] * self.res[1] * self.keys * itemsize
+
+
+def token_columns(layout: BatchLayout, key_length: int, tokens: tuple | None,
+                  slots: str = "prompt") -> tuple[list[int] | None, bool]:
+    """Token slots a capture keeps at cross sites, and whether one more column sums the padding after them.
+
+    With ``tokens`` (a selector's words and slot indices): the slots they name
+    in every prompt of the call. Otherwise, with ``slots="prompt"``: slot 0 (the
+    start token) up to the longest prompt's end token, then one column with the
+    padding after it summed; every slot (None) with ``slots="all"``, when the
+    prompts are unknown (bare model calls) or when they fill the sequence.
+    """
+    if tokens is None:
+        if slots == "all":
+            return None, False
+        try:
+            last = max(layout.token_map(p).end_slot for p in range(layout.num_prompts))
+        except (LookupError, ValueError):  # prompts unknown: nothing says which slots matter
+            return None, False
+        if last + 2 >= key_length:  # a padding column would save nothing
+            return None, False
+        return list(range(last + 1)), True
+    chosen: set[int] = set()
+    for prompt in range(layout.num_prompts):
+        for token in tokens:
+            chosen.update([token] if isinstance(token, int) else layout.token_map(prompt).indices(token))
+    bad = sorted(s for s in chosen if s >= key_length)
+    if bad:
+        raise ValueError(f"token slots {bad} are outside this model's {key_length} text positions")
+    return sorted(chosen), False
+
+
+class Slice:
+    """Which indices of one dimension to keep: everything, a contiguous run (a view), or a list."""
+
+    def __init__(self, indices: list[int] | None, size: int):
+        self.count = size if indices is None else len(indices)
+        self.span: tuple[int, int] | None = None
+        self.index: torch.Tensor | None = None
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        if indices is None or indices == list(range(size)):
+            return
+        if indices == list(range(indices[0], indices[0] + len(indices))):
+            self.span = (indices[0], len(indices))
+        else:
+            self.index = torch.tensor(indices, dtype=torch.long)
+
+    def take(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.span is not None:
+            return x.narrow(dim, *self.span)
+        if self.index is None:
+            return x
+        index = self._on_device.get(x.device)
+        if index is None:
+            index = self._on_device[x.device] = self.index.to(x.device)
+        return x.index_select(dim, index)
+
+
+class RunState:
+    """What a capture holds for one pipeline call: rows, token columns, sizes, and its sums."""
+
+    def __init__(self, layout: BatchLayout, rows: list[int], columns: list[int] | None, key_length: int,
+                 latent_hw: tuple[int, int], image_hw: tuple[int, int], num_steps: int | None,
+                 others: bool = False):
+        self.layout = layout
+        self.row_indices = rows
+        self.rows: tuple[Row, ...] = tuple(layout.rows[r] for r in rows)
+        self.row_choice = Slice(rows, layout.batch_size)
+        self.columns = columns  # token slots kept at cross sites (None = all)
+        self.column_choice = Slice(columns, key_length)
+        self.others = others  # one more column: the summed attention on every slot after ``columns`` (padding)
+        self.latent_hw = latent_hw
+        self.image_hw = image_hw
+        self.num_steps = num_steps
+        self.layers: dict[tuple, MapLayer] = {}
+        self.scratch: dict[tuple, torch.Tensor] = {}  # [rows, 1, i, j'] head sums, one per aggregated layer
+        self.sites: dict[tuple, set[str]] = {}
+        self.steps: dict[tuple, set[int]] = {}
+        self.planned_bytes = 0
+        self.streaming_step: int | None = None
+        self.shards: list[Path] = []
