@@ -265,8 +265,9 @@ def test_from_prompt_refuses_a_different_pipeline_prompt(sd1_pipe):
 
 
 def test_from_prompt_syntax_errors_come_from_the_parser():
+    assert Reweight.from_prompt("a (red:2 circle").prompt == "a red:2 circle"  # A1111 reads it: ( runs to the end
     with pytest.raises(PromptSyntaxError):
-        Reweight.from_prompt("a (red:2 circle")
+        Reweight.from_prompt("a (red:2 circle", strict=True)
 
 
 # -- errors ---------------------------------------------------------------------------

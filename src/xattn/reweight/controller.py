@@ -92,15 +92,16 @@ class Reweight(Controller):
 
     @classmethod
     def from_prompt(cls, text: str, mode: str = "scale", weights: Mapping[str | int, float | Ramp] | None = None,
-                    **options) -> "Reweight":
+                    syntax: str = "a1111", strict: bool = False, **options) -> "Reweight":
         """Build from a weighted prompt such as ``"a (red:2) circle and a [blue] square"``.
 
         Pass :attr:`prompt` (the clean text) to the pipeline. ``weights`` add
-        to or override the prompt's own weights; ``options`` are those of
-        :class:`Reweight`. Raises :class:`xattn.prompt_syntax.PromptSyntaxError`
-        for a malformed prompt.
+        to or override the prompt's own weights; ``syntax`` (``"a1111"`` or
+        ``"compel"``) and ``strict`` are those of :func:`xattn.prompts.parse_prompt`;
+        ``options`` are those of :class:`Reweight`. Raises
+        :class:`xattn.prompts.PromptSyntaxError` for a prompt the dialect cannot read.
         """
-        parsed = parse_prompt(text)
+        parsed = parse_prompt(text, syntax=syntax, strict=strict)
         controller = cls(weights, mode=mode, **options)
         for span in parsed.spans:
             check_weight(controller.mode, span.text, span.weight)

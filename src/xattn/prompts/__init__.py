@@ -1,0 +1,45 @@
+"""Prompts as people write them: the A1111 and compel dialects, compiled to one weighted record.
+
+:func:`parse_prompt` reads a prompt in a dialect and returns a
+:class:`WeightedPrompt`: the clean text for the tokenizer, the spans that
+carry a weight, and the fragments (and ``BREAK`` chunk breaks) in the order
+the dialect's encoder tokenizes them. ``docs/prompts.md`` lists the rules of
+each dialect and how they differ.
+"""
+
+from __future__ import annotations
+
+from .a1111 import PromptWarning, parse_attention, read_a1111
+from .compel import read_compel
+from .types import Fragment, PromptSyntaxError, UnsupportedSyntaxError, WeightedPrompt, WeightedSpan
+
+SYNTAXES = {"a1111": read_a1111, "compel": read_compel}
+
+__all__ = [
+    "SYNTAXES",
+    "Fragment",
+    "PromptSyntaxError",
+    "PromptWarning",
+    "UnsupportedSyntaxError",
+    "WeightedPrompt",
+    "WeightedSpan",
+    "parse_attention",
+    "parse_prompt",
+]
+
+
+def parse_prompt(text: str, syntax: str = "a1111", strict: bool = False) -> WeightedPrompt:
+    """Read a weighted prompt.
+
+    Args:
+        text: the prompt as written, e.g. ``"a (red:1.5) circle"``.
+        syntax: ``"a1111"`` (default: exactly what the A1111 web UI reads) or ``"compel"``.
+        strict: raise :class:`PromptSyntaxError` where A1111 silently repairs a prompt
+            (unbalanced brackets, a stray backslash, a colon in a group that is no weight, ``()``).
+
+    Raises :class:`UnsupportedSyntaxError` for syntax the dialect defines but
+    xattn does not run yet (A1111's ``AND`` and ``[from:to:when]``, compel's ``.blend()``...).
+    """
+    if syntax not in SYNTAXES:
+        raise PromptSyntaxError(f"unknown prompt syntax {syntax!r}; use one of {', '.join(SYNTAXES)}", syntax, 0)
+    return SYNTAXES[syntax](text, strict=strict)
