@@ -155,3 +155,35 @@ def max_difference(got, expected) -> float:
     if isinstance(got, tuple):
         return max(max_difference(g, e) for g, e in zip(got, expected))
     return (got.double() - expected).abs().max().item()
+
+
+def sd3_pipeline(folder: Path):
+    """A tiny StableDiffusion3Pipeline: CLIP-L and CLIP-G (random weights), no T5 (its part of the text is zeros)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from tiny_models import tokenizer
+
+    def clip(seed: int) -> CLIPTextModelWithProjection:
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            projection_dim=16, hidden_act="gelu"))
+
+    torch.manual_seed(2)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                        scaling_factor=1.5035, sample_size=16)
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip(3),
+        tokenizer=tokenizer(), text_encoder_2=clip(4), tokenizer_2=tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    ).save_pretrained(folder)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None, tokenizer_3=None,
+                                                    image_encoder=None, feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -15,8 +15,10 @@ from diffusers.models import attention_processor
 from diffusers.models.transformers import transformer_flux
 
 import xattn
-from joint_reference import flux_inputs, flux_model, max_difference, recording, reference, sd3_inputs, sd3_model
+from joint_reference import (flux_inputs, flux_model, max_difference, recording, reference, sd3_inputs, sd3_model,
+                             sd3_pipeline)
 from tiny_models import tokenizer
+from xattn.adapters import adapter_for
 from xattn.joint import JointProcessor
 from xattn.selector import Selector
 
@@ -197,3 +199,45 @@ def test_processors_and_cores_restored_after_an_exception(models, family):
     assert all(model.attn_processors[k] is p for k, p in before.items())
     assert attention_processor.F is F
     assert transformer_flux.dispatch_attention_fn.__module__ == "diffusers.models.attention_dispatch"
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(tmp_path_factory):
+    return sd3_pipeline(tmp_path_factory.mktemp("sd3_pipeline") / "pipe")
+
+
+def sd3_call(pipe):
+    with torch.no_grad():
+        return pipe(["a red circle"], negative_prompt="blurry", num_inference_steps=2, guidance_scale=3.0, height=16,
+                    width=24, max_sequence_length=16, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+
+def test_sd3_pipeline_rows_steps_and_grid(sd3_pipe):
+    seen = []
+    hook = xattn.Hook("probs", lambda p, ctx: seen.append((ctx.step, ctx.num_steps, ctx.res, ctx.layout.rows,
+                                                           tuple(p.shape))), "kind=joint")
+    with xattn.hooks(sd3_pipe, hook):
+        sd3_call(sd3_pipe)
+    assert adapter_for(sd3_pipe).family == "sd3"
+    assert len(seen) == 2 * 2  # two joint sites, two steps
+    assert {(step, count) for step, count, *_ in seen} == {(0, 2), (1, 2)}
+    # classifier-free guidance: the negative row first, then the prompt; 16 x 24 latent -> 8 x 12 patches;
+    # text = CLIP's 77 slots then T5's 16 (zeros without a T5 encoder)
+    assert {(res, rows, shape) for _, _, res, rows, shape in seen} == {
+        ((8, 12), (xattn.Row(False, 0, 0), xattn.Row(True, 0, 0)), (2, 2, 96, 93))}
+
+
+def test_sd3_pipeline_reweight_equals_zeroing_the_word_explicitly(sd3_pipe):
+    with xattn.hooks(sd3_pipe, xattn.Reweight({"circle": 0})):
+        got = sd3_call(sd3_pipe)
+
+    def zero_circle(p, ctx):  # <start> a red circle: slot 3, conditional rows only
+        p = p.clone()
+        p[ctx.layout.row_indices(cond=True), :, :, 3] = 0
+        return p
+
+    with xattn.hooks(sd3_pipe, xattn.Hook("probs", zero_circle, "kind=joint")):
+        expected = sd3_call(sd3_pipe)
+    assert (got - expected).abs().max() <= TOLERANCE
+    assert (got - sd3_call(sd3_pipe)).abs().max() > 1e-4

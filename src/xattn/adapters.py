@@ -80,11 +80,13 @@ def _masked_pairs(result: tuple):  # (embeds, mask, negative_embeds, negative_ma
 
 # Most specific first: a class is matched by the first adapter one of its bases' names starts with.
 ADAPTERS: tuple[Adapter, ...] = (
+    # SD3: (embeds, negative, pooled, negative pooled); the text is CLIP-L+G's 77 slots, then T5's
+    Adapter("sd3", ("StableDiffusion3",), _first_two, ("tokenizer", "tokenizer_2")),
     Adapter("sdxl", ("StableDiffusionXL",), _first_two, ("tokenizer", "tokenizer_2")),
     Adapter("sd", ("StableDiffusion", "AltDiffusion"), _first_two),
     Adapter("pixart", ("PixArt", "Sana"), _masked_pairs),
 )
-UNSUPPORTED_PREFIXES = ("StableDiffusion3", "Flux")  # joint attention: refused by the processor allow-list
+UNSUPPORTED_PREFIXES = ("Flux",)  # Flux: true CFG encodes twice and calls the transformer twice; not adapted yet
 
 
 def adapter_for(pipe) -> Adapter | None:
