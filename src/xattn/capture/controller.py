@@ -2,10 +2,12 @@
 
 Two modes:
 
-- aggregated (default): one running float32 sum per (kind, resolution) on the
-  device, conditional rows only, heads averaged. Each attention call adds its
-  maps into the preallocated sum and nothing else is allocated, so memory does
-  not grow with the number of steps.
+- aggregated (default): one running float32 sum per (kind, resolution; the mid
+  block apart) on the device, conditional rows only, heads averaged, and at
+  cross sites only the token slots the prompts use (start, pieces, end) plus
+  one column for the summed padding. Each attention call adds its maps into
+  the preallocated sum (through one transient head sum), so memory does not
+  grow with the number of steps.
 - per-step: one map per (step, site), stored in fp16, for inspecting how maps
   evolve; under a byte budget that is checked before anything is stored, and
   optionally streamed to disk as one safetensors shard per step.
@@ -168,20 +170,17 @@ class Capture(Controller):
         layer = run.layers.get(group)
         if layer is None:
             layer = self._new_layer(run, group, picked, ctx, steps=(), dtype=torch.float32, others=padding is not None)
-            if not self.keep_heads:
-                run.scratch[group] = torch.empty_like(layer.data)
             run.sites[group], run.steps[group] = set(), set()
         kept = picked.shape[3]
         if self.keep_heads:
             layer.data[..., :kept].add_(picked)
             if padding is not None:
                 layer.data[..., kept:].add_(padding.sum(dim=3, keepdim=True))
-        else:  # sums into the preallocated scratch: nothing is allocated per call
-            scratch = run.scratch[group]
-            torch.sum(picked, dim=1, keepdim=True, dtype=torch.float32, out=scratch[..., :kept])  # [r, 1, i, j']
+        else:  # heads averaged through a transient [r, 1, i, j'] sum, freed at once: only the running sum is held
+            share = 1.0 / picked.shape[1]
+            layer.data[..., :kept].add_(picked.sum(dim=1, keepdim=True, dtype=torch.float32), alpha=share)
             if padding is not None:
-                torch.sum(padding, dim=(1, 3), keepdim=True, dtype=torch.float32, out=scratch[..., kept:])  # [r, 1, i, 1]
-            layer.data.add_(scratch, alpha=1.0 / picked.shape[1])
+                layer.data[..., kept:].add_(padding.sum(dim=(1, 3), keepdim=True, dtype=torch.float32), alpha=share)
         layer.count += 1
         run.sites[group].add(ctx.site.name)
         if ctx.step is not None:
@@ -308,8 +307,7 @@ class Capture(Controller):
             groups: dict[tuple, PlannedSite] = {}
             for p in planned:
                 groups[self._sum_group(p.site, p.res)] = p
-            per_group = 1 if self.keep_heads else 2  # running sum + head-sum scratch
-            needed = sum(per_group * p.bytes_per_call(rows, 4) for p in groups.values())
+            needed = sum(p.bytes_per_call(rows, 4) for p in groups.values())  # one float32 running sum each
             what = f"aggregated capture of {len(planned)} site(s) in {len(groups)} running sum(s)"
         if self.budget is not None and needed > self.budget:
             raise CaptureBudgetError(
@@ -341,13 +339,11 @@ class Capture(Controller):
 
     # -- results ---------------------------------------------------------------------
     def bytes_held(self) -> int:
-        """Bytes of maps and buffers this capture holds in memory now."""
+        """Bytes of maps this capture holds in memory now."""
         run = self._run
         if run is None:
             return 0
-        layers = sum(layer.nbytes for layer in run.layers.values())
-        scratch = sum(t.numel() * t.element_size() for t in run.scratch.values())
-        return layers + scratch
+        return sum(layer.nbytes for layer in run.layers.values())
 
     @property
     def planned_bytes(self) -> int:

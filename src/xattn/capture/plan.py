@@ -165,7 +165,6 @@ class RunState:
         self.image_hw = image_hw
         self.num_steps = num_steps
         self.layers: dict[tuple, MapLayer] = {}
-        self.scratch: dict[tuple, torch.Tensor] = {}  # [rows, 1, i, j'] head sums, one per aggregated layer
         self.sites: dict[tuple, set[str]] = {}
         self.steps: dict[tuple, set[int]] = {}
         self.planned_bytes = 0
