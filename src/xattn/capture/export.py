@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..hookpoints import Row
 from ..tokens import TokenMap, Word
+from ..versions import package_versions
 from .heatmaps import WordMaps
 from .layers import MapLayer
 
@@ -32,13 +31,7 @@ _PACKAGES = ("xattn", "torch", "diffusers", "transformers", "safetensors")
 
 def versions() -> dict[str, str | None]:
     """Versions of Python and the packages that shaped the maps."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return package_versions(_PACKAGES)
 
 
 def maps_manifest(maps: WordMaps, *, seed: int | list[int] | None = None,
