@@ -265,3 +265,66 @@ def test_hookable_names_each_site_xattn_refuses_and_the_table_says_so(sd1_pipe):
     table = format_table(xattn.sites(sd1_pipe), support)
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert rows[site].endswith("no: Custom") and all(r.endswith("yes") for s, r in rows.items() if s != site)
+
+
+# -- steering: before_step -----------------------------------------------------------
+
+class Shift(xattn.Controller):
+    """Adds ``delta`` to the latents before step ``at``; optionally takes a gradient through ``denoise``."""
+
+    selector = xattn.Selector.coerce("kind=cross")
+
+    def __init__(self, at, delta, use_gradient=False):
+        self.at, self.delta, self.use_gradient = at, delta, use_gradient
+        self.grads, self.probs_calls = [], 0
+
+    def active(self, ctx):
+        return self.use_gradient  # otherwise no hook runs: the fused path, equal to stock
+
+    def probs(self, x, ctx):
+        self.probs_calls += 1
+
+    def before_step(self, steer):
+        if steer.step != self.at:
+            return None
+        if self.use_gradient:
+            z = steer.latents.clone().requires_grad_(True)
+            out = steer.denoise(z)
+            (grad,) = torch.autograd.grad(out.pow(2).mean(), z)
+            self.grads.append(grad)
+            assert out.shape[0] == len(steer.layout.rows) == len(steer.layout.cond_rows())
+        return steer.latents + self.delta
+
+
+def _latents(pipe, seed=0):
+    return torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("at", [0, 2])
+def test_before_step_equals_changing_the_latents_by_hand(sd1_pipe, at):
+    start, delta = _latents(sd1_pipe), 0.3
+    call = dict(prompt=["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=5.0, height=32,
+                width=32, output_type="latent")
+    if at == 0:
+        expected = sd1_pipe(**call, latents=start + delta).images
+    else:
+        def by_hand(pipe, i, t, kwargs):
+            return {"latents": kwargs["latents"] + delta} if i == at - 1 else {}
+        expected = sd1_pipe(**call, latents=start.clone(), callback_on_step_end=by_hand).images
+    with xattn.hooks(sd1_pipe, Shift(at, delta)):
+        steered = sd1_pipe(**call, latents=start.clone()).images
+    torch.testing.assert_close(steered, expected, rtol=0, atol=1e-5)
+
+
+def test_a_steering_pass_has_gradients_and_runs_only_its_own_hooks(sd1_pipe):
+    shift = Shift(1, 0.0, use_gradient=True)
+    counter = []
+    other = xattn.Hook("probs", lambda x, ctx: counter.append(x.shape[0]), "kind=cross")
+    with xattn.hooks(sd1_pipe, shift, other):
+        sd1_pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                 output_type="latent")
+    (grad,) = shift.grads
+    assert grad.shape == (1, 4, 16, 16) and grad.abs().sum() > 0
+    sites = len([s for s in xattn.sites(sd1_pipe) if s.kind == "cross"])
+    assert counter == [2] * (3 * sites)  # the other hook saw the 3 normal calls only (2 rows each)
+    assert shift.probs_calls == 3 * sites + sites  # and the steering controller its own pass too (1 row)

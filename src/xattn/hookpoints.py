@@ -170,6 +170,8 @@ class Controller:
       resolve words, windows and rows here, and drop the last run's state;
     - the hook methods (``probs(x, ctx)``...) at every selected attention call
       where ``active(ctx)`` holds; ``active`` is a pure predicate;
+    - ``before_step(steer)`` before each step's denoiser call, when the
+      controller defines it (guidance): it may return steered latents;
     - ``on_step_end(step, latents)`` after each denoising step, when the
       controller defines it; it may return new latents.
 
@@ -211,6 +213,14 @@ class Controller:
     def wants_step_end(self) -> bool:
         """True when this controller overrides :meth:`on_step_end`."""
         return type(self).on_step_end is not Controller.on_step_end
+
+    def before_step(self, steer) -> torch.Tensor | None:
+        """Before step ``steer.step``'s denoiser call: return steered latents, or None (see :mod:`xattn.steering`)."""
+        return None
+
+    def wants_before_step(self) -> bool:
+        """True when this controller overrides :meth:`before_step`."""
+        return type(self).before_step is not Controller.before_step
 
     def check_selector(self) -> None:
         """Refuse slicing keys (``heads=``, ``tokens=``) this controller would ignore."""

@@ -58,8 +58,11 @@ def unwatch(pipe) -> None:
         pipe.__class__ = original
 
 
-def with_step_end(call, pipe, kwargs: dict, step_end) -> dict:
-    """``kwargs`` with ``step_end(timestep, latents) -> latents | None`` chained into the step-end callback."""
+def with_step_end(call, pipe, kwargs: dict, step_end, settled=None) -> dict:
+    """``kwargs`` with ``step_end(timestep, latents) -> latents | None`` chained into the step-end callback.
+
+    ``settled(latents)``, if given, receives the latents tensor the pipeline goes on with.
+    """
     parameters = inspect.signature(call).parameters
     if "callback_on_step_end" not in parameters:
         raise LifecycleError(f"{type(pipe).__name__} has no callback_on_step_end, so controllers that act between "
@@ -81,9 +84,36 @@ def with_step_end(call, pipe, kwargs: dict, step_end) -> dict:
             callback_kwargs = {**callback_kwargs, "latents": latents}
         if user is not None:
             outputs.update(user(pipeline, index, timestep, callback_kwargs) or {})
+        if settled is not None:
+            settled(outputs.get("latents", callback_kwargs["latents"]))
         return outputs
 
     return {**kwargs, "callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": inputs}
 
 
-__all__ = ["LifecycleError", "unwatch", "watch", "with_step_end"]
+def observe(pipe, method: str, seen) -> bool:
+    """Call ``seen(arguments, result)`` after each ``pipe.<method>(...)``, until :func:`stop_observing`.
+
+    The wrapper is an instance attribute, so removing it shows the class's
+    method again; a method already wrapped (or missing) is left alone.
+    """
+    original = getattr(pipe, method, None)
+    if original is None or method in vars(pipe):
+        return False
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def observed(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen(signature.bind_partial(*args, **kwargs).arguments, result)
+        return result
+
+    setattr(pipe, method, observed)
+    return True
+
+
+def stop_observing(pipe, method: str) -> None:
+    vars(pipe).pop(method, None)
+
+
+__all__ = ["LifecycleError", "observe", "stop_observing", "unwatch", "watch", "with_step_end"]

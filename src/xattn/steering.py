@@ -1,0 +1,122 @@
+"""Steering: controllers that change the latents before a step's denoiser call.
+
+Guidance methods (Attend-and-Excite, binding and layout losses) read the
+attention maps of the current latents, take a gradient step on the latents,
+and only then let the step run. diffusers pipelines have no hook "before the
+denoiser call", so the session does it from the denoiser's own forward
+pre-hook, at the first call of each step:
+
+1. the pipeline's latents tensor (the one its scheduler will step) is known:
+   from ``prepare_latents`` for step 0, from the step-end callback after;
+2. the controller's :meth:`~xattn.Controller.before_step` gets a
+   :class:`Steer`: the latents, the timestep, and ``denoise(latents)``, which
+   runs the denoiser on the conditional rows with this call's conditioning and
+   only that controller's hooks, with gradients;
+3. what it returns is copied into the pipeline's latents, in place, and the
+   call's input rows are rebuilt from them, so the denoiser and the
+   scheduler both see the steered latents.
+
+Row ``r`` of the denoiser batch is latent ``prompt * images + image`` of its
+:class:`~xattn.Row`, scaled by the scheduler's ``scale_model_input``: this is
+checked on every steered call, and a pipeline whose input is built otherwise
+is refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .hookpoints import BatchLayout
+from .lifecycle import LifecycleError
+
+
+def latent_rows(layout: BatchLayout) -> list[int]:
+    """For each row of the denoiser batch, the index of its latent in the pipeline's latents."""
+    images = layout.images_per_prompt
+    return [row.prompt * images + row.image for row in layout.rows]
+
+
+def rows_of(value, rows: list[int], batch: int):
+    """``value`` restricted to ``rows`` where it is per-row (first dim == batch), recursively in dicts."""
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+        return value[rows]
+    if isinstance(value, dict):
+        return {key: rows_of(item, rows, batch) for key, item in value.items()}
+    return value
+
+
+@dataclass
+class Steer:
+    """What a steering controller gets before a step: latents, timestep and a way to denoise them."""
+
+    step: int
+    timestep: torch.Tensor
+    latents: torch.Tensor  # [n, C, H, W]: a detached copy of the pipeline's latents
+    layout: BatchLayout  # the rows ``denoise`` runs: the conditional rows of this call
+    denoise: Callable[[torch.Tensor], object]  # latents [n, C, H, W] -> denoiser output on the conditional rows
+
+
+def steered_sample(sample: torch.Tensor, latents: torch.Tensor, scale, layout: BatchLayout,
+                   pipeline: str) -> torch.Tensor:
+    """The denoiser input rebuilt from ``latents``; refuses an input that was not built this way."""
+    channels = latents.shape[1]
+    index = latent_rows(layout)
+    if sample.ndim != latents.ndim or sample.shape[1] < channels or max(index) >= latents.shape[0]:
+        raise LifecycleError(f"guidance cannot steer {pipeline}: its denoiser input {tuple(sample.shape)} is not "
+                             f"built from its latents {tuple(latents.shape)} row by row")
+    return torch.cat([scale(latents)[index], sample[:, channels:]], dim=1)
+
+
+def check_built_from(sample: torch.Tensor, latents: torch.Tensor, scale, layout: BatchLayout, pipeline: str) -> None:
+    rebuilt = steered_sample(sample, latents, scale, layout, pipeline)
+    if not torch.allclose(rebuilt, sample, rtol=1e-4, atol=1e-5):
+        raise LifecycleError(f"guidance cannot steer {pipeline}: its denoiser input is not its latents, "
+                             "row by row, as xattn expects")
+
+
+def steer(module, arguments, name: str, timestep, step: int, layout: BatchLayout, latents: torch.Tensor | None,
+          scheduler, controllers: list, steering_pass, pipeline: str) -> torch.Tensor | None:
+    """Let each steering controller change ``latents`` before this call; the rebuilt input, or None.
+
+    ``arguments`` is the denoiser call's ``BoundArguments`` (``name``: its
+    latent input); ``steering_pass(controller, layout)`` tells the session
+    whose hooks run (and with which rows) while that controller denoises.
+    """
+    if latents is None:
+        raise LifecycleError(f"{pipeline} did not show xattn its latents (no prepare_latents or step-end "
+                             "callback), so guidance cannot steer it")
+    scale = (lambda z: scheduler.scale_model_input(z, timestep)) if hasattr(scheduler, "scale_model_input") \
+        else (lambda z: z)
+    sample, batch = arguments.arguments[name], layout.batch_size
+    check_built_from(sample, latents, scale, layout, pipeline)
+    cond = layout.cond_rows()
+    cond_layout = BatchLayout(rows=tuple(layout.rows[r] for r in cond), prompts=layout.prompts,
+                              token_maps=layout.token_maps, negative_prompts=layout.negative_prompts)
+    others = {key: rows_of(value, cond, batch) for key, value in arguments.arguments.items() if key != name}
+    cond_sample = sample[cond]
+
+    def denoise(z: torch.Tensor):
+        inputs = steered_sample(cond_sample, z, scale, cond_layout, pipeline)
+        out = module(**{name: inputs, **others})
+        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+
+    steered, changed = latents.detach().clone(), False
+    try:
+        for controller in controllers:
+            steering_pass(controller, cond_layout)
+            with torch.enable_grad():  # pipelines sample under no_grad; guidance needs the graph
+                out = controller.before_step(Steer(step, timestep, steered, cond_layout, denoise))
+            if out is not None:
+                steered, changed = out.detach(), True
+    finally:
+        steering_pass(None, None)
+    if not changed:
+        return None
+    latents.copy_(steered)  # the pipeline's own tensor: its scheduler steps the steered latents
+    return steered_sample(sample, latents, scale, layout, pipeline)
+
+
+__all__ = ["Steer", "check_built_from", "latent_rows", "rows_of", "steer", "steered_sample"]
