@@ -127,7 +127,10 @@ def reference(attn, record: dict, *, family: str, text_first: bool, image_tokens
     else:
         images = x.shape[1] if not single else image_tokens
         texts = length - images
-        rows, columns = (slice(texts, length), slice(0, texts)) if text_first else (slice(0, images), slice(images, length))
+        if text_first:
+            rows, columns = slice(texts, length), slice(0, texts)
+        else:
+            rows, columns = slice(0, images), slice(images, length)
     if borrow is not None:
         q, k = q[borrow], k[borrow]
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [b, h, s, s]
@@ -183,7 +186,7 @@ def sd3_pipeline(folder: Path):
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip(3),
         tokenizer=tokenizer(), text_encoder_2=clip(4), tokenizer_2=tokenizer(), text_encoder_3=None, tokenizer_3=None,
     ).save_pretrained(folder)
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None, tokenizer_3=None,
-                                                    image_encoder=None, feature_extractor=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None,
+                                                    tokenizer_3=None, image_encoder=None, feature_extractor=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -82,6 +82,10 @@ def place(tmp_path, monkeypatch, sd1_path):
         "job: reweight\ngrid:\n  prompts: [a red circle]\n  seeds: [0]\n  words: [red]\n  weights: [.nan]\n")
     (tmp_path / "big-seed.yaml").write_text("grid:\n  prompts: [a red circle]\n  seeds: [18446744073709551616]\n")
     (tmp_path / "prompt.yaml").write_text("prompt: a red circle\n")
+    (tmp_path / "generate-sites.yaml").write_text(
+        "job: generate\nsites: kind=cross\ngrid:\n  prompts: [a red circle]\n  seeds: [0]\n")
+    shutil.copytree(sd1_path, tmp_path / "bad-defaults")
+    (tmp_path / "bad-defaults" / "xattn_defaults.json").write_text("{cut")
     (tmp_path / "inf-guidance.yaml").write_text("guidance: .inf\n")
     return tmp_path
 
@@ -132,6 +136,8 @@ CASES = {
     "config inf guidance": (["generate", "x", "-m", M, "-c", "inf-guidance.yaml"], "key 'guidance'"),
     "sweep nan weights": (["sweep", "nan-weights.yaml", "-m", M], "grid.weights"),
     "sweep seed 2**64": (["sweep", "big-seed.yaml", "-m", M], "grid.seeds"),
+    "sweep generate with sites": (["sweep", "generate-sites.yaml", "-m", M], "no meaning for job: generate"),
+    "model defaults malformed": (["generate", "x", "-m", "bad-defaults"], "xattn_defaults.json cannot be read"),
     "report not a run": (["report", "a-file"], "not a folder"),
 }
 

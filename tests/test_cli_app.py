@@ -86,3 +86,17 @@ def test_every_generating_command_refuses_an_existing_out(command, sd1_path, tmp
                                       "--steps", "1", "--size", "32", "--out", "taken"])
     assert result.exit_code == 2 and "pass a new folder" in result.output, result.output
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["earlier.txt"]
+
+
+def test_help_and_example_config_recommend_a_launcher_that_starts_two_processes():
+    """accelerate's --cpu launcher starts one process without MPI; --multi_gpu starts N (gloo on a CPU)."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    texts = [runner.invoke(app, ["--help"]).output, runner.invoke(app, ["sweep", "--help"]).output,
+             (Path(__file__).resolve().parents[1] / "configs" / "sweep-example.yaml").read_text()]
+    for text in texts:
+        assert "accelerate launch --cpu" not in text
+        assert "accelerate launch --multi_gpu --num_processes 2" in text

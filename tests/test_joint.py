@@ -201,6 +201,42 @@ def test_processors_and_cores_restored_after_an_exception(models, family):
     assert transformer_flux.dispatch_attention_fn.__module__ == "diffusers.models.attention_dispatch"
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_gradients_through_fused_and_explicit_points_agree(models, family):
+    model, make_inputs = models[family], FAMILIES[family][0]
+    kwargs = make_inputs(seed=9)
+    gradients = []
+    for point in ("value_scale", "probs"):
+        weights = torch.full((2, 7), 0.7, requires_grad=True)
+        if point == "value_scale":
+            scale = lambda x, ctx: x * weights  # noqa: E731
+        else:
+            scale = lambda p, ctx: p * weights[:, None, None, :]  # noqa: E731
+        with xattn.hooks(model, xattn.Hook(point, scale, "kind=joint"), layout=xattn.BatchLayout.plain(2)):
+            model(**kwargs).sample.square().sum().backward()
+        gradients.append(weights.grad)
+    assert gradients[0].abs().max() > 0 and (gradients[0] - gradients[1]).abs().max() <= 1e-4
+
+
+def test_routing_is_scoped_to_the_thread():
+    import threading
+
+    from xattn.joint import FAMILIES as JOINT_FAMILIES, routed
+
+    sd3 = next(family for family in JOINT_FAMILIES if family.name == "sd3")
+    q = torch.randn(1, 2, 5, 4)
+    expected = F.scaled_dot_product_attention(q, q, q)
+    other = {}
+    with routed(sd3, lambda *args, **kwargs: torch.zeros_like(q)):
+        assert attention_processor.F.scaled_dot_product_attention(q, q, q).abs().max() == 0  # this thread: routed
+        sdpa = attention_processor.F.scaled_dot_product_attention
+        thread = threading.Thread(target=lambda: other.update(out=sdpa(q, q, q)))
+        thread.start()
+        thread.join()
+    assert torch.equal(other["out"], expected)  # another thread: the real SDPA
+    assert attention_processor.F is F
+
+
 @pytest.fixture(scope="module")
 def sd3_pipe(tmp_path_factory):
     return sd3_pipeline(tmp_path_factory.mktemp("sd3_pipeline") / "pipe")

@@ -155,7 +155,8 @@ class JointProcessor(XattnProcessor):
         self.stock = stock
         self.family = family_of(stock)
         if self.family is None:
-            raise UnsupportedProcessorError(f"{type(stock).__name__} at {site.name} is not a joint processor xattn knows")
+            raise UnsupportedProcessorError(f"{type(stock).__name__} at {site.name} is not a joint processor "
+                                            "xattn knows")
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **unknown):

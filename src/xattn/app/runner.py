@@ -147,9 +147,12 @@ def model_defaults(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / DEFAULTS_FILE
     if not file.is_file():
         return {}
-    data = json.loads(file.read_text())
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ModelError(f"{file} cannot be read as JSON ({error})") from None
     if not isinstance(data, dict):
-        raise OptionError(f"{file} must hold a JSON object of defaults, not {type(data).__name__}")
+        raise ModelError(f"{file} must hold a JSON object of defaults, not {type(data).__name__}")
     # The file may use diffusers' argument names; the CLI's names are the canonical ones.
     defaults = {_DEFAULT_ALIASES.get(key, key): value for key, value in data.items()
                 if key not in ("height", "width")}
