@@ -44,3 +44,43 @@ def test_zeroing_a_colour_word_removes_its_colour(world_pipe, world_defaults):
     curve = reweight_curve(world_pipe, pairs, [0, 1, 2], world_defaults["guidance_scale"],
                            world_defaults["num_inference_steps"], weights=(0.0, 1.0))
     assert curve[0.0] <= ZERO_MAX
+
+
+def test_capture_word_maps_equal_the_training_probes(world_pipe):
+    """Localisation reads maps through xattn's Capture; the same maps from the training probe, by hand, agree."""
+    import torch
+    import torch.nn.functional as F
+
+    from xattn.world import heldout_scenes
+    from xattn.world.data import image_to_tensor, object_slots
+    from xattn.world.grounding import install
+    from xattn.world.measure import scene_word_maps
+
+    pipe, scene, timesteps = world_pipe, heldout_scenes(1)[0], (300, 700)
+    slots = [slot for pair in object_slots(scene) for slot in pair]
+    maps = scene_word_maps(pipe, scene, slots, timesteps, seed=5)
+    saved = pipe.unet.attn_processors
+    store = install(pipe.unet)  # explicit softmax(QK^T * scale) at every attn2, kept per call
+    try:
+        with torch.no_grad():
+            ids = pipe.tokenizer(scene.caption, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            text = pipe.text_encoder(ids)[0]
+            latent = pipe.vae.encode(image_to_tensor(scene.image[None])).latent_dist.mean
+            latent = latent * pipe.vae.config.scaling_factor
+            gen = torch.Generator().manual_seed(5)
+            total, count = torch.zeros(77, 64, 64, dtype=torch.float64), 0
+            for t in timesteps:  # one call per timestep, the noise drawn in the same order
+                noisy = pipe.scheduler.add_noise(latent, torch.randn(latent.shape, generator=gen), torch.tensor([t]))
+                store.clear()
+                pipe.unet(noisy, torch.tensor([t]), text)
+                for probs in store.probs:  # [1, heads, i, 77]
+                    side = int(round(probs.shape[2] ** 0.5))
+                    if side in (16, 8):
+                        grid = probs[0].double().mean(0).T.reshape(77, 1, side, side)
+                        total += F.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+                        count += 1
+    finally:
+        pipe.unet.set_attn_processor(saved)
+    for slot in slots:
+        reference = (total[slot] / count).numpy()
+        assert abs(maps[slot] - reference).max() <= 1e-5 * reference.max(), slot
