@@ -95,6 +95,12 @@ class TokenMap:
     """
 
     def __init__(self, tokenizer, prompt: str, max_length: int | None = None):
+        self.written = prompt
+        self.chunks = None  # a ChunkLayout when the prompt is laid out in 77-slot chunks
+        self.cut_from: int | None = None  # character where the first word that was cut starts
+        if getattr(tokenizer, "prompt_syntax", None) is not None:  # xattn.prompts.LongPromptTokenizer
+            self._lay_out_chunks(tokenizer, prompt)
+            return
         self.prompt = prompt
         self.max_length = int(max_length or tokenizer.model_max_length)
         body = self.max_length - 2  # room between the start and end tokens
@@ -109,6 +115,7 @@ class TokenMap:
             pieces.extend(word_pieces)
             if len(slots) < len(word_pieces):
                 self.cut_words.append(text)
+                self.cut_from = start if self.cut_from is None else self.cut_from
             if not slots:
                 continue
             key = normal_key(text)
@@ -123,13 +130,59 @@ class TokenMap:
         self.pieces = pieces[:body]
         self.end_slot = 1 + len(self.pieces)  # the end-of-text token
 
-    def _check_against_tokenizer(self, tokenizer, pieces: list[str]) -> None:
-        whole = tokenizer.tokenize(self.prompt)
+    def _check_against_tokenizer(self, tokenizer, pieces: list[str], text: str | None = None) -> None:
+        text = self.prompt if text is None else text
+        whole = tokenizer.tokenize(text)
         if whole != pieces:
             raise ValueError(
                 "this tokenizer does not split words the way CLIP does, so TokenMap cannot align "
-                f"{self.prompt!r}: word by word gives {pieces[:8]}..., the whole prompt {whole[:8]}..."
+                f"{text!r}: word by word gives {pieces[:8]}..., the whole prompt {whole[:8]}..."
             )
+
+    def _lay_out_chunks(self, wrapper, written: str) -> None:
+        """A written prompt as the long-prompt encoder lays it out: chunk k holds slots 77k .. 77k+76.
+
+        Fragments are tokenized one by one (A1111 reads ``a (red)dish`` as
+        ``red`` + ``dish``); words are located in the clean text, which becomes
+        :attr:`prompt`. Words beyond ``wrapper.max_chunks`` chunks are cut.
+        """
+        from .prompts import parse_prompt
+        from .prompts.chunks import CHUNK_SLOTS, place_tokens
+
+        tokenizer = wrapper.tokenizer
+        parsed = parse_prompt(written, syntax=wrapper.prompt_syntax)
+        specials = _special_tokens(tokenizer)
+        stream: list[str | None] = []  # token pieces, None for each BREAK
+        placed: list[tuple[str, int, int, int, int]] = []  # word, start, end, first token, token count
+        count = 0
+        for fragment in parsed.fragments:
+            if fragment.is_break:
+                stream.append(None)
+                continue
+            fragment_pieces: list[str] = []
+            for text, start, end in split_words(fragment.text, specials):
+                word_pieces = tokenizer.tokenize(text)
+                placed.append((text, fragment.start + start, fragment.start + end, count, len(word_pieces)))
+                fragment_pieces += word_pieces
+                count += len(word_pieces)
+            self._check_against_tokenizer(tokenizer, fragment_pieces, fragment.text)
+            stream += fragment_pieces
+        layout = place_tokens(stream, (tokenizer.tokenize(",") or [None])[0])
+        kept = min(layout.num_chunks, wrapper.max_chunks or layout.num_chunks)
+        self.prompt, self.chunks = parsed.text, layout
+        self.max_length = kept * CHUNK_SLOTS
+        self.words, self.cut_words, counts = [], [], {}
+        for text, start, end, first, length in placed:
+            slots = tuple(slot for slot in layout.slots[first : first + length] if slot < self.max_length)
+            if len(slots) < length:
+                self.cut_words.append(text)
+                self.cut_from = start if self.cut_from is None else self.cut_from
+            if slots:
+                key = normal_key(text)
+                counts[key] = counts.get(key, 0) + 1
+                self.words.append(Word(text, start, end, slots, counts[key]))
+        self.pieces = [piece for piece in stream if piece is not None]
+        self.end_slot = layout.end_slot(kept - 1)
 
     # -- lookup --------------------------------------------------------------
     @property
@@ -175,9 +228,18 @@ class TokenMap:
         finds its tokens without going through words that may repeat.
         """
         slots = [slot for word in self.words if word.start < end and start < word.end for slot in word.slots]
+        if not slots and self.cut_from is not None and end > self.cut_from:
+            raise TokenError(f"characters {start}..{end} ({self.prompt[start:end]!r}) were cut: the prompt holds "
+                             f"more than {self._room()} tokens, and everything from character {self.cut_from} "
+                             f"({self.prompt[self.cut_from:self.cut_from + 20]!r}...) on is not encoded")
         if not slots:
             raise TokenError(f"characters {start}..{end} of {self.prompt!r} hold no token")
         return slots
+
+    def _room(self) -> str:
+        if self.chunks is None:
+            return str(self.max_length - 2)
+        return f"{self.max_length // 77} chunk(s) of 75"
 
     def _find(self, target: list[str]) -> list[list[Word]]:
         """Every run of consecutive words equal to ``target`` (case-insensitive)."""
@@ -193,12 +255,13 @@ class TokenMap:
 
     def _missing_message(self, key: str, word_text: str) -> str:
         if any(normal_key(word_text) == normal_key(cut) for cut in self.cut_words):
-            return f"{key!r} was cut: the prompt is longer than {self.max_length - 2} tokens"
+            return (f"{key!r} was cut: the prompt holds more than {self._room()} tokens; the cut starts at "
+                    f"character {self.cut_from} ({self.prompt[self.cut_from:self.cut_from + 20]!r}...)")
         return f"{key!r} is not in the prompt {self.prompt!r}; its words are: {self._word_list()}"
 
     def word_at(self, slot: int) -> str:
         """The name of whatever sits at ``slot``."""
-        if slot == 0:
+        if slot % 77 == 0 if self.chunks is not None else slot == 0:
             return "<start>"
         if slot == self.end_slot:
             return "<end>"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .a1111 import PromptWarning, parse_attention, read_a1111
 from .compel import read_compel
+from .encode import LongPromptTokenizer, PromptEmbeds, encode_prompt
 from .types import Fragment, PromptSyntaxError, UnsupportedSyntaxError, WeightedPrompt, WeightedSpan
 
 SYNTAXES = {"a1111": read_a1111, "compel": read_compel}
@@ -18,11 +19,14 @@ SYNTAXES = {"a1111": read_a1111, "compel": read_compel}
 __all__ = [
     "SYNTAXES",
     "Fragment",
+    "LongPromptTokenizer",
+    "PromptEmbeds",
     "PromptSyntaxError",
     "PromptWarning",
     "UnsupportedSyntaxError",
     "WeightedPrompt",
     "WeightedSpan",
+    "encode_prompt",
     "parse_attention",
     "parse_prompt",
 ]
