@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbytes held for one image of {pairs[0]!r} (every cross site, every step, aggregated):")
     for label, count in held.items():
         print(f"  xattn Capture, {label:<14}{count:>9,d} B")
+    old = 2 * held["all 77 slots"]  # before docs/maps.md: 77 slots, and a head-sum scratch as large as each sum
+    print(f"  xattn before: 77 slots + scratch{old:>9,d} B  (now {held['prompt slots'] / old:.1%} of it)")
     if daam_bytes is not None:
         print(f"  DAAM 0.2 trace{'':<15}{daam_bytes:>9,d} B  (xattn holds {held['prompt slots'] / daam_bytes:.1%})")
 

@@ -134,6 +134,9 @@ def restore_token_map(saved: dict) -> TokenMap:
     """A TokenMap from its ``to_dict()`` form, without needing the tokenizer again."""
     token_map = TokenMap.__new__(TokenMap)
     token_map.prompt = saved["prompt"]
+    token_map.written = saved.get("written", saved["prompt"])
+    token_map.chunks = None  # a single 77-slot sequence (chunk layouts are not saved)
+    token_map.cut_from = saved.get("cut_from")
     token_map.max_length = int(saved["max_length"])
     token_map.end_slot = int(saved["end_slot"])
     token_map.words = [Word(w["text"], w["start"], w["end"], tuple(w["slots"]), w["occurrence"]) for w in saved["words"]]

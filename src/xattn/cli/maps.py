@@ -64,6 +64,9 @@ def register(app: typer.Typer) -> None:
         per_step: Annotated[bool, typer.Option(
             "--per-step", help="Keep a map per step and site (fp16, under --budget) to see how maps evolve.")] = False,
         budget: Annotated[str, typer.Option(help="Most memory the capture may hold: 256MB, 2GiB.")] = DEFAULT_BUDGET,
+        scale: Annotated[str, typer.Option(
+            help="Colours of the pictures: shared (one scale for every panel, weak words stay dim) or panel "
+                 "(each panel from its own min to its max).")] = pictures.DEFAULT_SCALE,
         images: Annotated[int, typer.Option("--images", "-i", min=1, help="Images to make; image i uses seed + i.")] = 1,
         negative_prompt: common.NegativePrompt = None,
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
@@ -78,12 +81,14 @@ def register(app: typer.Typer) -> None:
             settings, _ = common.resolve(options)  # the config's `sites:` is part of the selector
             capture = _capture(site, res, window, per_step, budget, settings.get("sites"))  # fails before loading
             selector = capture.selector
+            if scale not in pictures.SCALES:
+                raise OptionError(f"--scale must be one of {', '.join(pictures.SCALES)}, not {scale!r}")
             with common.start("maps", options, slug=prompt) as run:
-                _maps(run, prompt, token, capture, selector, images, per_step, budget)
+                _maps(run, prompt, token, capture, selector, images, per_step, budget, scale)
 
 
 def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images: int, per_step: bool,
-          budget: str) -> None:
+          budget: str, scale: str = pictures.DEFAULT_SCALE) -> None:
     """Everything after loading: check the words and map sizes, generate, write the files."""
     token_map = TokenMap(run.pipe.tokenizer, prompt)
     if not token_map.words:
@@ -101,10 +106,10 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
                      xattn={"maps": {"selector": str(selector), "per_step": per_step}})
     focus = shown[0] if shown else _most_attended(word_maps)
     shown = shown or word_maps.words(0)
-    run.save_image(pictures.word_grid(pictures_made[0], word_maps, words=shown), WORD_GRID)
-    run.save_image(pictures.resolution_breakdown(pictures_made[0], word_maps, focus), RESOLUTIONS)
+    run.save_image(pictures.word_grid(pictures_made[0], word_maps, words=shown, scale=scale), WORD_GRID)
+    run.save_image(pictures.resolution_breakdown(pictures_made[0], word_maps, focus, scale=scale), RESOLUTIONS)
     if per_step:
-        run.save_image(pictures.step_strip(pictures_made[0], word_maps, focus), STEP_STRIP)
+        run.save_image(pictures.step_strip(pictures_made[0], word_maps, focus, scale=scale), STEP_STRIP)
     write_report(word_maps, pictures_made, run.new_path(REPORT), title=prompt)
     run.new_path(MAPS_FILE)
     save_maps(word_maps, run.folder, manifest=False)
