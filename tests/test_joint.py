@@ -218,6 +218,22 @@ def test_gradients_through_fused_and_explicit_points_agree(models, family):
     assert gradients[0].abs().max() > 0 and (gradients[0] - gradients[1]).abs().max() <= 1e-4
 
 
+def test_flux_with_fused_qkv_projections_is_hooked_the_same(models):
+    # Flux keeps FluxAttnProcessor when its projections are fused: only the core is xattn's, so nothing changes.
+    import copy
+
+    plain, fused_model = models["flux"], copy.deepcopy(models["flux"])
+    fused_model.fuse_qkv_projections()
+    assert fused_model.transformer_blocks[0].attn.fused_projections
+    kwargs = flux_inputs(seed=10)
+    weights = torch.rand(2, 7, generator=torch.Generator().manual_seed(11)) + 0.5
+    scale = xattn.Hook("value_scale", lambda x, ctx: x * weights, "kind=joint")
+    expected = run(plain, scale, **kwargs)
+    assert (run(fused_model, xattn.Hook("value_scale", lambda x, ctx: x * weights, "kind=joint"), **kwargs)
+            - expected).abs().max() <= TOLERANCE
+    assert (expected - stock(plain, **kwargs)).abs().max() > 1e-3
+
+
 def test_routing_is_scoped_to_the_thread():
     import threading
 
