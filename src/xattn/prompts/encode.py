@@ -99,10 +99,10 @@ def token_chunks(tokenizer, prompt: WeightedPrompt,
         if fragment.is_break:
             stream.append(None)
             continue
-        ids = tokenizer(fragment.text, add_special_tokens=False, truncation=False).input_ids
+        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(fragment.text))  # no length warning
         stream += ids
         weights += [fragment.weight] * len(ids)
-    comma_ids = tokenizer(",", add_special_tokens=False).input_ids
+    comma_ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(","))
     layout = place_tokens(stream, comma_ids[0] if len(comma_ids) == 1 else None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = chunk_ids([token for token in stream if token is not None], layout, tokenizer.bos_token_id,
