@@ -202,15 +202,17 @@ def generate_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict
 
 
 def reweight_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict]:
-    """The job's word reweighted by its weight, mode and step window."""
-    from ..reweight import Reweight
-    from ..session import hooks
+    """The job's word reweighted by its weight, mode and step window: one cell of ``xattn reweight``'s grid."""
+    from .reweight_sweep import run_sweep as reweight_cells
 
-    controller = Reweight({job.word: job.weight}, mode=job.mode or "scale", steps=job.window,
-                          selector=settings.get("sites"))
-    with hooks(pipe, controller):
-        image = runner.generate(pipe, job.prompt, seed=job.seed, **_generate_kwargs(settings))[0]
-    return image, {"reweight": controller.to_dict()}
+    def generate(clean_prompt: str, first: int, count: int) -> list:
+        return runner.generate(pipe, clean_prompt, seed=first, num_images_per_prompt=count,
+                               **_generate_kwargs(settings))
+
+    (cell,) = reweight_cells(pipe, job.prompt, generate, word=job.word, weights=[job.weight],
+                             modes=[job.mode or "scale"], seeds=[job.seed], steps=job.window,
+                             selector=settings.get("sites"))
+    return cell.image, {"reweight": cell.reweight}
 
 
 JOB_KINDS: dict[str, JobFn] = {"generate": generate_job, "reweight": reweight_job}
