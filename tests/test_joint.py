@@ -234,6 +234,35 @@ def test_flux_with_fused_qkv_projections_is_hooked_the_same(models):
     assert (expected - stock(plain, **kwargs)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("boolean", [True, False])
+def test_text_padding_mask_on_every_path(models, boolean):
+    # A Flux double-stream attention called with a padding mask (row 0's last 2 of 7 text tokens are padding).
+    model = models["flux"]
+    attn = model.transformer_blocks[0].attn
+    generator = torch.Generator().manual_seed(12)
+    hidden, context = torch.randn(2, 15, 16, generator=generator), torch.randn(2, 7, 16, generator=generator)
+    rope = model.pos_embed(torch.cat([flux_inputs(0)["txt_ids"], flux_inputs(0)["img_ids"]]))
+    keep = torch.ones(2, 1, 1, 22, dtype=torch.bool)
+    keep[0, ..., 5:7] = False  # [b, 1, 1, s]: text comes first in Flux's sequence
+    mask = keep if boolean else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    weights = torch.rand(2, 7, generator=generator) + 0.5
+
+    def call(*controllers):
+        with torch.no_grad(), xattn.hooks(model, *controllers, layout=xattn.BatchLayout.plain(2)):
+            return attn(hidden, encoder_hidden_states=context, attention_mask=mask, image_rotary_emb=rope)
+
+    with torch.no_grad():
+        expected = attn(hidden, encoder_hidden_states=context, attention_mask=mask, image_rotary_emb=rope)
+    seen = {}
+    observe = xattn.Hook("probs", lambda p, ctx: seen.__setitem__("probs", p.clone()), "kind=joint")
+    for controllers in ((xattn.Hook("map_rows", lambda rows, ctx: rows, "kind=joint"),), (observe,)):
+        assert max_difference(call(*controllers), expected) <= TOLERANCE
+    assert seen["probs"][0, ..., 5:].abs().max() == 0 and seen["probs"][1, ..., 5:].abs().min() > 0
+    fused = call(xattn.Hook("logit_bias", lambda x, ctx: x + weights.log(), "kind=joint"))
+    explicit = call(xattn.Hook("scores", lambda x, ctx: x + weights.log()[:, None, None, :], "kind=joint"))
+    assert max_difference(fused, explicit) <= TOLERANCE and max_difference(fused, expected) > 1e-3
+
+
 def test_routing_is_scoped_to_the_thread():
     import threading
 
