@@ -94,6 +94,21 @@ def test_sweep_writes_results_images_and_contact_sheet(cli, sd1_path, tmp_path):
     assert manifest["status"] == "finished" and manifest["finished_jobs"] == 8
 
 
+def test_reweight_sweep_cells_equal_a_hand_made_reweight(cli, sd1_path, tmp_path):
+    """Independent reference: a reweight cell is runner.generate under xattn.hooks with Reweight({word: w})."""
+    import xattn
+    from xattn.reweight import Reweight
+
+    grid = {"prompts": ["a red circle"], "seeds": [3], "words": ["red"], "weights": [0.0, 3.0], "modes": ["scale"]}
+    config = write_config(tmp_path / "s.yaml", sd1_path, grid=grid)
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0
+    pipe = runner.load_pipeline(sd1_path, device="cpu")
+    for record in read_results(tmp_path / "run"):
+        with xattn.hooks(pipe, Reweight({"red": record["weight"]}, mode="scale")):
+            expected = runner.generate(pipe, "a red circle", seed=3, steps=2, guidance=5.0, size=32)[0]
+        assert np.array_equal(pixels(tmp_path / "run" / record["image"]), np.asarray(expected))
+
+
 def test_sweep_images_equal_plain_generation(cli, sd1_path, tmp_path):
     """Independent reference: a generate-kind sweep cell is runner.generate with the job's seed."""
     config = write_config(tmp_path / "s.yaml", sd1_path, job="generate", grid={"prompts": ["a red circle"], "seeds": [3, 4]})
