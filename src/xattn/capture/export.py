@@ -10,12 +10,12 @@ prompt and image, and the run's facts (model, scheduler, seed, versions).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from ..files import OverwriteError, write_bytes_atomic, write_text_atomic
 from ..hookpoints import Row
 from ..tokens import TokenMap, Word
 from ..versions import package_versions
@@ -82,12 +82,11 @@ def save_maps(maps: WordMaps, folder: str | Path, *, seed: int | list[int] | Non
     tensors_path, manifest_path = folder / MAPS_FILE, folder / MANIFEST_FILE
     for path in (tensors_path, manifest_path) if manifest else (tensors_path,):
         if path.exists():
-            raise FileExistsError(f"{path} exists; maps are never overwritten, choose a new folder")
+            raise OverwriteError(f"{path} exists; maps are never overwritten, choose a new folder")
     tensors = {_key(index): layer.stored().contiguous().cpu() for index, layer in enumerate(maps.layers)}
-    _write_atomic(tensors_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    write_bytes_atomic(tensors_path, save(tensors, metadata={"format": FORMAT}))
     if manifest:
-        text = json.dumps(maps_manifest(maps, seed=seed, extra=extra), indent=2) + "\n"
-        _write_atomic(manifest_path, lambda tmp: tmp.write_text(text))
+        write_text_atomic(manifest_path, json.dumps(maps_manifest(maps, seed=seed, extra=extra), indent=2) + "\n")
     return tensors_path
 
 
@@ -143,9 +142,3 @@ def restore_token_map(saved: dict) -> TokenMap:
     token_map.cut_words = []
     token_map.pieces = list(saved.get("pieces", []))
     return token_map
-
-
-def _write_atomic(path: Path, write) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    write(temporary)
-    os.replace(temporary, path)
