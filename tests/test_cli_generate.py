@@ -143,10 +143,11 @@ def test_bad_selector_in_config_is_named(cli, sd1_path, tmp_path):
     assert result.exit_code == 2 and "key 'sites'" in result.output and "sideways" in result.output
 
 
-def test_sites_in_a_generate_config_is_refused_not_ignored(cli, sd1_path, tmp_path):
+def test_sites_in_a_generate_config_is_said_unused_and_not_recorded(cli, sd1_path, tmp_path):
     (tmp_path / "c.yaml").write_text('sites: "kind=cross res=16"\n')
-    result = cli("generate", "x", "--model", sd1_path, "--config", "c.yaml", *FAST)
-    assert result.exit_code == 2 and "key 'sites' has no meaning" in result.output
+    result = cli("generate", "x", "--model", sd1_path, "--config", "c.yaml", "--out", "g", *FAST)
+    assert result.exit_code == 0 and "key 'sites' is for other commands" in result.output
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["settings"]["sites"] is None
 
 
 def test_existing_output_folder_is_refused_and_kept(cli, sd1_path, tmp_path):

@@ -134,17 +134,17 @@ def _like(default: Any):
     return check
 
 
-def _config_keys(options: Mapping[str, Any], refuse: Sequence[str]) -> dict[str, Any]:
+def _config_keys(options: Mapping[str, Any], unused: Sequence[str]) -> dict[str, Any]:
     """Keys a config may set for this command: the common ones and the command's own option names."""
     own = {name: _like(value) for name, value in options.items()
            if name not in COMMON_KEYS and name not in NOT_CONFIG and name != "progress"}
     own["progress"] = _like(True)
-    return {**own, **{name: None for name in refuse}}
+    return {**own, **{name: None for name in unused}}
 
 
 def merge_settings(options: Mapping[str, Any], *, config_path: str | Path | None = None,
                    model_defaults: Mapping[str, Any] | None = None, pinned: Mapping[str, Any] | None = None,
-                   refuse: Sequence[str] = ()) -> dict[str, Any]:
+                   unused: Sequence[str] = ()) -> dict[str, Any]:
     """Merge, first match wins: typed options, ``pinned``, config file, model defaults,
     the options' own defaults, :data:`DEFAULTS`.
 
@@ -156,15 +156,16 @@ def merge_settings(options: Mapping[str, Any], *, config_path: str | Path | None
         config_path: the ``--config`` file, if any.
         model_defaults: the model's ``xattn_defaults.json`` content.
         pinned: values that beat the config but not typed options (a PNG's parameters).
-        refuse: common keys that mean nothing to this command (a config holding one is an error).
+        unused: common keys that mean nothing to this command (``sites`` for ``generate``): a preset
+            may hold them for other commands, so they are dropped with a note, never recorded.
     """
     options = command_options(options)
     typed = {k: v for k, v in options.items() if k != "config" and v is not None and not _is_default(k)}
     own_defaults = {k: v for k, v in options.items() if k != "config" and k not in typed}
-    from_file = load_config(config_path, extra_keys=_config_keys(options, refuse)) if config_path else {}
-    for key in refuse:
-        if key in from_file:
-            raise ConfigError(f"{config_path}: key {key!r} has no meaning for this command; remove it")
+    from_file = load_config(config_path, extra_keys=_config_keys(options, unused)) if config_path else {}
+    for key in unused:
+        if from_file.pop(key, None) is not None:
+            typer.echo(f"note: {config_path}: key {key!r} is for other commands; this one does not use it", err=True)
     known_defaults = {k: v for k, v in (model_defaults or {}).items() if k in DEFAULTS}
     own_defaults = {k: v for k, v in own_defaults.items() if v is not None or k not in DEFAULTS}
     return {**DEFAULTS, **own_defaults, **known_defaults, **from_file, **dict(pinned or {}), **typed}
@@ -285,19 +286,19 @@ def load(settings: Mapping[str, Any], *, device: str | None = None):
 
 
 def resolve(command_options_: Mapping[str, Any], *, pinned: Mapping[str, Any] | None = None,
-            refuse: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
+            unused: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
     """The merged, checked settings of a command and its model's folder, before anything loads."""
     options = command_options(command_options_)
     config_path = options.get("config")
-    preliminary = merge_settings(options, config_path=config_path, pinned=pinned, refuse=refuse)
+    preliminary = merge_settings(options, config_path=config_path, pinned=pinned)
     model_path = runner.resolve_model(preliminary.get("model"))  # fails fast, before any folder is made
     settings = merge_settings(options, config_path=config_path, model_defaults=runner.model_defaults(model_path),
-                              pinned=pinned, refuse=refuse)
+                              pinned=pinned, unused=unused)
     return check_settings(settings), model_path
 
 
 def start(command: str, options: Mapping[str, Any], *, slug: str = "", device: str | None = None,
-          pinned: Mapping[str, Any] | None = None, refuse: Sequence[str] = ()) -> Run:
+          pinned: Mapping[str, Any] | None = None, unused: Sequence[str] = ()) -> Run:
     """Merge and check settings, choose threads, load the pipeline: a :class:`Run` that writes nothing yet.
 
     Args:
@@ -306,9 +307,9 @@ def start(command: str, options: Mapping[str, Any], *, slug: str = "", device: s
         slug: words for the folder name (the prompt, the config's name).
         device: override the device (e.g. accelerate's process device).
         pinned: values above the config and below typed options (see :func:`merge_settings`).
-        refuse: common config keys that mean nothing to this command.
+        unused: common config keys this command does not use (dropped with a note).
     """
-    settings, model_path = resolve(options, pinned=pinned, refuse=refuse)
+    settings, model_path = resolve(options, pinned=pinned, unused=unused)
     if settings.get("out") is not None:  # before the slow load, so it fails at once
         check_out_folder(settings["out"], overwrite_failed=bool(settings.get("overwrite_failed")))
     torch_device = runner.resolve_device(device or settings.get("device") or "auto")

@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         options = dict(locals())
         with common.user_errors(EditError):
             edit_options(options)  # fail on a typo before the model loads
-            run = common.start("edit", options, slug=target[0] if target else source, refuse=("sites",))
+            run = common.start("edit", options, slug=target[0] if target else source, unused=("sites",))
             settings = run.settings
             model_edit = runner.model_defaults(runner.resolve_model(settings.get("model"))).get("edit")
             arguments = edit_options(settings, model_edit)

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             text = prompt or pinned.get("prompt")
             if not text:
                 raise OptionError("no prompt given; pass a PROMPT or --from-png FILE")
-            with common.start("generate", options, slug=text, pinned=pinned, refuse=("sites",)) as run:
+            with common.start("generate", options, slug=text, pinned=pinned, unused=("sites",)) as run:
                 settings = run.settings
                 record = {"reweight": reweight.to_dict()} if reweight is not None else None
                 with _session(run.pipe, reweight):
