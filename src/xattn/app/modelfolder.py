@@ -27,7 +27,11 @@ class ModelError(XattnError, ValueError):
 
 def read_index(path: Path) -> dict[str, Any]:
     """The folder's ``model_index.json`` as a dict; a named error when it is not one."""
-    file = Path(path) / INDEX
+    return read_object(Path(path) / INDEX)
+
+
+def read_object(file: Path) -> dict[str, Any]:
+    """A JSON file of the model folder holding an object; a named error when it does not."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -96,4 +100,4 @@ def weight_bytes(path: Path) -> int:
     return total
 
 
-__all__ = ["ModelError", "read_index", "check_folder", "weight_bytes"]
+__all__ = ["ModelError", "read_index", "read_object", "check_folder", "weight_bytes"]

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import XattnError
 from ..validate import OptionError, parse_size
-from .modelfolder import ModelError, check_folder, read_index
+from .modelfolder import ModelError, check_folder, read_index, read_object
 
 DEFAULTS_FILE = "xattn_defaults.json"
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -147,12 +147,7 @@ def model_defaults(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / DEFAULTS_FILE
     if not file.is_file():
         return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ModelError(f"{file} cannot be read as JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{file} must hold a JSON object of defaults, not {type(data).__name__}")
+    data = read_object(file)
     # The file may use diffusers' argument names; the CLI's names are the canonical ones.
     defaults = {_DEFAULT_ALIASES.get(key, key): value for key, value in data.items()
                 if key not in ("height", "width")}

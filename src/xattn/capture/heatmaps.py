@@ -79,6 +79,11 @@ class WordMaps:
         return sorted({layer.res for layer in self._cross()}, reverse=True)
 
     @property
+    def word_resolutions(self) -> list[tuple[int, int]]:
+        """Resolutions that go into default word maps (the mid block's own sums left out), largest first."""
+        return sorted({layer.res for layer in self._select(None, None, None, DEFAULT_EXCLUDE)}, reverse=True)
+
+    @property
     def steps(self) -> list[int]:
         return sorted({step for layer in self._cross() for step in layer.steps})
 

@@ -85,7 +85,7 @@ def render_report(maps: WordMaps, images: list[Image.Image], *, title: str | Non
         "view": _view_size(height, width),
         "alpha": alpha,
         "colormap": _lookup_table(cmap),
-        "resolutions": [f"{h}x{w}" for h, w in maps.resolutions],
+        "resolutions": [f"{h}x{w}" for h, w in maps.word_resolutions],  # what word() combines by default
         "steps": maps.steps if maps.per_step else None,
         "items": items,
     }
