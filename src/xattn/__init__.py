@@ -10,7 +10,8 @@ The public API, in the order a newcomer meets it:
 - :class:`TokenMap` aligns the words of a prompt with token slots;
 - the controllers: :class:`Capture` (word maps), :class:`Reweight` (word
   weights), :class:`Replace`, :class:`Refine`, :class:`LocalBlend`,
-  :class:`SelfInject` (prompt-to-prompt; :func:`xattn.edit.edit` runs one);
+  :class:`SelfInject` (prompt-to-prompt; :func:`xattn.edit.edit` runs one),
+  :class:`Guide` (guidance with the losses of :mod:`xattn.guide`);
 - :mod:`xattn.world`, the shapes world and its shipped model.
 
 Every error a user can cause derives from :class:`XattnError`.
@@ -26,6 +27,7 @@ from .tokens import TokenError, TokenMap
 from .reweight import Ramp, Reweight
 from .capture import Capture, WordMaps
 from .edit import EditError, LocalBlend, Refine, Replace, SelfInject
+from .guide import Guide
 from . import world
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ __all__ = [
     "Capture",
     "Controller",
     "EditError",
+    "Guide",
     "Hook",
     "HookContext",
     "HookError",

@@ -1,0 +1,12 @@
+"""Guidance: steer sampling with losses on attention maps.
+
+- :class:`Guide`, the controller: gradient steps on the latents before the
+  steps of its window (:mod:`xattn.steering` gives it the place);
+- the losses: :class:`Excite` (Attend-and-Excite), :class:`Bind` (a modifier's
+  map onto its noun's), :class:`Layout` (a phrase's attention inside a box).
+"""
+
+from .controller import Guide
+from .losses import Bind, Excite, GuidanceError, Layout, Loss, loss_from_dict
+
+__all__ = ["Bind", "Excite", "Guide", "GuidanceError", "Layout", "Loss", "loss_from_dict"]

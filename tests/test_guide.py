@@ -1,0 +1,111 @@
+"""Guidance: losses against independent arithmetic, gradient steps that lower them, and boxes on the shapes world."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import xattn
+from xattn.guide import Bind, Excite, Guide, GuidanceError, Layout, loss_from_dict
+
+
+def _blob(h, w, y, x, value=1.0):
+    m = torch.full((8, 8), 1e-3, dtype=torch.float64)
+    m[y:y + h, x:x + w] = value
+    return m
+
+
+def test_excite_is_one_minus_the_weakest_smoothed_peak():
+    strong, weak = _blob(3, 3, 0, 0, 0.9), _blob(3, 3, 4, 4, 0.3)
+    loss = Excite(["a", "b"])({"a": strong, "b": weak})
+    # a 3x3 plateau keeps its value under a normalised 3x3 smoothing at its centre
+    assert math.isclose(float(loss), 1 - 0.3, abs_tol=1e-9)
+    assert float(Excite(["a"])({"a": strong})) == pytest.approx(0.1)
+
+
+def test_layout_counts_the_mass_outside_the_box():
+    m = torch.zeros(8, 8, dtype=torch.float64)
+    m[:, :2] = 1.0   # 16 cells on the left
+    m[:, 6:] = 3.0   # 16 cells on the right, three times as heavy
+    left_half = (0.0, 0.0, 0.5, 1.0)
+    assert float(Layout({"x": left_half})({"x": m})) == pytest.approx(1 - 16 / 64)
+    assert float(Layout({"x": (0.5, 0.0, 1.0, 1.0)})({"x": m})) == pytest.approx(1 - 48 / 64)
+
+
+def test_bind_is_symmetric_kl_to_the_own_noun_minus_the_others():
+    red, circle, square = _blob(2, 2, 0, 0), _blob(2, 2, 0, 1), _blob(2, 2, 5, 5)
+
+    def kl(p, q):
+        p, q = p / p.sum(), q / q.sum()
+        return float((p * (p / q).log()).sum())
+
+    expected = 0.5 * (kl(red, circle) + kl(circle, red)) - 0.5 * (kl(red, square) + kl(square, red))
+    got = Bind({"red": "circle", "blue": "square"})({"red": red, "circle": circle, "square": square,
+                                                     "blue": square})
+    blue_term = 0.0 - 0.5 * (kl(square, circle) + kl(circle, square))  # blue sits on its square exactly
+    assert float(got) == pytest.approx((expected + blue_term) / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: Excite([]), lambda: Bind({}), lambda: Layout({"x": (0.5, 0, 0.2, 1)}),
+    lambda: Layout({"x": (0, 0, 2, 1)}), lambda: Excite("a", weight=float("nan")),
+    lambda: Guide(), lambda: Guide(Excite("a"), step_size=float("inf")), lambda: Guide(Excite("a"), steps=3),
+    lambda: loss_from_dict({"loss": "nope"}),
+])
+def test_bad_guidance_is_refused_by_name(bad):
+    with pytest.raises(GuidanceError):
+        bad()
+
+
+def test_records_round_trip():
+    guide = Guide(Excite(["red", "circle"]), Bind({"red": "circle"}, weight=2.0),
+                  Layout({"red circle": (0, 0, 0.5, 1)}), steps="0:0.4", step_size=7.5, refine={0: 0.2})
+    again = Guide.from_dict(guide.to_dict())
+    assert again.to_dict() == guide.to_dict()
+
+
+def test_refinement_lowers_the_loss_at_each_repeat(sd1_pipe):
+    guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=0.5, refine={0: -1.0}, max_refine=3,
+                  res=None)
+    with xattn.hooks(sd1_pipe, guide):
+        sd1_pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                 output_type="latent", generator=torch.Generator().manual_seed(0))
+    at_zero = [loss for step, loss in guide.losses_seen if step == 0]
+    assert len(at_zero) == 4
+    assert all(later < earlier for earlier, later in zip(at_zero, at_zero[1:]))
+
+
+def test_guidance_outside_its_window_leaves_sampling_unchanged(sd1_pipe):
+    call = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                output_type="latent")
+    stock = sd1_pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with xattn.hooks(sd1_pipe, Guide(Excite("red"), steps="3:4")):  # a 3-step run has no step 3
+        guided = sd1_pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(guided, stock, rtol=0, atol=1e-5)
+
+
+def test_unknown_words_are_refused_before_sampling(sd1_pipe):
+    with xattn.hooks(sd1_pipe, Guide(Excite("hat"))):
+        with pytest.raises(xattn.TokenError, match="hat"):
+            sd1_pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="latent")
+
+
+@pytest.mark.slow
+def test_a_box_moves_the_object_into_it_on_the_shapes_world(world_pipe):
+    from xattn.world import measure
+
+    def share_left(guided: bool) -> float:
+        inside = 0
+        for seed in range(8):
+            controllers = [Guide(Layout({"red circle": (0.0, 0.0, 0.5, 1.0)}), step_size=20.0)] if guided else []
+            with xattn.hooks(world_pipe, *controllers) if guided else torch.no_grad():
+                image = world_pipe("a red circle", num_inference_steps=25, guidance_scale=4.0,
+                                   generator=torch.Generator().manual_seed(seed)).images[0]
+            mask = measure.object_mask(measure.as_rgb(image), "red")
+            inside += bool(mask.sum() >= measure.MIN_BLOB and measure.centroid(mask)[1] < mask.shape[1] / 2)
+        return inside / 8
+
+    plain, guided = share_left(False), share_left(True)
+    assert guided >= 0.75 and guided >= plain + 0.25, (plain, guided)
