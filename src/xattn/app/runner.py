@@ -322,6 +322,8 @@ def generate(pipe, prompts: str | Sequence[str], *, seed: int, steps: int, guida
     if dims is not None:
         kwargs["width"], kwargs["height"] = dims
     # "np" then the pipeline's own numpy_to_pil: the same pixels as output_type="pil", but NaN is still visible.
+    if "prompt_embeds" in kwargs:  # prompts encoded by xattn.prompts (weights, BREAK, past 75 tokens)
+        prompt_list = None
     arrays = pipe(
         prompt=prompt_list, num_inference_steps=int(steps), guidance_scale=float(guidance),
         num_images_per_prompt=num_images_per_prompt, generator=generators, output_type="np", **kwargs,

@@ -215,6 +215,12 @@ class Run:
             count = 1 if isinstance(prompts, str) else len(prompts)
             overrides["negative_prompt"] = [self.settings["negative_prompt"]] * count
         with self.timings.phase("generate"):
+            if "prompt_embeds" not in overrides:  # A1111 syntax and long prompts, positive and negative
+                from ..prompts.pipeline import prompt_kwargs
+
+                listed = [prompts] if isinstance(prompts, str) else list(prompts)
+                overrides.update(prompt_kwargs(self.pipe, listed, overrides.pop("negative_prompt", None)))
+                overrides.pop("prompt", None)
             return runner.generate(self.pipe, prompts, **s, **overrides)
 
     def new_path(self, name: str) -> Path:

@@ -90,14 +90,18 @@ def register(app: typer.Typer) -> None:
 def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images: int, per_step: bool,
           budget: str, scale: str = pictures.DEFAULT_SCALE) -> None:
     """Everything after loading: check the words and map sizes, generate, write the files."""
-    token_map = TokenMap(run.pipe.tokenizer, prompt)
+    from ..prompts.pipeline import hook_names
+
+    negative = run.settings.get("negative_prompt")
+    names = hook_names(run.pipe, [prompt], [negative] * images if negative else None)  # weighted / long prompts
+    token_map = TokenMap(names.get("tokenizer", run.pipe.tokenizer), prompt)
     if not token_map.words:
         raise OptionError(f"the prompt {prompt!r} has no words to map; pass a prompt with words")
     shown = list(token) if token else None
     for word in shown or []:
         token_map.indices(word)  # an unknown word fails before generating
     _check_selection(run, selector)
-    with _hooks(run.pipe, capture):
+    with _hooks(run.pipe, capture, names):
         pictures_made = run.generate(prompt, num_images_per_prompt=images)
     word_maps = capture.maps()
     first_seed = int(run.settings["seed"])
@@ -162,7 +166,7 @@ def _most_attended(word_maps) -> str:
     return max(word_maps.words(0), key=lambda word: totals.get(word, 0.0))
 
 
-def _hooks(pipe, capture):
+def _hooks(pipe, capture, names=None):
     from .. import hooks
 
-    return hooks(pipe, capture)
+    return hooks(pipe, capture, **(names or {}))

@@ -1,0 +1,84 @@
+"""Prompts as written, handed to a pipeline: plain strings where it reads them as meant, else embeddings.
+
+A pipeline sends ``a (red:1.5) circle`` to CLIP character by character and
+cuts a prompt after 75 tokens. :func:`prompt_kwargs` passes a prompt through
+unchanged when the pipeline would read it as its dialect means it (no syntax,
+at most 75 tokens), so plain prompts make the same images as before, and
+otherwise encodes every prompt of the call with :func:`encode_prompt`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .chunks import CHUNK_TOKENS
+from .encode import LongPromptTokenizer, encode_prompt, token_chunks
+
+
+def reads_plainly(tokenizer, text: str, syntax: str = "a1111") -> bool:
+    """True when a plain pipeline reads ``text`` as the dialect means it: no syntax, at most 75 tokens."""
+    from . import parse_prompt
+
+    parsed = parse_prompt(text, syntax=syntax)
+    plain = parsed.text == text and not parsed.breaks and all(f.weight == 1.0 for f in parsed.fragments)
+    return plain and len(tokenizer.tokenize(text)) <= CHUNK_TOKENS
+
+
+def prompt_kwargs(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
+                  syntax: str = "a1111") -> dict:
+    """``prompt=``/``negative_prompt=`` when every prompt reads plainly, else embeddings for what does not.
+
+    When only negative prompts need the encoder and fit one chunk, the
+    positive prompts stay strings (so a session still names the rows by
+    them); otherwise every prompt is encoded, padded with empty-prompt chunks
+    to the longest.
+    """
+    positives = list(prompts)
+    negatives = list(negative_prompts) if negative_prompts is not None else None
+    keep_positive, keep_negative = _plain(pipe, positives, negatives, syntax)
+    kwargs: dict = {"prompt": positives} if keep_positive else {}
+    if keep_positive and keep_negative:
+        return {**kwargs, **({"negative_prompt": negatives} if negatives is not None else {})}
+    encoded = [encode_prompt(pipe, text, negative, syntax=syntax)
+               for text, negative in zip(positives, negatives or [""] * len(positives))]
+    blank = encode_prompt(pipe, "", syntax=syntax, emphasis=False).prompt_embeds
+    if not keep_positive:
+        kwargs["prompt_embeds"] = _stack([e.prompt_embeds for e in encoded], blank)
+    kwargs["negative_prompt_embeds"] = _stack([e.negative_prompt_embeds for e in encoded], blank)
+    if encoded[0].pooled_prompt_embeds is not None:
+        if not keep_positive:
+            kwargs["pooled_prompt_embeds"] = torch.cat([e.pooled_prompt_embeds for e in encoded])
+        kwargs["negative_pooled_prompt_embeds"] = torch.cat([e.negative_pooled_prompt_embeds for e in encoded])
+    return kwargs
+
+
+def hook_names(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
+               syntax: str = "a1111") -> dict:
+    """``xattn.hooks`` arguments that name the rows of a :func:`prompt_kwargs` call made of embeddings."""
+    negatives = list(negative_prompts) if negative_prompts is not None else None
+    if _plain(pipe, list(prompts), negatives, syntax)[0]:
+        return {}
+    return {"prompts": list(prompts), "tokenizer": LongPromptTokenizer(pipe.tokenizer, syntax)}
+
+
+def _plain(pipe, prompts: list[str], negatives: list[str] | None, syntax: str) -> tuple[bool, bool]:
+    """(positive prompts stay strings, negative prompts stay strings)."""
+    from . import parse_prompt
+
+    plain_negative = all(reads_plainly(pipe.tokenizer, text, syntax) for text in negatives or [])
+    plain_positive = all(reads_plainly(pipe.tokenizer, text, syntax) for text in prompts)
+    if plain_positive and not plain_negative:
+        one_chunk = [len(token_chunks(pipe.tokenizer, parse_prompt(text, syntax=syntax))[0]) == 1
+                     for text in negatives or []]
+        plain_positive = all(one_chunk)
+    return plain_positive, plain_negative and plain_positive
+
+
+def _stack(rows: list[torch.Tensor], blank: torch.Tensor) -> torch.Tensor:
+    """``[n, 77k, d]`` from ``n`` rows of ``[1, 77k_i, d]``, padding each with empty-prompt chunks."""
+    longest = max(row.shape[1] for row in rows)
+    padded = [torch.cat([row, blank.repeat(1, (longest - row.shape[1]) // blank.shape[1], 1)], dim=1)
+              for row in rows]
+    return torch.cat(padded)

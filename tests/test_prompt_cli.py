@@ -1,0 +1,71 @@
+"""Weighted prompts everywhere in the CLI: generate and maps weight the word, positive and negative.
+
+Reference: ``xattn reweight --mode embedding`` (A1111's emphasis at the
+attention level, tested elsewhere to equal it) on the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from xattn.app.pngmeta import read_parameters
+from xattn.cli import app
+
+FAST = ["--steps", "2", "--seed", "3", "--no-progress"]
+PROMPT = "a (red:1.5) circle and a blue square"
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_generate_weights_the_word_as_a1111_emphasis_and_keeps_the_prompt_as_written(cli, tmp_path):
+    cli("generate", PROMPT, *FAST, "--out", tmp_path / "weighted")
+    cli("generate", "a red circle and a blue square", *FAST, "--out", tmp_path / "plain")
+    cli("reweight", PROMPT, "--mode", "embedding", *FAST, "--out", tmp_path / "emphasis")
+    weighted = pixels(tmp_path / "weighted" / "image-0.png")
+    assert np.abs(weighted - pixels(tmp_path / "plain" / "image-0.png")).max() > 0  # the weight did something
+    reference = pixels(tmp_path / "emphasis" / "embedding_prompt_seed3.png")
+    assert np.abs(weighted - reference).max() <= 2  # the same emphasis, applied once instead of at every site
+    assert read_parameters(tmp_path / "weighted" / "image-0.png")["prompt"] == PROMPT
+    cli("generate", "--from-png", tmp_path / "weighted" / "image-0.png", "--no-progress", "--out", tmp_path / "again")
+    assert np.array_equal(pixels(tmp_path / "again" / "image-0.png"), weighted)
+
+
+def test_a_weighted_negative_prompt_is_weighted_too(cli, tmp_path):
+    cli("generate", "a red circle", "-n", "(blue square:1.6)", *FAST, "--out", tmp_path / "weighted")
+    cli("generate", "a red circle", "-n", "blue square", *FAST, "--out", tmp_path / "plain")
+    cli("generate", "a red circle", "-n", "(blue square)", *FAST, "--out", tmp_path / "small")
+    weighted = pixels(tmp_path / "weighted" / "image-0.png")
+    assert np.abs(weighted - pixels(tmp_path / "plain" / "image-0.png")).max() > 0
+    assert np.abs(weighted - pixels(tmp_path / "small" / "image-0.png")).max() > 0
+    assert read_parameters(tmp_path / "weighted" / "image-0.png")["negative_prompt"] == "(blue square:1.6)"
+
+
+def test_maps_of_a_weighted_prompt_names_the_clean_words(cli, tmp_path):
+    cli("maps", PROMPT, "-t", "red", *FAST, "--out", tmp_path / "maps")
+    cli("generate", PROMPT, *FAST, "--out", tmp_path / "weighted")
+    manifest = json.loads((tmp_path / "maps" / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert read_parameters(tmp_path / "maps" / "image-0.png")["prompt"] == PROMPT
+    made = pixels(tmp_path / "maps" / "image-0.png")
+    assert np.abs(made - pixels(tmp_path / "weighted" / "image-0.png")).max() <= 2  # weighted as generate weights
