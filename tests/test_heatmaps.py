@@ -220,3 +220,10 @@ def test_site_choice_needs_per_site_sums(sd1_pipe):
     assert torch.allclose(aggregated.maps().word("cat", sites="*"), aggregated.maps().word("cat", exclude=None))
     # By default the mid block's own sum is left out: the same as choosing the other blocks' sites.
     assert torch.allclose(aggregated.maps().word("cat"), aggregated.maps().word("cat", sites="[du]*_blocks.*"))
+    # ... unless nothing else is asked for: the mid block's own size.
+    mid_res = next(layer.res for layer in maps.layers if layer.sites[0].startswith("mid_block"))
+    assert torch.allclose(aggregated.maps().word("cat", res=mid_res), maps.word("cat", sites="mid_block.*"), atol=1e-5)
+    with pytest.raises(LookupError, match="no captured"):
+        aggregated.maps().word("cat", res=mid_res, exclude="mid_*")  # an explicit glob is strict
+    with pytest.raises(ValueError, match="splits the summed map"):
+        aggregated.maps().word("cat", exclude="up_blocks.*")  # up and down blocks share their sums

@@ -127,8 +127,8 @@ class WordMaps:
             normalize: min-max scale to [0, 1] (False: mean attention probability per pixel).
             size: output (H, W); default the generated image's size.
             cond: the conditional row (False: the unconditional one, if captured).
-            exclude: leave out sites matching this glob; default the mid block, when other
-                sites were captured and ``sites`` is not given (None keeps every site).
+            exclude: leave out sites matching this glob; default the mid block, unless ``sites``
+                is given or nothing else matches (``res=`` of its size alone); None keeps every site.
             upsample: ``"bicubic"`` (clamped at 0), ``"bilinear"`` or ``"nearest"``: how each
                 resolution's map is brought to ``size``.
         """
@@ -290,9 +290,22 @@ class WordMaps:
 
     def _select(self, steps: StepsArg, res: ResArg, sites: str | None = None,
                 exclude: str | None = None) -> list[MapLayer]:
-        layers = self._cross()
-        if exclude is not None and not (sites is not None and exclude == DEFAULT_EXCLUDE):  # sites= overrides the default
-            layers = self._without(layers, exclude)
+        """The cross layers a word map adds up; the default exclusion gives way to ``sites=`` and where it
+        would leave nothing (``res=`` of the mid block's size alone, a capture of the mid block alone)."""
+        default = exclude == DEFAULT_EXCLUDE
+        if exclude is not None and not (default and sites is not None):
+            chosen = self._matching(self._without(self._cross(), exclude), steps, res, sites)
+            if chosen or not default:
+                return self._found(chosen, steps, res, sites)
+        return self._found(self._matching(self._cross(), steps, res, sites), steps, res, sites)
+
+    def _found(self, chosen: list[MapLayer], steps: StepsArg, res: ResArg, sites: str | None) -> list[MapLayer]:
+        if not chosen:
+            raise LookupError(f"no captured cross-attention matches steps={steps!r}, res={res!r}, sites={sites!r}; "
+                              f"captured resolutions {self.resolutions}, steps {self.steps}")
+        return chosen
+
+    def _matching(self, layers: list[MapLayer], steps: StepsArg, res: ResArg, sites: str | None) -> list[MapLayer]:
         spec = _res_selector(res)
         wanted = None if steps is None else self._step_set(steps)
         chosen = []
@@ -316,17 +329,14 @@ class WordMaps:
                         "capture with per_step=True to choose steps"
                     )
             chosen.append(layer)
-        if not chosen:
-            raise LookupError(f"no captured cross-attention matches steps={steps!r}, res={res!r}, sites={sites!r}; "
-                              f"captured resolutions {self.resolutions}, steps {self.steps}")
         return chosen
 
     def _without(self, layers: list[MapLayer], exclude: str) -> list[MapLayer]:
         """The layers without the sites matching ``exclude``.
 
-        The default (the mid block) gives way where it would leave nothing, and
-        keeps whole a sum that mixes mid-block and other sites (maps saved
-        before the mid block was summed apart); an explicit glob is strict.
+        The default (the mid block) keeps whole a sum that mixes mid-block and
+        other sites (maps saved before the mid block was summed apart); an
+        explicit glob is strict.
         """
         kept = []
         for layer in layers:
@@ -337,8 +347,6 @@ class WordMaps:
                 raise ValueError(f"exclude={exclude!r} splits the summed map {layer.describe()}; capture with "
                                  "per_step=True or keep_heads=True to keep each site apart")
             kept.append(layer)
-        if not kept and exclude == DEFAULT_EXCLUDE:
-            return layers
         return kept
 
     def _step_set(self, steps: StepsArg) -> set[int]:
