@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import xattn
+import xattn.prompts
 from xattn.prompts import LongPromptTokenizer, encode_prompt, parse_prompt
 from xattn.prompts.chunks import place_tokens
 from xattn.prompts.encode import token_chunks
@@ -145,3 +146,10 @@ def test_reweight_acts_on_a_word_in_the_second_chunk_under_guidance(sd1_pipe):
     assert weights.shape[1] == 154 and min(giraffe) >= 77
     assert all(weights[cond, slot].item() == 1.5 for slot in giraffe)
     assert int((weights[cond] != 1).sum()) == len(giraffe)
+
+
+def test_compel_weights_in_embeddings_are_refused_not_approximated(sd1_pipe):
+    with pytest.raises(xattn.prompts.UnsupportedSyntaxError, match="compel's embedding formula"):
+        encode_prompt(sd1_pipe, "a red++ circle", syntax="compel")
+    plain = encode_prompt(sd1_pipe, "a red++ circle", syntax="compel", emphasis=False)
+    assert torch.equal(plain.prompt_embeds, _diffusers_embeds(sd1_pipe, "a red circle"))

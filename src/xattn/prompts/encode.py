@@ -14,7 +14,7 @@ import torch
 
 from ..tokens import TokenMap
 from .chunks import CHUNK_SLOTS, chunk_ids, place_tokens
-from .types import WeightedPrompt
+from .types import UnsupportedSyntaxError, WeightedPrompt
 
 
 class LongPromptTokenizer:
@@ -63,7 +63,8 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "", syntax: str = "a
         prompt, negative_prompt: prompts as written, in ``syntax`` (``"a1111"`` or ``"compel"``).
         emphasis: apply the prompt's weights to the embeddings, A1111's way (scale each token's
             embedding, then restore each chunk's mean). With ``False`` the weights are left to a
-            :class:`xattn.Reweight` at the attention level.
+            :class:`xattn.Reweight` at the attention level. compel's own formula (lerp towards the
+            prompt without the word) is not implemented: weighted compel prompts need ``False``.
         max_chunks: keep at most this many chunks (``1`` is the 77-token truncation of a plain pipeline).
 
     The shorter of prompt and negative prompt is padded with chunks of the empty prompt, as A1111 does.
@@ -74,6 +75,9 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "", syntax: str = "a
     encoders = _encoders(pipe)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     texts = (parse_prompt(prompt, syntax=syntax), parse_prompt(negative_prompt, syntax=syntax), parse_prompt(""))
+    if syntax == "compel" and emphasis and any(f.weight != 1.0 for text in texts for f in text.fragments):
+        raise UnsupportedSyntaxError("compel's embedding formula is not implemented yet; pass emphasis=False and "
+                                     "weight the words with Reweight.from_prompt(text, syntax='compel')", prompt, 0)
     encoded = [[_encode(encoder, tok, text, emphasis, max_chunks, sdxl) for tok, encoder in encoders] for text in texts]
     cond, uncond, blank = (torch.cat([hidden for hidden, _ in parts], dim=-1) for parts in encoded)
     cond, uncond = _pad_to_same_length(cond, uncond, blank)
