@@ -67,3 +67,19 @@ def test_a_documented_command_draws_what_it_says(command, monkeypatch, tmp_path)
         with Image.open(folder / "source.png") as first, Image.open(folder / "target.png") as second:
             case = colour_swap(0, first, second, None, before, after)
         assert case.kept, f"{command}: the {before} object lost its mask (IoU {case.iou:.2f}) or kept its colour"
+
+
+def test_the_model_cards_python_example_runs_verbatim(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from xattn.world import model_path
+
+    blocks = re.findall(r"```python\n(.*?)```", (model_path() / "README.md").read_text(), flags=re.S)
+    assert blocks
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for block in blocks:
+        result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path,
+                                env=environment, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
