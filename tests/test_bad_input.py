@@ -101,6 +101,7 @@ CASES = {
     "guidance 1e300": (["generate", "x", "-m", M, "--guidance", "1e300"], "float32"),
     "guidance 1e39": (["generate", "x", "-m", M, "--guidance", "1e39"], "float32"),
     "seed 2**64": (["generate", "x", "-m", M, "--seed", str(2**64)], "seed must be between 0 and"),
+    "last seed past 2**64": (["generate", "x", "-m", M, "--seed", str(2**64 - 1), "--images", "2"], "last image's seed"),
     "seed negative": (["generate", "x", "-m", M, "--seed", "-1"], "seed must be between 0 and"),
     "steps zero": (["generate", "x", "-m", M, "--steps", "0"], "steps must be between 1"),
     "threads zero": (["generate", "x", "-m", M, "--threads", "0"], "threads must be between 1"),

@@ -178,6 +178,8 @@ def check_settings(settings: Mapping[str, Any], *, source: str = "") -> dict[str
         for key, check in _SETTING_CHECKS.items():
             if cleaned.get(key) is not None:
                 cleaned[key] = check(cleaned[key], key)
+        if cleaned.get("seed") is not None and cleaned.get("images") is not None:
+            seed(cleaned["seed"] + cleaned["images"] - 1, "the last image's seed (seed + images - 1)")
         for key in ("prompt", "negative_prompt", "source"):
             if cleaned.get(key) is not None:
                 prompt_text(cleaned[key], key)

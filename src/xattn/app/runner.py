@@ -24,6 +24,7 @@ import torch
 
 from ..errors import XattnError
 from ..validate import OptionError, parse_size
+from ..validate import seed as validate_seed
 from .modelfolder import ModelError, check_folder, read_index, read_object
 
 DEFAULTS_FILE = "xattn_defaults.json"
@@ -287,8 +288,8 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto
 # -- generating -----------------------------------------------------------------------
 
 def image_seeds(seed: int, count: int) -> list[int]:
-    """Seeds of ``count`` images of one call: ``seed, seed + 1, ...`` (A1111's convention)."""
-    return [seed + index for index in range(count)]
+    """Seeds of ``count`` images of one call: ``seed, seed + 1, ...`` (A1111's convention), each in range."""
+    return [validate_seed(seed + index, "seed of an image (seed + index)") for index in range(count)]
 
 
 def generate(pipe, prompts: str | Sequence[str], *, seed: int, steps: int, guidance: float,
