@@ -162,6 +162,28 @@ def test_token_selection_keeps_only_those_slots(sd1_pipe):
         some_maps.word("red")
 
 
+@pytest.mark.parametrize("per_step", [False, True], ids=["aggregated", "per-step"])
+def test_prompt_slots_give_the_maps_of_every_slot(sd1_pipe, per_step):
+    prompts = ["a red cat", "a blue xylophonist on grass"]  # different lengths: the longer one sets the slots
+    dtype = torch.float32
+    kept, every = Capture(per_step=per_step, storage_dtype=dtype), Capture(per_step=per_step, slots="all",
+                                                                         storage_dtype=dtype)
+    with xattn.hooks(sd1_pipe, kept, every):
+        sd1_pipe(prompts, num_inference_steps=2, guidance_scale=5.0, height=SIZE, width=SIZE,
+                 generator=torch.Generator().manual_seed(0))
+    kept_maps, every_maps = kept.maps(), every.maps()
+    longest = max(len(tiny_models.tokenizer().tokenize(p)) + 2 for p in prompts)
+    assert kept_maps.columns == list(range(longest)) and kept_maps.others and every_maps.columns is None
+    for prompt in range(2):
+        for word in kept_maps.words(prompt) + ["<start>", "<end>", "<pad>"]:
+            assert torch.allclose(kept_maps.word(word, prompt, normalize=False),
+                                  every_maps.word(word, prompt, normalize=False), atol=1e-6), (prompt, word)
+        shares = kept_maps.token_totals(prompt)
+        assert shares == pytest.approx(every_maps.token_totals(prompt), abs=1e-6)
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
+    assert kept.bytes_held() * 77 == every.bytes_held() * (longest + 1)  # the same sums, fewer columns
+
+
 def test_self_attention_is_opt_in_and_limited_by_size(sd1_pipe):
     with pytest.raises(ValueError, match="self_attention=True"):
         Capture("kind=self")
