@@ -4,7 +4,8 @@ Scenes are flat-coloured shapes on white with template captions; every object
 word ("red", "circle") has an exact pixel mask.  The shipped model in
 ``model/`` loads with ``StableDiffusionPipeline.from_pretrained(model_path())``.
 Its cross-attention was *supervised* during training (see grounding.py), so its
-maps are a test bed for tooling, not evidence about Stable Diffusion.
+maps are a test bed for tooling, not evidence about Stable Diffusion. Every
+figure about it is read from pixels and maps in :mod:`xattn.world.measure`.
 """
 from __future__ import annotations
 
