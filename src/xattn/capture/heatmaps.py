@@ -267,8 +267,10 @@ class WordMaps:
         if self.others and missing and missing == padding:  # every padding slot: the padding column holds their sum
             return [self._column_of[slot] for slot in slots if slot in self._column_of] + [len(self.columns)]
         if missing:
+            fix = ("they are summed in its padding column: capture with Capture(slots='all') to keep them apart"
+                   if self.others else "widen the selector's tokens=")
             raise TokenError(f"{word!r} (slots {missing}) was not captured; the capture kept slots {self.columns} "
-                             "(widen the selector's tokens=)")
+                             f"({fix})")
         return [self._column_of[slot] for slot in slots]
 
     def _text_length(self, prompt: int) -> int:
