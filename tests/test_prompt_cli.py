@@ -69,3 +69,18 @@ def test_maps_of_a_weighted_prompt_names_the_clean_words(cli, tmp_path):
     assert read_parameters(tmp_path / "maps" / "image-0.png")["prompt"] == PROMPT
     made = pixels(tmp_path / "maps" / "image-0.png")
     assert np.abs(made - pixels(tmp_path / "weighted" / "image-0.png")).max() <= 2  # weighted as generate weights
+
+
+def test_a_sweep_weights_its_prompts_like_generate(cli, tmp_path):
+    import xattn
+
+    config = tmp_path / "s.yaml"
+    config.write_text("\n".join([
+        "job: generate", f"model: {xattn.world.model_path()}", "steps: 2", "size: 64", "guidance: 4.0",
+        "negative_prompt: \"(yellow:1.3)\"", "grid:", f"  prompts: {json.dumps([PROMPT])}", "  seeds: [3]"]) + "\n")
+    cli("sweep", config, "--out", tmp_path / "sweep", "--no-progress")
+    cli("generate", PROMPT, "-n", "(yellow:1.3)", *FAST, "--size", "64", "--guidance", "4",
+        "--out", tmp_path / "generate")
+    (record,) = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert np.array_equal(pixels(tmp_path / "sweep" / record["image"]),
+                          pixels(tmp_path / "generate" / "image-0.png"))
