@@ -67,25 +67,50 @@ def refusal(name: str, processor) -> str:
     return f"site {name} has the attention processor {cls}, which xattn does not reproduce exactly; {advice}"
 
 
+Hosts = dict[str, nn.Module]  # name prefix -> model owning processors (see xattn.sites.attention_hosts)
+
+
+def hosts_of(target) -> Hosts:
+    """A pipeline's or model's attention hosts; a hosts dict is returned as it is."""
+    from .sites import attention_hosts
+
+    return target if isinstance(target, dict) else attention_hosts(target)
+
+
+def processors_of(target) -> dict[str, object]:
+    """``"<site name>.processor"`` -> processor, over every host."""
+    return {prefix + key: processor for prefix, host in hosts_of(target).items()
+            for key, processor in host.attn_processors.items()}
+
+
+def _set_processors(hosts: Hosts, changes: dict[str, object]) -> None:
+    """Set the processors in ``changes`` (full keys), each host in one ``set_attn_processor`` call."""
+    by_host: dict[str, dict[str, object]] = {}
+    for key, processor in changes.items():
+        owner = max((prefix for prefix in hosts if key.startswith(prefix)), key=len)
+        by_host.setdefault(owner, {})[key[len(owner):]] = processor
+    for prefix, mine in by_host.items():
+        current = hosts[prefix].attn_processors
+        current.update(mine)
+        hosts[prefix].set_attn_processor(current)
+
+
 def hookable(model) -> dict[str, str | None]:
     """Site name -> None where xattn can hook it, else the processor class it refuses there."""
-    from .sites import denoiser_of
-
-    processors = denoiser_of(model).attn_processors
     return {key[: -len(PROCESSOR_SUFFIX)]: None if is_reproduced(processor) else type(processor).__name__
-            for key, processor in processors.items()}
+            for key, processor in processors_of(model).items()}
 
 
-def check_processors(denoiser: nn.Module, names: Iterable[str]) -> None:
+def check_processors(target, names: Iterable[str]) -> None:
     """Raise :class:`UnsupportedProcessorError` for the first of ``names`` xattn cannot hook."""
-    current = denoiser.attn_processors
+    current = processors_of(target)
     refused = [name for name in names if not is_reproduced(current[name + PROCESSOR_SUFFIX])]
     if refused:
         more = f" (and {len(refused) - 1} more site(s) like it)" if len(refused) > 1 else ""
         raise UnsupportedProcessorError(refusal(refused[0], current[refused[0] + PROCESSOR_SUFFIX]) + more)
 
 
-def install(denoiser: nn.Module, names: Iterable[str], make, originals: dict) -> None:
+def install(target, names: Iterable[str], make, originals: dict) -> None:
     """Put ``make(name)`` on every site in ``names`` not yet xattn's; remember what was there in ``originals``.
 
     Where a joint processor was, ``make(name)``'s site and runtime go to a
@@ -94,10 +119,10 @@ def install(denoiser: nn.Module, names: Iterable[str], make, originals: dict) ->
     from .joint import JointProcessor, family_of
     from .processor import XattnProcessor
 
-    names = list(names)
-    check_processors(denoiser, names)
-    current = denoiser.attn_processors
-    changed = False
+    hosts, names = hosts_of(target), list(names)
+    check_processors(hosts, names)
+    current = processors_of(hosts)
+    changes = {}
     for name in names:
         key = name + PROCESSOR_SUFFIX
         if isinstance(current[key], XattnProcessor):
@@ -106,20 +131,16 @@ def install(denoiser: nn.Module, names: Iterable[str], make, originals: dict) ->
         made = make(name)
         if family_of(current[key]) is not None:
             made = JointProcessor(made.site, made.runtime, current[key])
-        current[key] = made
-        changed = True
-    if changed:
-        denoiser.set_attn_processor(current)
+        changes[key] = made
+    _set_processors(hosts, changes)
 
 
-def restore(denoiser: nn.Module, originals: dict) -> None:
+def restore(target, originals: dict) -> None:
     """Put back the processors recorded in ``originals``, and forget them."""
-    if not originals:
-        return
-    current = denoiser.attn_processors
-    current.update(originals)
-    denoiser.set_attn_processor(current)
-    originals.clear()
+    if originals:
+        _set_processors(hosts_of(target), dict(originals))
+        originals.clear()
 
 
-__all__ = ["REPRODUCED", "check_processors", "hookable", "install", "is_reproduced", "refusal", "restore"]
+__all__ = ["REPRODUCED", "Hosts", "check_processors", "hookable", "hosts_of", "install", "is_reproduced",
+           "processors_of", "refusal", "restore"]

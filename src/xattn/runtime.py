@@ -27,7 +27,7 @@ from .clock import StepClock
 from .dispatch import ActiveHooks, active_hooks, plan_sites
 from .errors import UnsupportedProcessorError
 from .hookpoints import BatchLayout, Controller, HookContext, Run
-from .sites import Site, latent_size, resolution_of, sites as list_sites
+from .sites import Site, attention_hosts, latent_size, resolution_of, sites as list_sites
 
 if TYPE_CHECKING:
     from .session import Session
@@ -55,7 +55,8 @@ class Runtime:
         self.denoiser = denoiser
         self.pipe = pipe
         self.sessions: list[Session] = []
-        self.site_by_name = {site.name: site for site in list_sites(denoiser)}
+        owner = pipe if pipe is not None else denoiser
+        self.site_by_name = {site.name: site for site in list_sites(owner)}
         self.entries: dict = {}
         self.clock = StepClock()
         self.adapter = adapter_for(pipe) if pipe is not None else None
@@ -69,9 +70,12 @@ class Runtime:
         self._encoded: Encoded | None = None
         self._layout_key: tuple | None = None
         self._layout: BatchLayout | None = None
-        self._forward_signature = inspect.signature(denoiser.forward)
-        self._pre_hook = denoiser.register_forward_pre_hook(self._before_call, with_kwargs=True)
-        self._post_hook = denoiser.register_forward_hook(self._after_call)
+        self._signatures: dict[int, inspect.Signature] = {}
+        self._handles = []
+        for host in attention_hosts(owner).values():  # the denoiser and any ControlNets: one clock, one run
+            self._signatures[id(host)] = inspect.signature(host.forward)
+            self._handles += [host.register_forward_pre_hook(self._before_call, with_kwargs=True),
+                              host.register_forward_hook(self._after_call)]
         self._encode_wrapped = pipe is not None and lifecycle.observe(pipe, "encode_prompt", self._encoded_by_pipeline)
         if pipe is not None:
             lifecycle.watch(pipe, self)
@@ -85,8 +89,8 @@ class Runtime:
         self.entries = plan_sites(self.controllers(), list(self.site_by_name.values()))
 
     def close(self) -> None:
-        self._pre_hook.remove()
-        self._post_hook.remove()
+        for handle in self._handles:
+            handle.remove()
         if self._encode_wrapped:
             lifecycle.stop_observing(self.pipe, "encode_prompt")
         if self.pipe is not None:
@@ -154,7 +158,7 @@ class Runtime:
 
     # -- per denoiser call -----------------------------------------------------
     def _before_call(self, module, args, kwargs):
-        arguments = self._forward_signature.bind_partial(*args, **kwargs)
+        arguments = self._signatures[id(module)].bind_partial(*args, **kwargs)
         bound = arguments.arguments
         if self._steering is not None:  # a steering controller's own pass: its layout, no lifecycle
             sample = bound.get("sample", bound.get("hidden_states"))
@@ -182,6 +186,9 @@ class Runtime:
             self._last_step = step
         self.call = _CallState(latent_hw, step, num_steps, timestep_value, layout)
         if first_of_step and self._in_pipeline_call and any(c.wants_before_step() for c in self.controllers()):
+            if module is not self.denoiser:
+                raise lifecycle.LifecycleError(f"guidance cannot steer {type(self.pipe).__name__} yet: a "
+                                               f"{type(module).__name__} runs before its denoiser in each step")
             name = "sample" if "sample" in bound else "hidden_states"
             steered = self._steer(module, arguments, name, timestep)
             if steered is not None:

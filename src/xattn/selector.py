@@ -6,7 +6,8 @@ One type, one string syntax, shared by the Python API, the CLI and config files:
 
 Items are ``key=value`` separated by spaces or ``;``; values are comma lists.
 
-``sites``   globs over site names (``fnmatch``): ``up_blocks.*.attn2``
+``sites``   globs over site names (``fnmatch``): ``up_blocks.*.attn2``; a glob
+            after ``!`` leaves sites out: ``!controlnet.*`` (the UNet only)
 ``kind``    ``cross``, ``self``, ``joint`` or ``all``; ``cross`` also takes joint
             sites (SD3, Flux), whose points show their image->text block
 ``res``     a site's size, i.e. the larger side of its (h, w) map: ``16``,
@@ -174,8 +175,13 @@ class Selector:
         """Static part of the match: name and kind."""
         if self.kind not in (None, "all") and site.kind not in _SITE_KINDS[self.kind]:
             return False
-        if self.sites is not None and not any(fnmatch.fnmatchcase(site.name, pattern) for pattern in self.sites):
-            return False
+        if self.sites is not None:
+            wanted = [pattern for pattern in self.sites if not pattern.startswith("!")]
+            unwanted = [pattern[1:] for pattern in self.sites if pattern.startswith("!")]
+            if wanted and not any(fnmatch.fnmatchcase(site.name, pattern) for pattern in wanted):
+                return False
+            if any(fnmatch.fnmatchcase(site.name, pattern) for pattern in unwanted):
+                return False
         return True
 
     def matches_res(self, hw: tuple[int, int]) -> bool:

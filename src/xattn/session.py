@@ -22,7 +22,7 @@ from .hookpoints import BatchLayout, Controller, Hook, HookFn
 from .processor import XattnProcessor
 from .runtime import RUNTIMES, Runtime
 from .selector import Selector
-from .sites import Site, denoiser_of, sites as list_sites
+from .sites import Site, attention_hosts, denoiser_of, sites as list_sites
 
 
 class Session:
@@ -32,6 +32,7 @@ class Session:
                  layout: BatchLayout | None = None, prompts: list[str] | None = None, tokenizer=None):
         self.model = model
         self.denoiser = denoiser_of(model)
+        self.hosts = attention_hosts(model)  # the denoiser, then any ControlNets
         self.controllers: list[Controller] = []
         for controller in controllers:
             self._check_new(controller)
@@ -62,7 +63,7 @@ class Session:
     @property
     def sites(self) -> list[Site]:
         """Every attention site of the model."""
-        return list_sites(self.denoiser)
+        return list_sites(self.model)
 
     def _sites_of(self, controller: Controller) -> list[str]:
         names = [site.name for site in self.sites if controller.selector.matches_site(site)]
@@ -81,7 +82,7 @@ class Session:
 
     def __enter__(self) -> "Session":
         names = self._selected_site_names()  # raises before anything changes
-        installer.check_processors(self.denoiser, names)
+        installer.check_processors(self.hosts, names)
         runtime = RUNTIMES.get(self.denoiser)
         if runtime is None:
             runtime = RUNTIMES[self.denoiser] = Runtime(self.denoiser, self.model if self.model is not self.denoiser else None)
@@ -93,7 +94,7 @@ class Session:
         self._runtime = runtime
         runtime.sessions.append(self)
         try:
-            installer.install(self.denoiser, names, self._processor_for, self.originals)
+            installer.install(self.hosts, names, self._processor_for, self.originals)
             runtime.rebuild()
             for controller in self.controllers:
                 controller.bind(self)
@@ -112,7 +113,7 @@ class Session:
         if runtime.sessions and runtime.sessions[-1] is not self:
             raise RuntimeError("xattn sessions on one model must close in the reverse order they opened")
         runtime.sessions.pop()
-        installer.restore(self.denoiser, self.originals)
+        installer.restore(self.hosts, self.originals)
         runtime.rebuild()
         if not runtime.sessions:
             runtime.close()
@@ -124,7 +125,7 @@ class Session:
             raise RuntimeError("the session is not open; use it inside `with xattn.hooks(...)`")
         self._check_new(controller)
         names = self._sites_of(controller)
-        installer.install(self.denoiser, names, self._processor_for, self.originals)
+        installer.install(self.hosts, names, self._processor_for, self.originals)
         self.controllers.append(controller)
         self._runtime.rebuild()
         controller.bind(self)

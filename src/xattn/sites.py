@@ -16,7 +16,7 @@ so selectors read ``kind=cross`` as "cross or joint".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from typing import Literal
 
@@ -98,17 +98,40 @@ def denoiser_of(model) -> nn.Module:
     )
 
 
+def attention_hosts(model) -> dict[str, nn.Module]:
+    """Name prefix -> each model that owns attention processors: the denoiser, then any ControlNets.
+
+    The denoiser's sites keep their own module paths (prefix ``""``); a
+    pipeline's ControlNet sites are named by their path under the pipeline,
+    ``controlnet.down_blocks...`` (``controlnet.nets.1.down_blocks...`` for the
+    second of several), so ``sites=controlnet.*`` selects them.
+    """
+    denoiser = denoiser_of(model)
+    hosts = {"": denoiser}
+    controlnet = getattr(model, "controlnet", None) if model is not denoiser else None
+    if isinstance(controlnet, nn.Module):
+        if hasattr(controlnet, "attn_processors"):
+            hosts["controlnet."] = controlnet
+        else:  # several ControlNets
+            for index, net in enumerate(getattr(controlnet, "nets", [])):
+                hosts[f"controlnet.nets.{index}."] = net
+    return hosts
+
+
 def sites(model) -> list[Site]:
     """Every attention site of a diffusers model or pipeline, in module order.
 
     Args:
-        model: a pipeline (its ``unet`` or ``transformer`` is used) or a model
-            exposing ``attn_processors``.
+        model: a pipeline (its ``unet`` or ``transformer``, then any
+            ControlNets) or a model exposing ``attn_processors``.
     """
-    denoiser = denoiser_of(model)
-    modules = dict(denoiser.named_modules())
-    return [_site_of(name, module, modules.get(name.rpartition(".")[0]))
-            for name, module in attention_modules(denoiser).items()]
+    found = []
+    for prefix, host in attention_hosts(model).items():
+        modules = dict(host.named_modules())
+        for name, module in attention_modules(host).items():
+            site = _site_of(name, module, modules.get(name.rpartition(".")[0]))
+            found.append(replace(site, name=prefix + name) if prefix else site)
+    return found
 
 
 def latent_size(sample, arguments: dict[str, Any]) -> tuple[int, int]:

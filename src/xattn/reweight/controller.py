@@ -119,10 +119,12 @@ class Reweight(Controller):
             raise ReweightError("a fractional step window (e.g. 0:0.3) needs the number of steps; run it through "
                                 "a pipeline, or pass `scheduler=` to xattn.hooks(...)")
         self._targets = self._resolve(run.layout)
+        self._by_layout = {id(run.layout): (run.layout, self._targets)}
         self._tensors = {}
 
     def reset(self) -> None:
         self._targets: list[_Target] = []
+        self._by_layout: dict[int, tuple[BatchLayout, list[_Target]]] = {}  # other rows in one run (a ControlNet)
         self._tensors: dict[tuple, torch.Tensor] = {}
 
     def active(self, ctx: HookContext) -> bool:
@@ -157,6 +159,12 @@ class Reweight(Controller):
                 targets.append(_Target(row, tuple(slots), value, str(key)))
         return targets
 
+    def _targets_of(self, layout: BatchLayout) -> list[_Target]:
+        """The run's targets, or those of a call with other rows (a ControlNet in guess mode: cond rows only)."""
+        if id(layout) not in self._by_layout:
+            self._by_layout[id(layout)] = (layout, self._resolve(layout))
+        return self._by_layout[id(layout)][1]
+
     def _token_map(self, layout: BatchLayout, prompt: int) -> TokenMap:
         token_map = layout.token_map(prompt)
         if self.spans and token_map.prompt != self.prompt:
@@ -165,12 +173,12 @@ class Reweight(Controller):
         return token_map
 
     def _weight_tensor(self, ctx: HookContext, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (ctx.step, ctx.num_steps, length, dtype, device)
+        key = (id(ctx.layout), ctx.step, ctx.num_steps, length, dtype, device)
         tensor = self._tensors.get(key)
         if tensor is None:
             window_steps = resolve_window(self.window, ctx.num_steps, ctx.step)
             weights = torch.ones(ctx.layout.batch_size, length, dtype=torch.float64)
-            for target in self._targets:
+            for target in self._targets_of(ctx.layout):
                 value = weight_at(target.value, ctx.step, window_steps, ctx.num_steps)
                 for slot in target.slots:
                     if not 0 <= slot < length:
