@@ -148,8 +148,27 @@ def test_reweight_acts_on_a_word_in_the_second_chunk_under_guidance(sd1_pipe):
     assert int((weights[cond] != 1).sum()) == len(giraffe)
 
 
-def test_compel_weights_in_embeddings_are_refused_not_approximated(sd1_pipe):
-    with pytest.raises(xattn.prompts.UnsupportedSyntaxError, match="compel's embedding formula"):
-        encode_prompt(sd1_pipe, "a red++ circle", syntax="compel")
+def test_compel_without_emphasis_is_the_plain_encoding_of_its_words(sd1_pipe):
     plain = encode_prompt(sd1_pipe, "a red++ circle", syntax="compel", emphasis=False)
     assert torch.equal(plain.prompt_embeds, _diffusers_embeds(sd1_pipe, "a red circle"))
+
+
+COMPEL_PROMPTS = ["a red++ circle and a blue square", "a (red circle)0.5 and a blue square",
+                  "a red circle and a blue-- square, (green)1.3", '"a red circle"0 and a blue square',
+                  "a ((red)1.4 circle)0.7 and a blue square"]
+
+
+@pytest.mark.parametrize("prompt", COMPEL_PROMPTS)
+def test_compel_dialect_embeddings_equal_compels(sd1_pipe, prompt):
+    compel = pytest.importorskip("compel")
+    with torch.no_grad():
+        sd1_pipe.text_encoder.final_layer_norm.bias += 0.5  # not needed by the formula; keeps values away from 0
+        expected = compel.Compel(tokenizer=sd1_pipe.tokenizer, text_encoder=sd1_pipe.text_encoder)(prompt)
+    got = encode_prompt(sd1_pipe, prompt, syntax="compel").prompt_embeds
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-6
+
+
+def test_compel_formula_refuses_what_it_does_not_implement(sd1_pipe):
+    with pytest.raises(xattn.prompts.UnsupportedSyntaxError, match="over 75 tokens"):
+        encode_prompt(sd1_pipe, "a red++ circle, " * 20, syntax="compel")

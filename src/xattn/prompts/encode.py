@@ -63,8 +63,9 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "", syntax: str = "a
         prompt, negative_prompt: prompts as written, in ``syntax`` (``"a1111"`` or ``"compel"``).
         emphasis: apply the prompt's weights to the embeddings, A1111's way (scale each token's
             embedding, then restore each chunk's mean). With ``False`` the weights are left to a
-            :class:`xattn.Reweight` at the attention level. compel's own formula (lerp towards the
-            prompt without the word) is not implemented: weighted compel prompts need ``False``.
+            :class:`xattn.Reweight` at the attention level. With ``syntax="compel"`` it is compel's
+            own formula instead (:mod:`xattn.prompts.compel_encode`; SD 1.x/2.x, one window, as
+            compel truncates by default).
         max_chunks: keep at most this many chunks (``1`` is the 77-token truncation of a plain pipeline).
 
     The shorter of prompt and negative prompt is padded with chunks of the empty prompt, as A1111 does.
@@ -75,10 +76,20 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "", syntax: str = "a
     encoders = _encoders(pipe)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     texts = (parse_prompt(prompt, syntax=syntax), parse_prompt(negative_prompt, syntax=syntax), parse_prompt(""))
-    if syntax == "compel" and emphasis and any(f.weight != 1.0 for text in texts for f in text.fragments):
-        raise UnsupportedSyntaxError("compel's embedding formula is not implemented yet; pass emphasis=False and "
-                                     "weight the words with Reweight.from_prompt(text, syntax='compel')", prompt, 0)
-    encoded = [[_encode(encoder, tok, text, emphasis, max_chunks, sdxl) for tok, encoder in encoders] for text in texts]
+    if syntax == "compel" and emphasis and sdxl:
+        raise UnsupportedSyntaxError("compel's embedding formula is implemented for SD 1.x/2.x only; pass "
+                                     "emphasis=False and weight the words with Reweight.from_prompt", prompt, 0)
+    if syntax == "compel" and emphasis:
+        from .compel_encode import compel_embeds
+
+        if any(len(token_chunks(pipe.tokenizer, text)[0]) > 1 for text in texts):
+            raise UnsupportedSyntaxError("compel's formula for prompts over 75 tokens (its own splitting) is not "
+                                         "implemented; pass emphasis=False", prompt, 0)
+
+        encoded = [[(compel_embeds(tok, encoder, text), None) for tok, encoder in encoders] for text in texts]
+    else:
+        encoded = [[_encode(encoder, tok, text, emphasis, max_chunks, sdxl) for tok, encoder in encoders]
+                   for text in texts]
     cond, uncond, blank = (torch.cat([hidden for hidden, _ in parts], dim=-1) for parts in encoded)
     cond, uncond = _pad_to_same_length(cond, uncond, blank)
     result = PromptEmbeds(prompt, cond, uncond, tokenizer, token_map=TokenMap(tokenizer, prompt))
