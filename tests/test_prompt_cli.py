@@ -84,3 +84,10 @@ def test_a_sweep_weights_its_prompts_like_generate(cli, tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
     assert np.array_equal(pixels(tmp_path / "sweep" / record["image"]),
                           pixels(tmp_path / "generate" / "image-0.png"))
+
+
+def test_reweight_sends_its_clean_prompt_as_is_even_with_brackets_in_it(cli, tmp_path):
+    """``\\(big\\)`` is the clean text ``(big)``: it must not be read as a weighted group a second time."""
+    cli("reweight", r"a \(big\) (red:1.5) circle", "-n", "(blue:1.3)", *FAST, "--out", tmp_path / "run")
+    params = read_parameters(tmp_path / "run" / "scale_prompt_seed3.png")
+    assert params["prompt"] == "a (big) red circle" and params["xattn"]["reweight"]["weights"] == {"red": 1.5}

@@ -196,13 +196,13 @@ def _generate_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _prompted_kwargs(pipe, prompt: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+def _prompted_kwargs(pipe, prompt: str, settings: Mapping[str, Any], literal: bool = False) -> dict[str, Any]:
     """:func:`_generate_kwargs` with the prompts read as A1111 reads them (weights, BREAK, long prompts)."""
     from ..prompts.pipeline import prompt_kwargs
 
     kwargs = _generate_kwargs(settings)
     negative = kwargs.pop("negative_prompt", None)
-    kwargs.update(prompt_kwargs(pipe, [prompt], [negative] if negative else None))
+    kwargs.update(prompt_kwargs(pipe, [prompt], [negative] if negative else None, literal=literal))
     kwargs.pop("prompt", None)
     return kwargs
 
@@ -218,7 +218,7 @@ def reweight_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict
 
     def generate(clean_prompt: str, first: int, count: int) -> list:
         return runner.generate(pipe, clean_prompt, seed=first, num_images_per_prompt=count,
-                               **_prompted_kwargs(pipe, clean_prompt, settings))
+                               **_prompted_kwargs(pipe, clean_prompt, settings, literal=True))
 
     (cell,) = reweight_cells(pipe, job.prompt, generate, word=job.word, weights=[job.weight],
                              modes=[job.mode or "scale"], seeds=[job.seed], steps=job.window,

@@ -207,8 +207,10 @@ class Run:
 
         Args:
             prompts: one prompt or a list.
-            **overrides: ``seed=``, ``steps=``... for this call, or pipeline kwargs.
+            **overrides: ``seed=``, ``steps=``... for this call, or pipeline kwargs; ``literal=True``
+                when ``prompts`` are already clean text (a weighted prompt's ``Reweight.prompt``).
         """
+        literal = bool(overrides.pop("literal", False))
         s = {k: self.settings.get(k) for k in ("seed", "steps", "guidance", "size")}
         s.update({k: overrides.pop(k) for k in list(overrides) if k in s})
         if self.settings.get("negative_prompt") and "negative_prompt" not in overrides:
@@ -219,7 +221,8 @@ class Run:
                 from ..prompts.pipeline import prompt_kwargs
 
                 listed = [prompts] if isinstance(prompts, str) else list(prompts)
-                overrides.update(prompt_kwargs(self.pipe, listed, overrides.pop("negative_prompt", None)))
+                overrides.update(prompt_kwargs(self.pipe, listed, overrides.pop("negative_prompt", None),
+                                               literal=literal))
                 overrides.pop("prompt", None)
             return runner.generate(self.pipe, prompts, **s, **overrides)
 

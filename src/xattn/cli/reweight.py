@@ -59,7 +59,7 @@ def _reweight(run: common.Run, sweep: "_Sweep") -> None:
     seed_list = sweep.seeds if sweep.seeds is not None else [int(run.settings["seed"])]
 
     def generate(clean_prompt: str, first: int, count: int) -> list:
-        return run.generate(clean_prompt, seed=first, num_images_per_prompt=count)
+        return run.generate(clean_prompt, seed=first, num_images_per_prompt=count, literal=True)
 
     cells = run_sweep(run.pipe, sweep.prompt, generate, word=sweep.word, weights=sweep.weights,
                       modes=sweep.modes, seeds=seed_list, **sweep.reweight_options)

@@ -27,21 +27,24 @@ def reads_plainly(tokenizer, text: str, syntax: str = "a1111") -> bool:
 
 
 def prompt_kwargs(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
-                  syntax: str = "a1111") -> dict:
+                  syntax: str = "a1111", literal: bool = False) -> dict:
     """``prompt=``/``negative_prompt=`` when every prompt reads plainly, else embeddings for what does not.
 
     When only negative prompts need the encoder and fit one chunk, the
     positive prompts stay strings (so a session still names the rows by
     them); otherwise every prompt is encoded, padded with empty-prompt chunks
-    to the longest.
+    to the longest. ``literal`` prompts are already clean text (``Reweight.prompt``):
+    they stay strings, and a negative prompt is cut to one window to match them.
     """
     positives = list(prompts)
     negatives = list(negative_prompts) if negative_prompts is not None else None
     keep_positive, keep_negative = _plain(pipe, positives, negatives, syntax)
+    if literal and not keep_positive:
+        keep_positive, keep_negative = True, False
     kwargs: dict = {"prompt": positives} if keep_positive else {}
     if keep_positive and keep_negative:
         return {**kwargs, **({"negative_prompt": negatives} if negatives is not None else {})}
-    encoded = [encode_prompt(pipe, text, negative, syntax=syntax)
+    encoded = [encode_prompt(pipe, text, negative, syntax=syntax, max_chunks=1 if literal else None)
                for text, negative in zip(positives, negatives or [""] * len(positives))]
     blank = encode_prompt(pipe, "", syntax=syntax, emphasis=False).prompt_embeds
     if not keep_positive:
