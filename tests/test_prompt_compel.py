@@ -91,3 +91,12 @@ def test_per_word_weights_equal_compels(prompt):
     got = _word_weights([(f.text, f.weight) for f in parse_prompt(prompt, syntax="compel").fragments])
     assert [word for word, _ in got] == [word for word, _ in expected]
     assert [weight for _, weight in got] == pytest.approx([weight for _, weight in expected], rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("mode", ["scale", "bias", "embedding"])
+def test_compel_prompts_drive_every_reweight_mode(mode):
+    from xattn import Reweight
+
+    reweight = Reweight.from_prompt("a red++ circle and a (blue square)0.5", mode=mode, syntax="compel")
+    assert reweight.prompt == "a red circle and a blue square"
+    assert [(s.text, s.weight) for s in reweight.spans] == [("red", pytest.approx(1.21)), ("blue square", 0.5)]
