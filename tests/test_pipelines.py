@@ -103,3 +103,36 @@ def test_low_precision_weights_match_stock_within_the_stated_tolerance(sd1_path,
         hooked = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert hooked.dtype == dtype
     torch.testing.assert_close(hooked.float(), stock.float(), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("controllers", [lambda: [], lambda: [xattn.Reweight({"red": 2.0})],
+                                         lambda: [xattn.Reweight({"red": 2.0}, mode="bias"), xattn.SelfInject(1.0)]])
+def test_torch_compile_with_xattn_installed_gives_the_same_images_and_compiles_once(sd1_path, controllers):
+    """Fused paths under torch.compile: xattn's bookkeeping runs eagerly, so no step adds a graph."""
+    import torch._dynamo
+
+    def compiled_graphs(steps):
+        torch._dynamo.reset()
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd1_path, safety_checker=None)
+        call = dict(prompt=["a red circle", "a red square"], image=_image(), strength=1.0, guidance_scale=5.0,
+                    num_inference_steps=steps, output_type="latent")
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        with xattn.hooks(pipe, xattn.Hook("value_scale", lambda x, ctx: None), *controllers()):
+            eager = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+            pipe.unet = torch.compile(pipe.unet, backend=backend)
+            first = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+            after_first = len(graphs)
+            second = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        torch.testing.assert_close(first, eager, rtol=0, atol=1e-5)
+        torch.testing.assert_close(second, eager, rtol=0, atol=1e-5)
+        return after_first, len(graphs) - after_first
+
+    two_steps, again = compiled_graphs(2)
+    four_steps, _ = compiled_graphs(4)
+    assert again == 0  # a second call compiles nothing
+    assert four_steps == two_steps  # and more steps compile nothing more

@@ -32,6 +32,7 @@ class ActiveHooks:
     def has(self, point: str) -> bool:
         return point in self.by_point
 
+    @torch.compiler.disable  # user hooks run eagerly under torch.compile (they may read any Python state)
     def run(self, point: str, x: torch.Tensor) -> torch.Tensor:
         fns = self.by_point.get(point)
         if not fns:

@@ -40,6 +40,10 @@ EXPLICIT_POINTS = ("scores", "probs")
 HookFn = Callable[[torch.Tensor, "HookContext"], Optional[torch.Tensor]]
 
 
+class PromptsUnknownError(XattnError, LookupError):
+    """Words were asked of a call whose prompts xattn was not told."""
+
+
 @dataclass(frozen=True)
 class Row:
     """What one row of the UNet batch is."""
@@ -98,7 +102,7 @@ class BatchLayout:
     def token_map(self, prompt: int) -> TokenMap:
         """The token map of prompt ``prompt``; a clear error when prompts are unknown."""
         if prompt >= len(self.token_maps) or self.token_maps[prompt] is None:
-            raise LookupError(
+            raise PromptsUnknownError(
                 "the prompts of this call are unknown (the model was called directly, or with "
                 "prompt_embeds): pass `prompts=` to xattn.hooks(...) to resolve words"
             )

@@ -157,6 +157,7 @@ class Runtime:
         return changed
 
     # -- per denoiser call -----------------------------------------------------
+    @torch.compiler.disable  # bookkeeping on Python state: eager under torch.compile, never a guard
     def _before_call(self, module, args, kwargs):
         arguments = self._signatures[id(module)].bind_partial(*args, **kwargs)
         bound = arguments.arguments
@@ -216,6 +217,7 @@ class Runtime:
         # A bare model call: a new run when the batch changes or the clock goes back.
         return layout != self.run.layout or (step is not None and self._last_step is not None and step < self._last_step)
 
+    @torch.compiler.disable
     def _after_call(self, module, args, output):
         self.call = None
 
@@ -228,6 +230,7 @@ class Runtime:
                     f"{group} {unknown} would go to attention processors, and xattn's processor takes none "
                     "(diffusers would drop them silently); remove them or close the xattn session")
 
+    @torch.compiler.disable  # Python bookkeeping: under torch.compile it runs eagerly, so steps never recompile
     def active_hooks(self, site: Site, query_length: int) -> ActiveHooks | None:
         """Hooks that run at ``site`` in this call, or None for the fused fast path."""
         entries = self.entries.get(site.name)
