@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         'xattn generate "a green triangle" --images 4 --steps 30 --out outputs/triangles',
         "xattn generate --model path/to/sd15 --size 512x768 --scheduler euler-a \"a cat\"",
         "xattn generate --from-png outputs/generate-.../image-0.png",
+        'xattn generate "a red circle" --box "red circle=0,0,0.5,1" --seed 3',
     ))
     def generate(
         prompt: Annotated[Optional[str], typer.Argument(show_default=False, help="The prompt.")] = None,
@@ -39,37 +40,61 @@ def register(app: typer.Typer) -> None:
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
         threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
         config: common.Config = None, progress: common.Progress = True,
+        excite: Annotated[Optional[str], typer.Option(
+            help="Guidance (Attend-and-Excite): words whose attention must peak somewhere, e.g. circle,square.")] = None,
+        bind: Annotated[Optional[str], typer.Option(
+            help="Guidance: pull each modifier's attention onto its noun's, e.g. red=circle,blue=square.")] = None,
+        box: Annotated[Optional[list[str]], typer.Option(
+            help="Guidance: a phrase's attention inside a box, 'red circle=x0,y0,x1,y1' in fractions "
+                 "of the image (repeat for several).")] = None,
+        guide_steps: Annotated[Optional[str], typer.Option(
+            help="Steps to guide: a window such as 0.5 (the first half, default) or 0:10.")] = None,
+        guide_step_size: Annotated[Optional[float], typer.Option(
+            help="Size of each guidance step on the latents (default 20, Attend-and-Excite's).")] = None,
     ):
-        """Generate images from a prompt and save them as PNGs with A1111-style parameters."""
+        """Generate images from a prompt and save them as PNGs with A1111-style parameters.
+
+        With --excite, --bind or --box, attention guidance steers the latents
+        during sampling (docs/guidance.md); the PNG records it for --from-png.
+        """
         options = dict(locals())
         options.pop("from_png")
         with common.user_errors():
-            pinned, reweight = _from_png(from_png, max_pixels) if from_png is not None else ({}, None)
+            pinned, controllers = _from_png(from_png, max_pixels) if from_png is not None else ({}, {})
+            guide = _guide(excite, bind, box or [], guide_steps, guide_step_size)
+            if guide is not None:
+                controllers["guide"] = guide
             text = prompt or pinned.get("prompt")
             if not text:
                 raise OptionError("no prompt given; pass a PROMPT or --from-png FILE")
             with common.start("generate", options, slug=text, pinned=pinned, unused=("sites",)) as run:
                 settings = run.settings
-                record = {"reweight": reweight.to_dict()} if reweight is not None else None
-                with _session(run.pipe, reweight):
+                record = {name: controller.to_dict() for name, controller in controllers.items()} or None
+                with _session(run.pipe, list(controllers.values())):
                     pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"])
                 for index, image in enumerate(pictures):
                     run.save_png(image, f"image-{index}.png", prompt=settings["prompt"],
                                  seed=settings["seed"] + index, xattn=record)
-                run.finish(**({"reweight": record["reweight"]} if record else {}))
+                run.finish(**(record or {}))
 
 
-def _session(pipe, controller):
-    """An xattn session with ``controller``, or nothing when there is none."""
-    if controller is None:
+def _guide(excite, bind, boxes, steps, step_size):
+    from ..guide import guide_from_text
+
+    return guide_from_text(excite=excite, bind=bind, boxes=boxes, steps=steps, step_size=step_size)
+
+
+def _session(pipe, controllers: list):
+    """An xattn session with ``controllers``, or nothing when there are none."""
+    if not controllers:
         return nullcontext()
     from ..session import hooks
 
-    return hooks(pipe, controller)
+    return hooks(pipe, *controllers)
 
 
-def _from_png(png: Path, max_pixels: int | None) -> tuple[dict[str, Any], Any]:
-    """The generation settings stored in a PNG, checked like typed ones, and the Reweight it records (or None).
+def _from_png(png: Path, max_pixels: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The generation settings stored in a PNG, checked like typed ones, and the controllers it records.
 
     The model comes only from xattn's own ``xattn`` field (A1111's ``Model:`` is a display name).
 
@@ -110,4 +135,13 @@ def _from_png(png: Path, max_pixels: int | None) -> tuple[dict[str, Any], Any]:
         reweight = Reweight.from_dict(record) if record else None
     except (KeyError, TypeError, AttributeError) as error:
         raise OptionError(f"{png}: its xattn.reweight value is not a reweighting ({error})") from None
-    return stored, reweight
+    controllers = {"reweight": reweight} if reweight is not None else {}
+    guided = own.get("guide")
+    if guided is not None:
+        from ..guide import Guide
+
+        try:
+            controllers["guide"] = Guide.from_dict(guided)
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise OptionError(f"{png}: its xattn.guide value is not a guidance record ({error})") from None
+    return stored, controllers

@@ -8,5 +8,6 @@
 
 from .controller import Guide
 from .losses import Bind, Excite, GuidanceError, Layout, Loss, loss_from_dict
+from .spec import guide_from_text
 
-__all__ = ["Bind", "Excite", "Guide", "GuidanceError", "Layout", "Loss", "loss_from_dict"]
+__all__ = ["Bind", "Excite", "Guide", "GuidanceError", "Layout", "Loss", "guide_from_text", "loss_from_dict"]

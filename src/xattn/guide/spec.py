@@ -1,0 +1,62 @@
+"""Guidance written as text, the way the CLI and config files take it.
+
+    excite  "circle,square"                 words whose attention must peak somewhere
+    bind    "red=circle,blue=square"        modifier=noun pairs
+    box     "red circle=0,0,0.5,1"          phrase=x0,y0,x1,y1 (fractions of the image), one per box
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .controller import Guide
+from .losses import Bind, Excite, GuidanceError, Layout
+
+
+def parse_excite(text: str) -> Excite:
+    return Excite([word.strip() for word in text.split(",") if word.strip()] or [""])
+
+
+def parse_bind(text: str) -> Bind:
+    pairs = {}
+    for item in text.split(","):
+        modifier, sep, noun = item.partition("=")
+        if not sep or not modifier.strip() or not noun.strip():
+            raise GuidanceError(f"--bind takes modifier=noun pairs such as red=circle,blue=square, not {text!r}")
+        pairs[modifier.strip()] = noun.strip()
+    return Bind(pairs)
+
+
+def parse_box(text: str) -> tuple[str, tuple[float, ...]]:
+    phrase, sep, numbers = text.rpartition("=")
+    try:
+        box = tuple(float(n) for n in numbers.split(","))
+    except ValueError:
+        box = ()
+    if not sep or not phrase.strip() or len(box) != 4:
+        raise GuidanceError(f"--box takes phrase=x0,y0,x1,y1 (fractions of the image) such as "
+                            f"'red circle=0,0,0.5,1', not {text!r}")
+    return phrase.strip(), box
+
+
+def guide_from_text(*, excite: str | None = None, bind: str | None = None, boxes: Sequence[str] = (),
+                    steps: str | float | None = None, step_size: float | None = None) -> Guide | None:
+    """The Guide these options describe, or None when they name no loss."""
+    losses = []
+    if excite:
+        losses.append(parse_excite(excite))
+    if bind:
+        losses.append(parse_bind(bind))
+    if boxes:
+        losses.append(Layout(dict(parse_box(box) for box in boxes)))
+    if not losses:
+        if steps is not None or step_size is not None:
+            raise GuidanceError("--guide-steps and --guide-step-size need a loss: --excite, --bind or --box")
+        return None
+    options = {"steps": steps if steps is not None else 0.5}
+    if step_size is not None:
+        options["step_size"] = step_size
+    return Guide(*losses, **options)
+
+
+__all__ = ["guide_from_text", "parse_bind", "parse_box", "parse_excite"]

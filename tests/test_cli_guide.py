@@ -1,0 +1,60 @@
+"""`xattn generate --excite / --bind / --box`: guidance from the command line, recorded for --from-png."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from xattn.cli import app
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+def _pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.slow
+def test_a_box_from_the_cli_puts_the_object_in_it_and_from_png_repeats_it(cli, tmp_path):
+    from xattn.world import measure
+
+    for seed, box, left in [(0, "0,0,0.5,1", True), (1, "0.5,0,1,1", False)]:
+        out = tmp_path / f"box-{seed}"
+        result = cli("generate", "a red circle", "--box", f"red circle={box}", "--seed", seed, "--out", out,
+                     "--no-progress")
+        assert result.exit_code == 0, result.output
+        mask = measure.object_mask(_pixels(out / "image-0.png"), "red")
+        x = measure.centroid(mask)[1]
+        assert (x < mask.shape[1] / 2) == left
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["guide"]["guide"][0]["boxes"] == {"red circle": [float(v) for v in box.split(",")]}
+    again = tmp_path / "again"
+    result = cli("generate", "--from-png", tmp_path / "box-1" / "image-0.png", "--out", again, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(_pixels(again / "image-0.png"), _pixels(tmp_path / "box-1" / "image-0.png"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bind", "red"], "modifier=noun"),
+    (["--box", "red circle=0,0,2,1"], "fractions in 0..1"),
+    (["--box", "red circle"], "phrase=x0,y0,x1,y1"),
+    (["--guide-steps", "0.5"], "need a loss"),
+    (["--excite", "circle", "--guide-step-size", "nan"], "step_size"),
+    (["--excite", "hat"], "hat"),
+])
+def test_bad_guidance_options_are_one_error_line(cli, tmp_path, args, message):
+    out = tmp_path / "bad"
+    result = cli("generate", "a red circle", *args, "--steps", "2", "--out", out, "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert "Error:" in result.output and message in result.output and "Traceback" not in result.output
+    assert not out.exists() or not any(p.suffix == ".png" for p in out.iterdir())
