@@ -58,3 +58,36 @@ def test_bad_guidance_options_are_one_error_line(cli, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert "Error:" in result.output and message in result.output and "Traceback" not in result.output
     assert not out.exists() or not any(p.suffix == ".png" for p in out.iterdir())
+
+
+def _documented_commands():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guidance.md").read_text()
+    return re.findall(r"^xattn generate .*$", text, re.M)
+
+
+def test_the_guidance_doc_shows_box_commands():
+    assert len(_documented_commands()) >= 2 and all("--box" in c for c in _documented_commands())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", _documented_commands())
+def test_a_documented_guidance_command_puts_the_object_in_its_box(command, cli, tmp_path):
+    import re
+    import shlex
+
+    from xattn.world import measure
+
+    result = cli(*shlex.split(command)[1:], "--no-progress")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / re.findall(r"wrote (\S+)", result.output)[-1]
+    prompt = shlex.split(command)[2]
+    (colour, _), = measure.object_words(prompt)
+    phrase, box = shlex.split(command)[shlex.split(command).index("--box") + 1].rsplit("=", 1)
+    x0, y0, x1, y1 = (float(v) for v in box.split(","))
+    mask = measure.object_mask(_pixels(folder / "image-0.png"), colour)
+    y, x = measure.centroid(mask)
+    height, width = mask.shape
+    assert x0 * width <= x < x1 * width and y0 * height <= y < y1 * height
