@@ -111,3 +111,13 @@ def test_several_controlnets_are_hooked(controlnet_path):
                                       "sites=controlnet.*")):
         pipe(**CALL, image=_control(2), controlnet_conditioning_scale=[1.0, 0.5])
     assert {"controlnet.nets.0", "controlnet.nets.1"} <= names
+
+
+def test_guidance_with_a_controlnet_is_refused_by_name(controlnet_path):
+    from xattn.guide import Excite, Guide
+    from xattn.lifecycle import LifecycleError
+
+    pipe = _pipe(controlnet_path)
+    with xattn.hooks(pipe, Guide(Excite("circle"))):
+        with pytest.raises(LifecycleError, match="ControlNetModel runs before its denoiser"):
+            pipe(**CALL, image=_control())
