@@ -2,7 +2,7 @@
 
 Every attention call passes through six named hook points, in this order::
 
-    context      [b, j, d_ctx]   text embeddings entering to_k / to_v (cross sites only)
+    context      [b, j, d_ctx]   text embeddings entering to_k / to_v (cross and joint sites)
     map_rows     [b] long (CPU)  whose attention map each row uses (starts as 0..b-1)  (fused)
     logit_bias   [b, j]          additive pre-softmax bias per row and token   (fused)
     value_scale  [b, j]          post-softmax multiplier per row and token    (fused)
