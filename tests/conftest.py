@@ -77,3 +77,15 @@ def world_defaults() -> dict:
     from xattn.world import model_path
 
     return json.loads((model_path() / "xattn_defaults.json").read_text())
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    """Invoke the xattn app in a scratch working directory (default run folders land in tmp/outputs)."""
+    from typer.testing import CliRunner
+
+    from xattn.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])

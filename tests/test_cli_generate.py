@@ -5,27 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from xattn import pngmeta
-from xattn.cli import app
 
 FAST = ["--steps", "2", "--size", "32", "--no-progress"]
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    """Invoke the app in a scratch working directory (default run folders land in tmp/outputs)."""
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args])
-
-    return invoke
 
 
 def pixels(path) -> np.ndarray:

@@ -8,21 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from xattn import runner
-from xattn.cli import app
 from xattn.world import model_path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    runner_ = CliRunner()
-    return lambda *args: runner_.invoke(app, [str(a) for a in args])
 
 
 def pixels(path):

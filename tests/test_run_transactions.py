@@ -8,19 +8,10 @@ import os
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from xattn.capture import pictures
-from xattn.cli import app
 
 FAST = ["--steps", "2", "--size", "32", "--no-progress"]
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
 
 
 def manifest(folder):

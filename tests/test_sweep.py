@@ -8,10 +8,8 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from xattn.app import pngmeta, runner, sweep
-from xattn.cli import app
 from xattn.app.config import ConfigError
 
 GRID = {"prompts": ["a red circle", "a blue square"], "seeds": [0, 1], "words": ["a"], "weights": [0.5, 2.0]}
@@ -23,13 +21,6 @@ def write_config(path, model, *, job="reweight", grid=None, extra=""):
     lines += [f"  {key}: {json.dumps(value)}" for key, value in grid.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    runner_ = CliRunner()
-    return lambda *args: runner_.invoke(app, [str(a) for a in args])
 
 
 def read_results(folder):
