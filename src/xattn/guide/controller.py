@@ -135,7 +135,7 @@ class Guide(Controller):
             word_maps = _word_maps(text[row], steer.layout.token_map(layout_row.prompt), self._words())
             for loss in self.losses:
                 total = total + loss.weight * loss(word_maps)
-        return total / len(steer.layout.rows)
+        return total  # a sum over rows: each image gets its own gradient, whatever the batch
 
     def _words(self) -> list[str]:
         return list(dict.fromkeys(w for loss in self.losses for w in loss.words()))
