@@ -76,9 +76,38 @@ def split_words(text: str, specials: tuple[str, ...] = ()) -> list[tuple[str, in
 
 
 def _special_tokens(tokenizer) -> tuple[str, ...]:
-    """The special tokens the tokenizer keeps whole when they are written in a prompt."""
-    names = getattr(tokenizer, "all_special_tokens", None) or ()
+    """The tokens the tokenizer keeps whole when they are written in a prompt: special and added ones.
+
+    Added tokens include textual-inversion tokens (``<cat-toy>``) loaded by
+    diffusers' ``load_textual_inversion``.
+    """
+    added = list(getattr(tokenizer, "get_added_vocab", dict)() or {})
+    names = [*(getattr(tokenizer, "all_special_tokens", None) or ()), *added]
     return tuple(name for name in dict.fromkeys(names) if name and tokenizer.tokenize(name) == [name])
+
+
+def with_extra_vectors(pieces: list[str], tokenizer) -> list[str]:
+    """Pieces as a pipeline feeds them: a multi-vector textual-inversion token ``<t>`` becomes ``<t> <t>_1 ...``.
+
+    This is what diffusers' ``maybe_convert_prompt`` does to the prompt before
+    tokenizing, so a word after such a token keeps its true slot.
+    """
+    added = getattr(tokenizer, "get_added_vocab", dict)() or {}
+    if not added:
+        return pieces
+    out = []
+    for piece in pieces:
+        out.append(piece)
+        if piece in added:
+            extra = 1
+            while f"{piece}_{extra}" in added:
+                out.append(f"{piece}_{extra}")
+                extra += 1
+    return out
+
+
+class TokenizerMismatchError(XattnError, ValueError):
+    """A tokenizer that does not cut a prompt word by word the way TokenMap reads it."""
 
 
 class TokenMap:
@@ -94,6 +123,8 @@ class TokenMap:
     (``5``), or a special name: ``<start>``, ``<end>``, ``<pad>``.
     """
 
+    _whole_words: tuple[str, ...] = ()  # tokens kept whole (special, textual inversion) when looking words up
+
     def __init__(self, tokenizer, prompt: str, max_length: int | None = None):
         self.written = prompt
         self.chunks = None  # a ChunkLayout when the prompt is laid out in 77-slot chunks
@@ -108,8 +139,9 @@ class TokenMap:
         self.cut_words: list[str] = []
         pieces: list[str] = []
         counts: dict[str, int] = {}
-        for text, start, end in split_words(prompt, _special_tokens(tokenizer)):
-            word_pieces = tokenizer.tokenize(text)
+        self._whole_words = _special_tokens(tokenizer)
+        for text, start, end in split_words(prompt, self._whole_words):
+            word_pieces = with_extra_vectors(tokenizer.tokenize(text), tokenizer)
             first_slot = 1 + len(pieces)
             slots = tuple(s for s in range(first_slot, first_slot + len(word_pieces)) if s <= body)
             pieces.extend(word_pieces)
@@ -132,9 +164,9 @@ class TokenMap:
 
     def _check_against_tokenizer(self, tokenizer, pieces: list[str], text: str | None = None) -> None:
         text = self.prompt if text is None else text
-        whole = tokenizer.tokenize(text)
+        whole = with_extra_vectors(tokenizer.tokenize(text), tokenizer)
         if whole != pieces:
-            raise ValueError(
+            raise TokenizerMismatchError(
                 "this tokenizer does not split words the way CLIP does, so TokenMap cannot align "
                 f"{text!r}: word by word gives {pieces[:8]}..., the whole prompt {whole[:8]}..."
             )
@@ -209,7 +241,7 @@ class TokenMap:
             if not occurrence_text.isdigit() or int(occurrence_text) < 1:
                 raise TokenError(f"{key!r}: the part after '#' must be an occurrence number >= 1")
             occurrence = int(occurrence_text)
-        target = [normal_key(w) for w, _, _ in split_words(word_text)]
+        target = [normal_key(w) for w, _, _ in split_words(word_text, self._whole_words)]
         if not target:
             raise TokenError(f"{key!r} holds no word; words of the prompt: {self._word_list()}")
         matches = self._find(target)
@@ -279,6 +311,7 @@ class TokenMap:
                 {"text": w.text, "start": w.start, "end": w.end, "slots": list(w.slots), "occurrence": w.occurrence}
                 for w in self.words
             ],
+            "whole_words": list(self._whole_words),
         }
 
     def __repr__(self) -> str:

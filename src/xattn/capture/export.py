@@ -141,4 +141,5 @@ def restore_token_map(saved: dict) -> TokenMap:
     token_map.words = [Word(w["text"], w["start"], w["end"], tuple(w["slots"]), w["occurrence"]) for w in saved["words"]]
     token_map.cut_words = []
     token_map.pieces = list(saved.get("pieces", []))
+    token_map._whole_words = tuple(saved.get("whole_words", ()))
     return token_map
