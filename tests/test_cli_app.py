@@ -1,13 +1,11 @@
-"""The typer app: optional command modules, shared options on every command, `python -m xattn`."""
+"""The typer app: every command registered, shared options on every command, `python -m xattn`."""
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 import xattn.cli as cli_package
@@ -16,24 +14,9 @@ from xattn.cli import app
 SHARED = ("--model", "--device", "--dtype", "--scheduler", "--steps", "--guidance", "--size")
 
 
-def test_absent_command_modules_are_skipped(monkeypatch):
-    monkeypatch.setattr(cli_package, "COMMANDS", ("generate", "not_written_yet"))
-    fresh = typer.Typer()
-    assert cli_package._register_all(fresh) == ["generate"]
-
-
-def test_other_import_errors_are_raised(monkeypatch):
-    real = importlib.import_module
-
-    def broken(name, *args):
-        if name == "xattn.cli.broken":
-            raise ModuleNotFoundError("No module named 'missing_dependency'", name="missing_dependency")
-        return real(name, *args)
-
-    monkeypatch.setattr(cli_package.importlib, "import_module", broken)
-    monkeypatch.setattr(cli_package, "COMMANDS", ("broken",))
-    with pytest.raises(ModuleNotFoundError, match="missing_dependency"):
-        cli_package._register_all(typer.Typer())
+def test_every_command_is_registered():
+    names = {command.name or command.callback.__name__ for command in app.registered_commands}
+    assert names == set(cli_package.COMMANDS)
 
 
 def test_registered_commands_share_the_generation_options():

@@ -1,15 +1,12 @@
 """The ``xattn`` command line: one typer app, one module per command.
 
 Each command lives in ``xattn/cli/<name>.py`` and exposes
-``register(app: typer.Typer) -> None``. Commands written in parallel by other
-contributors (``maps``, ``reweight``, ``edit``, ``report``) are registered
-when their module exists; a missing module is skipped, but any other error
-while importing it is raised, so a broken command is never hidden.
+``register(app: typer.Typer) -> None``; this module registers them all, in
+the order ``xattn --help`` lists them.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Annotated
 
 import typer
@@ -30,8 +27,9 @@ Examples:
   $ accelerate launch --multi_gpu --num_processes 2 -m xattn sweep configs/sweep-example.yaml
 """
 
-# Order of `xattn --help`; the first four are ours, the others are registered if present.
-COMMANDS = ("generate", "sites", "sweep", "maps", "reweight", "edit", "report")
+from . import edit, generate, maps, report, reweight, sites, sweep
+
+COMMANDS = ("generate", "sites", "sweep", "maps", "reweight", "edit", "report")  # the order of `xattn --help`
 
 app = typer.Typer(
     name="xattn", help=HELP, no_args_is_help=True, add_completion=False,
@@ -56,23 +54,9 @@ def _root(
     """Options before the command name."""
 
 
-def _register_all(target: typer.Typer) -> list[str]:
-    """Import ``xattn.cli.<name>`` for each command and call its ``register``; skip absent ones."""
-    registered = []
-    for name in COMMANDS:
-        module_name = f"{__name__}.{name}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name:  # the command's own module is not there (yet)
-                continue
-            raise
-        module.register(target)
-        registered.append(name)
-    return registered
-
-
-REGISTERED = _register_all(app)
+for _module in (generate, sites, sweep, maps, reweight, edit, report):
+    _module.register(app)
+REGISTERED = list(COMMANDS)
 
 
 def main() -> None:

@@ -14,8 +14,10 @@ import typer
 from ..app import runner
 from ..edit import EditError, SelfInject, edit
 from ..edit.defaults import recommended
+from ..edit.blend import BLEND_THRESHOLD
+from ..edit.controllers import SELF_RES
 from ..edit.run import MODES
-from ..edit.windows import DEFAULT_KEY, parse_window
+from ..edit.windows import CROSS_STEPS, DEFAULT_KEY, SELF_STEPS, parse_window
 from ..app.runfolder import RunFolderError, save_image_atomic
 from ..validate import OptionError, number
 from . import common
@@ -23,8 +25,8 @@ from . import common
 SHEET = "sheet.png"
 NO_WINDOW = ("none", "off")
 # Defaults of the edit's own options; they are None on the command line so a --config file can set them.
-EDIT_DEFAULTS: dict[str, Any] = {"mode": "auto", "threshold": 0.3, "cross_steps": "0:0.8", "self_steps": "0:0.4",
-                                 "self_res": "<=32"}
+EDIT_DEFAULTS: dict[str, Any] = {"mode": "auto", "threshold": BLEND_THRESHOLD, "cross_steps": f"0:{CROSS_STEPS}",
+                                 "self_steps": f"0:{SELF_STEPS}", "self_res": SELF_RES}  # the library's, as text
 
 
 def _pairs(items: list[str] | None, option: str, example: str) -> dict[str, str]:

@@ -37,6 +37,9 @@ from .errors import EditError
 from .windows import WindowSpec, describe, parse_window, steps_in
 
 
+BLEND_THRESHOLD = 0.3  # prompt-to-prompt's local-blend threshold (a shipped model may recommend its own)
+
+
 @dataclass(frozen=True)
 class _BlendPlan:
     """Rows to read and the word slots of each, built once per run."""
@@ -69,7 +72,7 @@ class LocalBlend(Controller):
     boolean masks used, for inspection.
     """
 
-    def __init__(self, words: str | Sequence[str], threshold: float = 0.3, *, steps: WindowSpec = "0:1.0",
+    def __init__(self, words: str | Sequence[str], threshold: float = BLEND_THRESHOLD, *, steps: WindowSpec = "0:1.0",
                  res: str | None = None, selector: Selector | str | dict | None = None, dilate: int = 1):
         self.words = [words] if isinstance(words, str) else list(words)
         if not self.words or not all(isinstance(w, str) and w.strip() for w in self.words):
@@ -205,4 +208,4 @@ class LocalBlend(Controller):
         return f"LocalBlend({self.words!r}, threshold={self.threshold})"
 
 
-__all__ = ["LocalBlend"]
+__all__ = ["BLEND_THRESHOLD", "LocalBlend"]

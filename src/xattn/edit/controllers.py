@@ -39,7 +39,10 @@ from ..tokens import TokenError, TokenMap
 from .align import Mapper, build_mapper
 from .errors import EditError
 from .pairs import RowPairs, check_rows, row_pairs
-from .windows import DEFAULT_KEY, WindowSpec, describe, parse_window, parse_word_windows, steps_in
+from .windows import CROSS_STEPS, DEFAULT_KEY, SELF_STEPS, WindowSpec, describe, parse_window, parse_word_windows, steps_in
+
+
+SELF_RES = "<=32"  # self-attention maps injected at sizes up to 32: prompt-to-prompt's choice for SD
 
 
 def _own_selector(selector, kind: str, name: str) -> Selector:
@@ -90,7 +93,7 @@ class CrossAttentionEdit(Controller):
 
     mode = "auto"  # which mapper: "replace", "refine" or "auto" (by word counts)
 
-    def __init__(self, steps: WindowSpec | Mapping[str, WindowSpec] = 0.8, *,
+    def __init__(self, steps: WindowSpec | Mapping[str, WindowSpec] = CROSS_STEPS, *,
                  selector: Selector | str | dict | None = None, rows: str = "cond"):
         self.windows = parse_word_windows(steps, what=f"{type(self).__name__} steps")
         self.selector = _own_selector(selector, "cross", type(self).__name__)
@@ -271,7 +274,7 @@ class SelfInject(Controller):
 
     """
 
-    def __init__(self, steps: WindowSpec = 0.4, res: str | None = "<=32", *,
+    def __init__(self, steps: WindowSpec = SELF_STEPS, res: str | None = SELF_RES, *,
                  selector: Selector | str | dict | None = None, rows: str = "cond"):
         self.window = parse_window(steps, what="SelfInject steps")
         selector = _own_selector(selector, "self", "SelfInject")
@@ -311,4 +314,4 @@ class SelfInject(Controller):
         return f"SelfInject(steps={describe(self.window)!r}, selector='{self.selector}')"
 
 
-__all__ = ["AutoEdit", "CrossAttentionEdit", "Refine", "Replace", "SelfInject", "token_maps_of"]
+__all__ = ["SELF_RES", "AutoEdit", "CrossAttentionEdit", "Refine", "Replace", "SelfInject", "token_maps_of"]

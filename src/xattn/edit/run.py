@@ -25,10 +25,10 @@ from ..files import OverwriteError, save_image_atomic, write_json_atomic
 from ..session import hooks
 from ..tokens import TokenMap
 from .align import choose_mode
-from .blend import LocalBlend
-from .controllers import AutoEdit, Refine, Replace, SelfInject
+from .blend import BLEND_THRESHOLD, LocalBlend
+from .controllers import SELF_RES, AutoEdit, Refine, Replace, SelfInject
 from .errors import EditError
-from .windows import WindowSpec
+from .windows import CROSS_STEPS, SELF_STEPS, WindowSpec
 
 MODES = {"auto": AutoEdit, "replace": Replace, "refine": Refine}
 MANIFEST = "edit.json"
@@ -87,9 +87,9 @@ class EditResult:
 
 
 def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: str = "auto",
-                      cross_steps: WindowSpec | Mapping[str, WindowSpec] = 0.8, self_steps: WindowSpec = 0.4,
-                      self_res: str | None = "<=32", blend: str | Sequence[str] | None = None,
-                      threshold: float = 0.3, blend_res: str | None = None,
+                      cross_steps: WindowSpec | Mapping[str, WindowSpec] = CROSS_STEPS, self_steps: WindowSpec = SELF_STEPS,
+                      self_res: str | None = SELF_RES, blend: str | Sequence[str] | None = None,
+                      threshold: float = BLEND_THRESHOLD, blend_res: str | None = None,
                       reweight: Mapping[str, float] | None = None, rows: str = "cond") -> list:
     """The controllers of an edit, in the order they must run, checked against the prompts.
 
@@ -184,8 +184,8 @@ def _sample(pipe, prompts: list[str], latents: torch.Tensor, seeds: list[int], *
 
 
 def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[int], *, mode: str = "auto",
-               cross_steps: WindowSpec | Mapping[str, WindowSpec] = 0.8, self_steps: WindowSpec = 0.4,
-               self_res: str | None = "<=32", blend: str | Sequence[str] | None = None, threshold: float = 0.3,
+               cross_steps: WindowSpec | Mapping[str, WindowSpec] = CROSS_STEPS, self_steps: WindowSpec = SELF_STEPS,
+               self_res: str | None = SELF_RES, blend: str | Sequence[str] | None = None, threshold: float = 0.3,
                blend_res: str | None = None, reweight: Mapping[str, float] | None = None, rows: str = "cond",
                steps: int = 25, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
                reprompt: bool = True, output_type: str = "pil") -> list[EditResult]:

@@ -19,6 +19,8 @@ from ..steps import Span, StepWindowError, WindowSpec, describe
 from .errors import EditError
 
 DEFAULT_KEY = "default"
+CROSS_STEPS = 0.8  # prompt-to-prompt's cross_replace_steps: the target takes the source's maps for 80% of steps
+SELF_STEPS = 0.4  # prompt-to-prompt's self_replace_steps
 
 
 def parse_window(spec: WindowSpec, *, what: str) -> tuple[Span, ...]:
@@ -58,4 +60,4 @@ def steps_in(window: tuple[Span, ...], num_steps: int | None, what: str) -> froz
         raise EditError(str(error)) from None
 
 
-__all__ = ["DEFAULT_KEY", "WindowSpec", "describe", "parse_window", "parse_word_windows", "steps_in"]
+__all__ = ["CROSS_STEPS", "DEFAULT_KEY", "SELF_STEPS", "WindowSpec", "describe", "parse_window", "parse_word_windows", "steps_in"]
