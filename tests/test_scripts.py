@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,20 @@ def test_gpu_check_catches_a_broken_path(monkeypatch, capsys):
     rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert rows["fused map_rows (self injection) vs copied map"].endswith("| NO |")
     assert rows["no hooks vs stock"].endswith("| yes |")  # only the broken path is flagged
+
+
+def test_train_world_runs_its_first_steps_through_xattn_hooks(tmp_path):
+    """A few VAE and UNet steps of the shapes-world recipe, with the grounding maps read by an xattn hook."""
+    import re
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(SCRIPTS / "train_world.py"), "--dir", str(tmp_path / "run"),
+                             "--pool", "32", "--vae-steps", "2", "--vae-batch", "4", "--unet-steps", "3",
+                             "--batch", "4", "--minutes", "3", "--log-every", "1"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = re.findall(r"unet step \d+/3 diff ([\d.]+) share ([\d.]+) bce ([\d.]+)", result.stdout + result.stderr)
+    assert len(steps) == 3
+    for diff, share, bce in steps:  # the grounding terms are real numbers from real maps
+        assert 0 < float(share) <= 1 and 0 < float(bce) < 10 and float(diff) > 0

@@ -53,14 +53,14 @@ def test_capture_word_maps_equal_the_training_probes(world_pipe):
 
     from xattn.world import heldout_scenes
     from xattn.world.data import image_to_tensor, object_slots
-    from xattn.world.grounding import install
+    from reference import install_probe
     from xattn.world.measure import scene_word_maps
 
     pipe, scene, timesteps = world_pipe, heldout_scenes(1)[0], (300, 700)
     slots = [slot for pair in object_slots(scene) for slot in pair]
     maps = scene_word_maps(pipe, scene, slots, timesteps, seed=5)
     saved = pipe.unet.attn_processors
-    store = install(pipe.unet)  # explicit softmax(QK^T * scale) at every attn2, kept per call
+    store = install_probe(pipe.unet)  # explicit softmax(QK^T * scale) at every attn2, kept per call
     try:
         with torch.no_grad():
             ids = pipe.tokenizer(scene.caption, padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -14,7 +14,8 @@ import torch
 
 import xattn
 from tiny_models import TEXT_DIM, sd1_unet
-from xattn.world.grounding import ProbeProcessor, ProbeStore, grounding_loss
+from reference import ProbeProcessor
+from xattn.world.grounding import ProbeStore, grounding_loss
 
 torch.set_num_threads(1)
 PROCESSOR = ".processor"
@@ -100,7 +101,7 @@ def test_gradients_through_probs_hooks_equal_plain_float64_autograd(unet):
 
 
 def test_the_grounding_loss_through_a_hook_equals_the_training_probe(unet):
-    """Training keeps its own probe (ProbeProcessor); a hook gives the same loss and the same gradients."""
+    """Training reads its maps through a hook; the former explicit probe gives the same loss and gradients."""
     gen = torch.Generator().manual_seed(5)
 
     def targets_for(store: list[torch.Tensor]):

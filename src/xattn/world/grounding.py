@@ -22,45 +22,33 @@ class ProbeStore:
     def clear(self) -> None:
         self.probs = []
 
-
-class ProbeProcessor:
-    """Cross-attention with an explicit softmax(QK^T * scale) kept for the loss.
-
-    Numerically the same computation as diffusers' AttnProcessor for a plain
-    cross-attention layer (no masks, norms or residual inside the module).
-    """
-
-    def __init__(self, store: ProbeStore) -> None:
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, *args, **kwargs):
-        b, n, _ = hidden_states.shape  # [b, pixels, channels]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
-        h = attn.heads
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(context)
-        v = attn.to_v(context)
-        q = q.view(b, n, h, -1).transpose(1, 2)  # [b, h, i, d]
-        k = k.view(b, k.shape[1], h, -1).transpose(1, 2)  # [b, h, j, d]
-        v = v.view(b, v.shape[1], h, -1).transpose(1, 2)  # [b, h, j, d]
-        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [b, h, i, j]
-        if self.store.enabled:
-            self.store.probs.append(probs)
-        out = (probs @ v).transpose(1, 2).reshape(b, n, -1)  # [b, i, h*d]
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out / attn.rescale_output_factor
+    def close(self) -> None:
+        """End the xattn session that fills the store (the stock processors come back)."""
+        session = getattr(self, "session", None)
+        if session is not None:
+            session.__exit__(None, None, None)
+            self.session = None
 
 
 def install(unet) -> ProbeStore:
-    """Put ProbeProcessor on every cross-attention (attn2) module of ``unet``."""
+    """Keep every cross-attention map of ``unet``'s calls in a store, with gradients, through an xattn hook.
+
+    A ``probs`` hook sees the map inside the autograd graph (``tests/test_world_hook_gradients.py``
+    checks the gradients against float64 autograd), so training reads its maps
+    the way users read theirs. The session stays open for the training run;
+    :meth:`ProbeStore.close` ends it.
+    """
+    from ..hookpoints import Hook
+    from ..session import hooks
+
     store = ProbeStore()
-    procs = {}
-    for name, proc in unet.attn_processors.items():
-        procs[name] = ProbeProcessor(store) if ".attn2." in name else proc
-    unet.set_attn_processor(procs)
+
+    def keep(probs, ctx):  # probs: [b, heads, pixels, tokens]
+        if store.enabled:
+            store.probs.append(probs)
+
+    store.session = hooks(unet, Hook("probs", keep, selector="kind=cross"))
+    store.session.__enter__()
     return store
 
 
