@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ..hookpoints import BatchLayout, Controller, HookContext
 from ..selector import Selector
 from ..sites import Site
-from .layers import MapLayer
+from .layers import TEXT_KINDS, MapLayer
 from .plan import (CaptureBudgetError, PlannedSite, RunState, Slice, format_bytes, parse_bytes, res_at,
                    site_downsampling, token_columns)
 
@@ -152,7 +152,7 @@ class Capture(Controller):
         if heads is not None:
             picked = heads.take(picked, 1)  # [r, h', i, j]
         padding = None
-        if site.kind == "cross":
+        if site.kind in TEXT_KINDS:
             if run.others:
                 kept = len(run.columns)
                 padding = picked.narrow(3, kept, picked.shape[3] - kept)  # [r, h', i, j - j']
@@ -261,12 +261,18 @@ class Capture(Controller):
         rows = list(range(layout.batch_size)) if self.uncond else layout.row_indices(cond=True)
         if not rows:
             raise ValueError(f"this call has no conditional rows to capture (layout: {layout.rows}); pass uncond=True")
-        key_length = x.shape[-1] if ctx.site.kind == "cross" else (self._text_length or DEFAULT_TEXT_LENGTH)
+        text = ctx.site.kind in TEXT_KINDS
+        key_length = x.shape[-1] if text else (self._text_length or DEFAULT_TEXT_LENGTH)
         columns, others = token_columns(layout, key_length, self.selector.tokens, self.slots)
-        factor = self._factors.get(ctx.site.name, 1)
-        latent_hw = (ctx.res[0] * factor, ctx.res[1] * factor)
+        factor = self._factors.get(ctx.site.name)
+        if factor is None:  # a transformer: every site sees the patch grid, latent = patch x grid
+            latent_hw = tuple(ctx.latent_hw)
+            factor = max(1, latent_hw[0] // ctx.res[0])
+        else:
+            latent_hw = (ctx.res[0] * factor, ctx.res[1] * factor)
         image_hw = (latent_hw[0] * self._vae_scale, latent_hw[1] * self._vae_scale)
         run = RunState(layout, rows, columns, key_length, latent_hw, image_hw, ctx.num_steps, others)
+        run.patch = factor if not self._factors else 1
         run.planned_bytes = self._check_budget(run, ctx, key_length)
         if self.stream_to is not None:
             self._prepare_stream_folder()
@@ -279,14 +285,14 @@ class Capture(Controller):
         for site in self._sites:
             if not self.selector.matches_site(site):
                 continue
-            res = res_at(run.latent_hw, self._factors.get(site.name, 1))
+            res = res_at(run.latent_hw, self._factors.get(site.name, run.patch))
             if not self.selector.matches_res(res) or (site.kind == "self" and max(res) > self.self_res):
                 continue
             heads = self._head_choice(site)
             count = site.heads if heads is None else heads.count
             if count == 0:
                 continue
-            if site.kind == "cross":
+            if site.kind in TEXT_KINDS:
                 keys = key_length if run.columns is None else len(run.columns) + run.others
             else:
                 keys = res[0] * res[1]

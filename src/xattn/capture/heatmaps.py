@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..hookpoints import BatchLayout, Row
 from ..selector import Selector, SelectorError
 from ..tokens import TokenError, TokenMap
-from .layers import MapLayer
+from .layers import TEXT_KINDS, MapLayer
 
 StepsArg = str | range | tuple[int, int] | Iterable[int] | None
 ResArg = int | str | tuple[int, int] | None
@@ -192,8 +192,9 @@ class WordMaps:
     def token_totals(self, prompt: int = 0, image: int = 0) -> dict[str, float]:
         """Share of all captured attention that each word (and ``<start>``, ``<end>``, ``<pad>``) gets.
 
-        The shares of every slot sum to 1 (when every slot was captured); this
-        is the "how much did the image look at this word" number.
+        The shares of every slot sum to 1 (when every slot was captured; at joint
+        sites, to the share the image gives the text, since image keys share the
+        softmax); this is the "how much did the image look at this word" number.
         """
         row = self._row(prompt, image, True)
         per_slot = None
@@ -235,7 +236,8 @@ class WordMaps:
 
     # -- lookups ---------------------------------------------------------------------------
     def _cross(self) -> list[MapLayer]:
-        return [layer for layer in self.layers if layer.kind == "cross"]
+        """The text maps: cross layers and joint layers (their image->text blocks)."""
+        return [layer for layer in self.layers if layer.kind in TEXT_KINDS]
 
     def _check_prompt(self, prompt: int) -> None:
         if not 0 <= prompt < max(self.num_prompts, 1):

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
+TEXT_KINDS = ("cross", "joint")  # sites whose maps have text keys: a joint site's image->text block is a text map
 
 @dataclass
 class MapLayer:
@@ -23,10 +24,10 @@ class MapLayer:
     The tensor is ``[rows, heads, i, j]``: rows are the captured batch rows
     (see :class:`WordMaps`), ``heads`` is 1 when heads were averaged, ``i``
     the ``res[0] * res[1]`` query positions and ``j`` the keys (captured token
-    columns at cross sites, the ``i`` positions again at self sites).
+    columns at cross and joint sites, the ``i`` positions again at self sites).
     """
 
-    kind: Literal["cross", "self"]
+    kind: Literal["cross", "self", "joint"]
     res: tuple[int, int]
     steps: tuple[int, ...]  # the denoising steps summed in; empty if unknown (bare model calls)
     sites: tuple[str, ...]  # the attention sites summed in

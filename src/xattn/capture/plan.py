@@ -158,10 +158,11 @@ class RunState:
         self.row_indices = rows
         self.rows: tuple[Row, ...] = tuple(layout.rows[r] for r in rows)
         self.row_choice = Slice(rows, layout.batch_size)
-        self.columns = columns  # token slots kept at cross sites (None = all)
+        self.columns = columns  # token slots kept at cross and joint sites (None = all)
         self.column_choice = Slice(columns, key_length)
         self.others = others  # one more column: the summed attention on every slot after ``columns`` (padding)
         self.latent_hw = latent_hw
+        self.patch = 1  # how many latent pixels one map position spans at sites without a UNet factor
         self.image_hw = image_hw
         self.num_steps = num_steps
         self.layers: dict[tuple, MapLayer] = {}
