@@ -67,6 +67,7 @@ class Runtime:
         self._selected: set[int] = set()  # controllers whose selector matched some call of this run
         self._latents: torch.Tensor | None = None  # the pipeline's latents, for steering controllers
         self._steering: tuple | None = None  # (controller, layout) during a steering controller's own pass
+        self.call_of_steer: _CallState | None = None  # the denoiser call a steering pass stands in for
         self._encoded: Encoded | None = None
         self._layout_key: tuple | None = None
         self._layout: BatchLayout | None = None
@@ -114,9 +115,11 @@ class Runtime:
         outer = self._in_pipeline_call
         self._in_pipeline_call, self._encoded, self.run, self._latents = True, None, None, None
         try:
-            return call(pipe, *args, **kwargs)
-        finally:
+            result = call(pipe, *args, **kwargs)
             self._end_run()
+            return result
+        finally:
+            self.run = None  # a failed call ends its run without the end-of-run checks
             self._in_pipeline_call, self._latents = outer, None
             if observing:
                 lifecycle.stop_observing(pipe, "prepare_latents")
