@@ -13,6 +13,11 @@ applies NFC and lower-cases): a letter keeps the combining accents that follow
 it (``cafe`` + U+0301 is the word ``café``), and a special token written in
 the prompt (``<|endoftext|>``) is one word of one slot, as the tokenizer
 treats it.
+
+Sentencepiece tokenizers (T5, Gemma) mark a word's first piece with ``▁`` and
+put no start token before the prompt (T5) or one (Gemma); the end token
+``</s>`` follows the pieces, padding after it. Their pieces are read from the
+tokenizer's own offsets (:meth:`TokenMap._lay_out_pieces`), with the same words.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class Word:
     text: str  # as written in the prompt
     start: int  # character span in the prompt
     end: int
-    slots: tuple[int, ...]  # indices into the padded token sequence (BOS is slot 0)
+    slots: tuple[int, ...]  # indices into the padded token sequence (CLIP's start token is slot 0)
     occurrence: int  # 1 for the first time this (lower-cased) word appears, 2 for the next...
 
     @property
@@ -124,6 +129,7 @@ class TokenMap:
     """
 
     _whole_words: tuple[str, ...] = ()  # tokens kept whole (special, textual inversion) when looking words up
+    start_slots = 1  # slots before the first piece: CLIP's start token; 0 for T5
 
     def __init__(self, tokenizer, prompt: str, max_length: int | None = None):
         self.written = prompt
@@ -131,6 +137,9 @@ class TokenMap:
         self.cut_from: int | None = None  # character where the first word that was cut starts
         if getattr(tokenizer, "prompt_syntax", None) is not None:  # xattn.prompts.LongPromptTokenizer
             self._lay_out_chunks(tokenizer, prompt)
+            return
+        if is_sentencepiece(tokenizer):
+            self._lay_out_pieces(tokenizer, prompt, max_length)
             return
         self.prompt = prompt
         self.max_length = int(max_length or tokenizer.model_max_length)
@@ -161,6 +170,50 @@ class TokenMap:
             )
         self.pieces = pieces[:body]
         self.end_slot = 1 + len(self.pieces)  # the end-of-text token
+
+    def _lay_out_pieces(self, tokenizer, prompt: str, max_length: int | None) -> None:
+        """A sentencepiece prompt (T5, Gemma): the tokenizer's own pieces, given to words by character offsets.
+
+        Sentencepiece cuts whole stretches between spaces (``cat,`` may be one
+        stretch of pieces), so pieces cannot be made word by word as for CLIP.
+        A piece belongs to every word its characters overlap; a bare ``▁``
+        (the space before a word) belongs to the word that follows.
+        """
+        self.prompt = prompt
+        self.start_slots = start_slots(tokenizer)
+        encoding = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = tokenizer.convert_ids_to_tokens(encoding["input_ids"])
+        limit = getattr(tokenizer, "model_max_length", None)
+        if max_length is None:  # a tokenizer without a real limit (1e30): the prompt's own length, no padding
+            max_length = limit if limit and limit < 1_000_000 else self.start_slots + len(pieces) + 1
+        self.max_length = int(max_length)
+        room = self.max_length - 1 - self.start_slots  # pieces that fit before the end token
+        self._whole_words = _special_tokens(tokenizer)
+        spans = split_words(prompt, self._whole_words)
+        owned: list[list[int]] = [[] for _ in spans]
+        for index, (start, end) in enumerate(encoding["offset_mapping"]):
+            while start < end and prompt[start].isspace():  # the space a leading ▁ stands for
+                start += 1
+            words = [w for w, (_, s, e) in enumerate(spans) if s < end and start < e] if start < end else []
+            if not words:  # a bare ▁: the next word's
+                words = [w for w, (_, s, _) in enumerate(spans) if s >= start][:1]
+            for word in words:
+                owned[word].append(self.start_slots + index)
+        self.words, self.cut_words, counts = [], [], {}
+        for (text, start, end), slots in zip(spans, owned):
+            kept = tuple(slot for slot in slots if slot < self.start_slots + room)
+            if len(kept) < len(slots):
+                self.cut_words.append(text)
+                self.cut_from = start if self.cut_from is None else self.cut_from
+            if kept:
+                key = normal_key(text)
+                counts[key] = counts.get(key, 0) + 1
+                self.words.append(Word(text, start, end, kept, counts[key]))
+        if self.cut_words:
+            warnings.warn(f"prompt is longer than {room} tokens; these words were cut: {' '.join(self.cut_words)}",
+                          stacklevel=3)
+        self.pieces = pieces[:room]
+        self.end_slot = self.start_slots + len(self.pieces)
 
     def _check_against_tokenizer(self, tokenizer, pieces: list[str], text: str | None = None) -> None:
         text = self.prompt if text is None else text
@@ -230,6 +283,8 @@ class TokenMap:
             return [key]
         name = normal_key(key.strip())
         if name in START_NAMES:
+            if not self.start_slots:
+                raise TokenError(f"{key!r}: this tokenizer puts no start token before the prompt")
             return [0]
         if name in END_NAMES:
             return [self.end_slot]
@@ -270,7 +325,7 @@ class TokenMap:
 
     def _room(self) -> str:
         if self.chunks is None:
-            return str(self.max_length - 2)
+            return str(self.max_length - 1 - self.start_slots)
         return f"{self.max_length // 77} chunk(s) of 75"
 
     def _find(self, target: list[str]) -> list[list[Word]]:
@@ -293,7 +348,7 @@ class TokenMap:
 
     def word_at(self, slot: int) -> str:
         """The name of whatever sits at ``slot``."""
-        if slot % 77 == 0 if self.chunks is not None else slot == 0:
+        if slot % 77 == 0 if self.chunks is not None else slot < self.start_slots:
             return "<start>"
         if slot == self.end_slot:
             return "<end>"
@@ -316,4 +371,20 @@ class TokenMap:
 
     def __repr__(self) -> str:
         listed = " ".join(f"{w.text}{list(w.slots)}" for w in self.words)
-        return f"TokenMap({self.prompt!r}: <start>[0] {listed} <end>[{self.end_slot}])"
+        start = "<start>[0] " if self.start_slots else ""
+        return f"TokenMap({self.prompt!r}: {start}{listed} <end>[{self.end_slot}])"
+
+
+def is_sentencepiece(tokenizer) -> bool:
+    """Whether the tokenizer marks word starts with ``▁`` (sentencepiece: T5, Gemma) instead of CLIP's ``</w>``."""
+    try:
+        return any(piece.startswith("\u2581") for piece in tokenizer.tokenize("a photo"))
+    except (AttributeError, TypeError):
+        return False
+
+
+def start_slots(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before a prompt's pieces (CLIP, Gemma: 1; T5: 0)."""
+    body = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    return next((i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body), 0)
