@@ -13,7 +13,7 @@ On the held-out captions (``xattn.world.heldout_prompts``) and fixed seeds:
 Judged with :mod:`xattn.world.measure`. Prints a table; ``--json`` keeps it.
 
     python scripts/eval_guidance.py                   # 8 seeds
-    python scripts/eval_guidance.py --seeds 16 --step-size 20 --json outputs/guidance.json
+    python scripts/eval_guidance.py --seeds 16 --step-size 20 --word-step-size 0.5 --json outputs/guidance.json
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ BOXES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 per caption")
-    parser.add_argument("--step-size", type=float, default=20.0)
+    parser.add_argument("--step-size", type=float, default=20.0, help="for Layout (Attend-and-Excite's 20)")
+    parser.add_argument("--word-step-size", type=float, default=0.5,
+                        help="for Excite and Bind (their losses are on another scale; 0.5 chosen on seeds 0-1)")
     parser.add_argument("--steps", default="0.5", help="guidance window")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="also write the table here (never overwritten)")
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             out = measure.generate(pipe, prompt, seeds, defaults["guidance_scale"], defaults["num_inference_steps"])
         return out, time.perf_counter() - start
 
-    def guide(*losses):
-        return [Guide(*losses, step_size=args.step_size, steps=args.steps)]
+    def guide(*losses, step_size=None):
+        return [Guide(*losses, step_size=step_size or args.word_step_size, steps=args.steps)]
 
     rows, seconds = {}, {}
 
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             inside, spent = [], 0.0
             for prompt in singles:
                 ((colour, shape),) = measure.object_words(prompt)
-                batch, took = images(prompt, guide(Layout({f"{colour} {shape}": box})) if guided else [])
+                layout = Layout({f"{colour} {shape}": box})
+                batch, took = images(prompt, guide(layout, step_size=args.step_size) if guided else [])
                 spent += took
                 for image in batch:
                     mask = measure.object_mask(image, colour)
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in rows.items():
         print(f"{name:<{width}}  {value:.3f}  {seconds[name]:.1f}")
     print(f"({len(pairs)} pair and {len(singles)} single captions x {len(seeds)} seeds, "
-          f"step size {args.step_size}, window {args.steps}; seconds are wall time of that row, one thread)")
+          f"step size {args.step_size} (Layout) and {args.word_step_size} (Excite, Bind), window {args.steps}; "
+          "seconds are wall time of that row, one thread)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rates": rows, "seconds": seconds, "args": vars(args) | {"json": str(args.json)}},
