@@ -12,7 +12,8 @@ On the held-out captions (``xattn.world.heldout_prompts``) and fixed seeds:
 
 Judged with :mod:`xattn.world.measure`. Prints a table; ``--json`` keeps it.
 
-    python scripts/eval_guidance.py                   # 8 seeds
+    python scripts/eval_guidance.py                   # seeds 0-7
+    python scripts/eval_guidance.py --seeds 4 --first-seed 2
     python scripts/eval_guidance.py --seeds 16 --step-size 20 --word-step-size 0.5 --json outputs/guidance.json
 """
 
@@ -32,7 +33,8 @@ BOXES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 per caption")
+    parser.add_argument("--seeds", type=int, default=8, help="N seeds per caption")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first of them (step sizes were chosen on 0-1)")
     parser.add_argument("--step-size", type=float, default=20.0, help="for Layout (Attend-and-Excite's 20)")
     parser.add_argument("--word-step-size", type=float, default=0.5,
                         help="for Excite and Bind (their losses are on another scale; 0.5 chosen on seeds 0-1)")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = StableDiffusionPipeline.from_pretrained(xattn.world.model_path())
     pipe.set_progress_bar_config(disable=True)
     defaults = json.loads((xattn.world.model_path() / "xattn_defaults.json").read_text())
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     singles, pairs = heldout_prompts(n_pair=16)
 
     def images(prompt, controllers):
