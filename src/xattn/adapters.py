@@ -19,6 +19,7 @@ import torch
 
 from .errors import LayoutError
 from .hookpoints import BatchLayout, Row
+from .token_parts import PartsTokenMap
 from .tokens import TokenMap
 
 
@@ -31,9 +32,11 @@ class Encoded:
     images_per_prompt: int
     cond: torch.Tensor | None  # [n_prompts * n_images, j, d]
     uncond: torch.Tensor | None  # same shape, or None without classifier-free guidance
+    other_prompts: dict | None = None  # prompt_2 / prompt_3 as given (SD3, Flux: the text of other encoders)
 
 
 Unpack = Callable[[tuple], tuple[torch.Tensor | None, torch.Tensor | None]]
+MakeTokenMap = Callable[[object, str, int, Encoded], object]  # (pipe, prompt, text length, encoded) -> token map
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Adapter:
     class_prefixes: tuple[str, ...]  # pipeline class names (or their bases') that belong to the family
     unpack: Unpack  # encode_prompt's return value -> (cond, uncond) embeddings
     tokenizer_attributes: tuple[str, ...] = ("tokenizer",)
+    token_map: MakeTokenMap | None = None  # how a prompt's words sit in the text; default TokenMap(tokenizer)
 
     def tokenizer(self, pipe):
         for attribute in self.tokenizer_attributes:
@@ -67,6 +71,7 @@ class Adapter:
             images_per_prompt=int(arguments.get("num_images_per_prompt") or 1),
             cond=cond,
             uncond=uncond,
+            other_prompts={k: arguments[k] for k in ("prompt_2", "prompt_3") if arguments.get(k) is not None},
         )
 
 
@@ -78,10 +83,20 @@ def _masked_pairs(result: tuple):  # (embeds, mask, negative_embeds, negative_ma
     return result[0], (result[2] if len(result) > 2 else None)
 
 
+def _sd3_token_map(pipe, prompt: str, length: int, encoded: Encoded):
+    """CLIP's 77 slots (CLIP-L and CLIP-G side by side share them), then T5's: a word has slots in each."""
+    clip = TokenMap(pipe.tokenizer, prompt)
+    t5 = getattr(pipe, "tokenizer_3", None)
+    if (t5 is None or getattr(pipe, "text_encoder_3", None) is None  # the T5 part is zeros: no word there
+            or length <= clip.max_length or (encoded.other_prompts or {}).get("prompt_3") is not None):
+        return clip
+    return PartsTokenMap([(0, clip), (clip.max_length, TokenMap(t5, prompt, max_length=length - clip.max_length))])
+
+
 # Most specific first: a class is matched by the first adapter one of its bases' names starts with.
 ADAPTERS: tuple[Adapter, ...] = (
     # SD3: (embeds, negative, pooled, negative pooled); the text is CLIP-L+G's 77 slots, then T5's
-    Adapter("sd3", ("StableDiffusion3",), _first_two, ("tokenizer", "tokenizer_2")),
+    Adapter("sd3", ("StableDiffusion3",), _first_two, ("tokenizer", "tokenizer_2"), _sd3_token_map),
     Adapter("sdxl", ("StableDiffusionXL",), _first_two, ("tokenizer", "tokenizer_2")),
     Adapter("sd", ("StableDiffusion", "AltDiffusion"), _first_two),
     Adapter("pixart", ("PixArt", "Sana"), _masked_pairs),
@@ -101,8 +116,12 @@ def adapter_for(pipe) -> Adapter | None:
     return None
 
 
-def match_rows(text: torch.Tensor, encoded: Encoded, tokenizer, pipeline_name: str) -> BatchLayout:
-    """Identify each row of ``text`` [b, j, d] by equality with the encoded embeddings."""
+def match_rows(text: torch.Tensor, encoded: Encoded, tokenizer, pipeline_name: str,
+               make_map: Callable[[str], object] | None = None) -> BatchLayout:
+    """Identify each row of ``text`` [b, j, d] by equality with the encoded embeddings.
+
+    ``make_map``: a prompt's token map (default ``TokenMap(tokenizer, prompt)``).
+    """
     n_images = encoded.images_per_prompt
     candidates = [(True, encoded.cond), (False, encoded.uncond)]
     used: set[tuple[bool, int]] = set()
@@ -127,7 +146,9 @@ def match_rows(text: torch.Tensor, encoded: Encoded, tokenizer, pipeline_name: s
             )
         rows.append(row)
     prompts = tuple(encoded.prompts) if encoded.prompts is not None else ()
-    token_maps = tuple(TokenMap(tokenizer, p) if (tokenizer is not None and p is not None) else None for p in prompts)
+    if make_map is None and tokenizer is not None:
+        make_map = lambda prompt: TokenMap(tokenizer, prompt)  # noqa: E731
+    token_maps = tuple(make_map(p) if (make_map is not None and p is not None) else None for p in prompts)
     return BatchLayout(rows=tuple(rows), prompts=prompts, token_maps=token_maps,
                        negative_prompts=tuple(encoded.negative_prompts))
 
@@ -160,7 +181,10 @@ def layout_of_pipeline_call(text: torch.Tensor, encoded: Encoded, adapter: Adapt
             raise LayoutError(f"prompts= names {len(prompts)} prompts, the {name} call has {len(encoded.prompts)}")
         encoded = Encoded(list(prompts), encoded.negative_prompts or [None] * len(prompts),
                           encoded.images_per_prompt, encoded.cond, encoded.uncond)
-    return match_rows(text, encoded, tokenizer or adapter.tokenizer(pipe), name)
+    make_map = None
+    if adapter.token_map is not None and (tokenizer is None or tokenizer is getattr(pipe, "tokenizer", None)):
+        make_map = lambda prompt: adapter.token_map(pipe, prompt, text.shape[1], encoded)  # noqa: E731
+    return match_rows(text, encoded, tokenizer or adapter.tokenizer(pipe), name, make_map)
 
 
 __all__ = ["ADAPTERS", "Adapter", "Encoded", "adapter_for", "layout_of_pipeline_call", "layout_without_encoding",
