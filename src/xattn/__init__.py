@@ -28,6 +28,7 @@ from .reweight import Ramp, Reweight
 from .capture import Capture, WordMaps
 from .edit import EditError, LocalBlend, Refine, Replace, SelfInject
 from .guide import Guide
+from .inversion import Inversion, InversionError, invert
 from . import world
 
 __version__ = "0.1.0"
@@ -40,6 +41,8 @@ __all__ = [
     "EditError",
     "Guide",
     "Hook",
+    "Inversion",
+    "InversionError",
     "HookContext",
     "HookError",
     "LayoutError",
@@ -63,6 +66,7 @@ __all__ = [
     "WordMaps",
     "XattnError",
     "hooks",
+    "invert",
     "resolution_of",
     "sites",
     "world",

@@ -187,8 +187,8 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
                cross_steps: WindowSpec | Mapping[str, WindowSpec] = CROSS_STEPS, self_steps: WindowSpec = SELF_STEPS,
                self_res: str | None = SELF_RES, blend: str | Sequence[str] | None = None, threshold: float = 0.3,
                blend_res: str | None = None, reweight: Mapping[str, float] | None = None, rows: str = "cond",
-               steps: int = 25, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
-               reprompt: bool = True, output_type: str = "pil") -> list[EditResult]:
+               steps: int | None = None, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
+               reprompt: bool = True, output_type: str = "pil", inversion=None) -> list[EditResult]:
     """Edit the source prompt's image into each target prompt's (prompt-to-prompt), for several seeds at once.
 
     All seeds, the source and every target go through one pipeline call
@@ -202,13 +202,16 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         seeds: one seed per image: the initial latent and the sampler's noise.
         mode, cross_steps, self_steps, self_res, blend, threshold, blend_res,
             reweight, rows: see :func:`build_controllers`.
-        steps: number of denoising steps.
+        steps: number of denoising steps (``None``: 25, or the inversion's).
         guidance: classifier-free guidance scale.
         size: ``64`` or ``"WIDTHxHEIGHT"``; ``None`` for the model's size.
         negative_prompt: one negative prompt for every row.
         reprompt: also sample each target plainly from the same latents.
         output_type: ``"pil"``, or ``"latent"`` for the final latents ``[C, h, w]``
             (for analysis; :meth:`EditResult.save` and ``sheet`` need PIL images).
+        inversion: an :class:`xattn.invert.Inversion` of a real image: the
+            source row starts from its noise and follows it (one seed only;
+            steps and size are the inversion's).
 
     Returns:
         One :class:`EditResult` per seed, in the order of ``seeds``.
@@ -222,11 +225,18 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
     controllers = build_controllers(pipe.tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
                                     self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
                                     blend_res=blend_res, reweight=reweight, rows=rows)
-    width, height = _image_size(pipe, size)
-    latents = torch.cat([initial_latent(pipe, seed, width, height) for seed in seeds])  # [K, C, h, w]
+    followers: list = []
+    if inversion is None:
+        steps = 25 if steps is None else steps
+        width, height = _image_size(pipe, size)
+        latents = torch.cat([initial_latent(pipe, seed, width, height) for seed in seeds])  # [K, C, h, w]
+    else:
+        steps, width, height, latents, negative_prompt = _from_inversion(inversion, pipe, seeds, steps, size,
+                                                                         negative_prompt)
+        followers = inversion.controllers()  # before LocalBlend, which blends with the followed source
     common = dict(steps=steps, guidance=guidance, width=width, height=height, negative_prompt=negative_prompt,
                   output_type=output_type)
-    with hooks(pipe, *controllers):
+    with hooks(pipe, *followers, *controllers):
         images = _sample(pipe, [source, *targets], latents, seeds, **common)
     reprompts = _sample(pipe, targets, latents, seeds, **common) if reprompt else []
     token_maps = [TokenMap(pipe.tokenizer, p) for p in (source, *targets)]
@@ -236,11 +246,31 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         "modes": [choose_mode(token_maps[0], t) if mode == "auto" else mode for t in token_maps[1:]],
         "controllers": [c.to_dict() for c in controllers],
     }
+    if inversion is not None:
+        settings["inversion"] = inversion.to_dict()
     count = len(seeds)
     return [
         EditResult(images[k], images[count + k::count], reprompts[k::count], {**settings, "seed": seed})
         for k, seed in enumerate(seeds)
     ]
+
+
+def _from_inversion(inversion, pipe, seeds, steps, size, negative_prompt):
+    """Steps, size, start latent ``[1, C, h, w]`` and negative prompt of an edit of an inverted image."""
+    if inversion.pipe is not pipe:
+        raise EditError("the inversion was made with another pipeline; invert with the one that edits")
+    if len(seeds) != 1:
+        raise EditError(f"an inverted image is edited from its own noise: give one seed, not {len(seeds)}")
+    if steps is not None and int(steps) != inversion.steps:
+        raise EditError(f"the image was inverted with {inversion.steps} steps; edit with {inversion.steps}, "
+                        f"not {steps} (or leave steps unset)")
+    if size is not None and _image_size(pipe, size) != (inversion.width, inversion.height):
+        raise EditError(f"the image was inverted at {inversion.width}x{inversion.height}; leave size unset")
+    if negative_prompt is not None and inversion.negative_prompt() is not None:
+        raise EditError("negative-prompt inversion sets the negative prompt itself (the source prompt)")
+    negative = inversion.negative_prompt() if negative_prompt is None else negative_prompt
+    latents = inversion.noise.to(pipe.device, pipe.unet.dtype)
+    return inversion.steps, inversion.width, inversion.height, latents, negative
 
 
 def edit(pipe, source: str, targets: str | Sequence[str], *, seed: int = 0, **options) -> EditResult:
