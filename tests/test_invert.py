@@ -210,3 +210,22 @@ def test_world_recolour_from_a_direct_inversion_keeps_the_mask(world_pipe, world
         outside = ~script.widen(scene.objects[scene.mention_order[0]].mask, 2)
         ceiling = script.psnr(inv.decoded(), scene.image, outside)
         assert script.psnr(result.targets[0], scene.image, outside) > ceiling - 3.0
+
+
+# -- the command line ------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_edits_a_real_image(cli, tmp_path):
+    scene = xattn.world.make_scene(10_005_000, n_objects=2)  # "a green square and a yellow square"
+    Image.fromarray(scene.image).convert("RGBA").save(tmp_path / "photo.png")
+    result = cli("edit", "--image", tmp_path / "photo.png", "--source", scene.caption,
+                 "--target", "a red square and a yellow square", "--invert", "direct", "--out", "e")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "e"
+    for name in ("input.png", "reconstruction.png", "source.png", "target.png", "sheet.png"):
+        assert (folder / name).is_file(), name
+    assert np.array_equal(np.asarray(Image.open(folder / "input.png").convert("RGB")), scene.image)
+    wrong = cli("edit", "--image", tmp_path / "photo.png", "--source", scene.caption, "--target", "a red square",
+                "--size", "32", "--out", "f")
+    assert wrong.exit_code == 2 and "resize" in wrong.output
+    alone = cli("edit", "--source", scene.caption, "--target", "a red square", "--invert", "ddim")
+    assert alone.exit_code == 2 and "--invert needs --image" in alone.output

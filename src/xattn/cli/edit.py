@@ -3,10 +3,13 @@
 Writes ``source.png``, ``target.png`` (``target-1.png``... for several
 targets), ``reprompt.png`` (the target prompt sampled plainly from the same
 seed, for contrast), ``sheet.png`` (side by side) and the run's ``manifest.json``.
+With ``--image``, a real image is inverted (:func:`xattn.invert`) and edited,
+and ``input.png`` and ``reconstruction.png`` are written too.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 
 import typer
@@ -17,12 +20,14 @@ from ..edit.defaults import recommended
 from ..edit.blend import BLEND_THRESHOLD
 from ..edit.controllers import SELF_RES
 from ..edit.run import MODES
+from ..inversion import METHODS, invert
 from ..edit.windows import CROSS_STEPS, DEFAULT_KEY, SELF_STEPS, parse_window
 from ..app.runfolder import RunFolderError, save_image_atomic
 from ..validate import OptionError, number
 from . import common
 
 SHEET = "sheet.png"
+INPUT, RECONSTRUCTION = "input.png", "reconstruction.png"
 NO_WINDOW = ("none", "off")
 # Defaults of the edit's own options; they are None on the command line so a --config file can set them.
 EDIT_DEFAULTS: dict[str, Any] = {"mode": "auto", "threshold": BLEND_THRESHOLD, "cross_steps": f"0:{CROSS_STEPS}",
@@ -123,6 +128,12 @@ def register(app: typer.Typer) -> None:
             help="Weight a target word (prompt-to-prompt's equalizer, scale mode): green=2 (repeatable).",
             show_default=False)] = None,
         all_rows: Annotated[bool, typer.Option("--all-rows", help="Edit the unconditional rows too.")] = False,
+        image: Annotated[Optional[Path], typer.Option(
+            help="Edit this image instead of a sampled one: it is inverted with --source (its size must be "
+                 "the model's or --size; DDIM scheduler).", show_default=False)] = None,
+        invert_method: Annotated[Optional[str], typer.Option(
+            "--invert", help=f"Inversion method for --image: {', '.join(METHODS)}.",
+            show_default="direct")] = None,
         negative_prompt: common.NegativePrompt = None,
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
@@ -132,17 +143,31 @@ def register(app: typer.Typer) -> None:
     ):
         """Edit an image by editing attention: source and targets from one latent, plus a plain re-prompt."""
         options = dict(locals())
+        options.pop("image"), options.pop("invert_method")  # not run settings: the image is recorded as input.png
         with common.user_errors(EditError):
+            if invert_method is not None and image is None:
+                raise EditError("--invert needs --image (the image to invert)")
+            if invert_method is not None and invert_method not in METHODS:
+                raise EditError(f"--invert must be one of {', '.join(METHODS)}, not {invert_method!r}")
             edit_options(options)  # fail on a typo before the model loads
             run = common.start("edit", options, slug=target[0] if target else source, unused=("sites",))
             settings = run.settings
             model_edit = runner.model_defaults(runner.resolve_model(settings.get("model"))).get("edit")
             arguments = edit_options(settings, model_edit)
             seed_value = int(settings["seed"])
+            inversion = None
+            if image is not None:
+                with run.timings.phase("invert"):
+                    inversion = invert(run.pipe, image, source, method=invert_method or "direct",
+                                       steps=int(settings["steps"]), size=settings.get("size"))
+                for name, picture in ((INPUT, inversion.image), (RECONSTRUCTION,
+                                      inversion.reconstruct(guidance=float(settings["guidance"])))):
+                    run.save_png(picture, name, prompt=source, seed=seed_value, xattn={"edit": name[:-4]})
             with run.timings.phase("generate"):
                 result = edit(run.pipe, source, list(target), **arguments, seed=seed_value,
                               steps=int(settings["steps"]), guidance=float(settings["guidance"]),
-                              size=settings.get("size"), negative_prompt=settings.get("negative_prompt"))
+                              size=settings.get("size"), negative_prompt=settings.get("negative_prompt"),
+                              inversion=inversion)
             names = result.file_names()
             record = {"edit": {key: result.settings[key] for key in ("source", "modes", "controllers")}}
             run.save_png(result.source, names["source"][0], prompt=source, seed=seed_value, xattn=record)
