@@ -40,5 +40,5 @@ def t5_tokenizer(max_length: int = MAX_LENGTH) -> T5Tokenizer:
 
 def t5_encoder(hidden: int = 16, seed: int = 5) -> T5EncoderModel:
     torch.manual_seed(seed)
-    return T5EncoderModel(T5Config(vocab_size=len(vocabulary()), d_model=hidden, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    return T5EncoderModel(T5Config(vocab_size=len(vocabulary()), d_model=hidden, d_kv=8, d_ff=32, num_layers=1,
+                                   num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))

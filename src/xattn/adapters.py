@@ -83,6 +83,17 @@ def _masked_pairs(result: tuple):  # (embeds, mask, negative_embeds, negative_ma
     return result[0], (result[2] if len(result) > 2 else None)
 
 
+def _embeds_only(result: tuple):  # Flux: (embeds, pooled, text_ids); guidance-distilled, no unconditional rows
+    return result[0], None
+
+
+def _flux_token_map(pipe, prompt: str, length: int, encoded: Encoded):
+    """Flux's text is T5's sequence alone (CLIP gives only the pooled vector); None when T5 got ``prompt_2``."""
+    if (encoded.other_prompts or {}).get("prompt_2") is not None:
+        return None
+    return TokenMap(pipe.tokenizer_2, prompt, max_length=length)
+
+
 def _sd3_token_map(pipe, prompt: str, length: int, encoded: Encoded):
     """CLIP's 77 slots (CLIP-L and CLIP-G side by side share them), then T5's: a word has slots in each."""
     clip = TokenMap(pipe.tokenizer, prompt)
@@ -100,19 +111,25 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("sdxl", ("StableDiffusionXL",), _first_two, ("tokenizer", "tokenizer_2")),
     Adapter("sd", ("StableDiffusion", "AltDiffusion"), _first_two),
     Adapter("pixart", ("PixArt", "Sana"), _masked_pairs),
+    # Flux: text-to-image only (its img2img, fill, control and Kontext pipelines add image tokens or inputs)
+    Adapter("flux", ("FluxPipeline",), _embeds_only, ("tokenizer_2",), _flux_token_map),
 )
-UNSUPPORTED_PREFIXES = ("Flux",)  # Flux: true CFG encodes twice and calls the transformer twice; not adapted yet
+UNSUPPORTED_PREFIXES = ("Flux",)  # the other Flux pipelines: not adapted yet
+
+
+class TrueCFGError(LayoutError):
+    """Flux's true CFG (a negative prompt with ``true_cfg_scale > 1``): two encodings, two transformer calls a step."""
 
 
 def adapter_for(pipe) -> Adapter | None:
     """The adapter of ``pipe``'s family, or None for a pipeline xattn has no adapter for."""
     for cls in type(pipe).__mro__:
         name = cls.__name__
-        if name.startswith(UNSUPPORTED_PREFIXES):
-            return None
         for adapter in ADAPTERS:
             if name.startswith(adapter.class_prefixes):
                 return adapter
+        if name.startswith(UNSUPPORTED_PREFIXES):
+            return None
     return None
 
 
@@ -184,8 +201,15 @@ def layout_of_pipeline_call(text: torch.Tensor, encoded: Encoded, adapter: Adapt
     make_map = None
     if adapter.token_map is not None and (tokenizer is None or tokenizer is getattr(pipe, "tokenizer", None)):
         make_map = lambda prompt: adapter.token_map(pipe, prompt, text.shape[1], encoded)  # noqa: E731
-    return match_rows(text, encoded, tokenizer or adapter.tokenizer(pipe), name, make_map)
+    try:
+        return match_rows(text, encoded, tokenizer or adapter.tokenizer(pipe), name, make_map)
+    except LayoutError as error:
+        if adapter.family != "flux":
+            raise
+        raise TrueCFGError(f"{error}. The usual cause: true CFG (a negative prompt with true_cfg_scale > 1) encodes "
+                           "the negative prompt last and calls the transformer once for each; xattn does not support "
+                           f"it on {name} yet: drop negative_prompt or set true_cfg_scale=1") from None
 
 
-__all__ = ["ADAPTERS", "Adapter", "Encoded", "adapter_for", "layout_of_pipeline_call", "layout_without_encoding",
-           "match_rows"]
+__all__ = ["ADAPTERS", "Adapter", "Encoded", "TrueCFGError", "adapter_for", "layout_of_pipeline_call",
+           "layout_without_encoding", "match_rows"]

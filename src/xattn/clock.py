@@ -7,6 +7,11 @@ DPM++ and flow-matching schedulers (whose timesteps are sigmas x 1000) all
 count 0..N-1. Without a scheduler to read (a bare model call), distinct
 timesteps are numbered in the order they arrive and the step count is
 unknown.
+
+Some pipelines pass the denoiser the scheduler's timestep divided by 1000
+(Flux: ``timestep / 1000``, a sigma). The scale is learned once per run, from
+where the scheduler says it is (``step_index``, else ``begin_index``), so a
+sigma of 1.0 is never mistaken for a schedule's last timestep of 1.0.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class StepClock:
         self._seen: list[float] = []  # arrival order, when there is no schedule
         self._relative = False
         self._offset: int | None = None  # schedule position of the run's first step
+        self._scale: float | None = None  # schedule units per unit of the call's timestep (1 or 1000)
 
     def new_run(self, *, relative: bool = False) -> None:
         """Start counting a new run.
@@ -37,7 +43,7 @@ class StepClock:
         steps from there. Otherwise steps are positions in the whole schedule.
         """
         self._seen = []
-        self._relative, self._offset = relative, None
+        self._relative, self._offset, self._scale = relative, None, None
 
     def _schedule(self, scheduler) -> list[float] | None:
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
@@ -52,10 +58,32 @@ class StepClock:
             self._distinct, self._key = distinct, key
         return self._distinct
 
+    def _call_scale(self, timestep: float, scheduler, distinct: list[float]) -> float:
+        """1, or 1000 where the call's timestep is the scheduler's / 1000; learned at a run's first call."""
+        if self._scale is None:
+            timesteps = scheduler.timesteps
+            index = getattr(scheduler, "step_index", None)
+            index = getattr(scheduler, "begin_index", None) if index is None else index
+            if index is not None and 0 <= index < len(timesteps):  # the scheduler says where it is
+                expected = float(timesteps[index])
+                thousand = _close(timestep * 1000, expected, 1e-3) and not _close(timestep, expected, 1e-3)
+            else:  # only one reading matches the schedule
+                matches = [any(_close(timestep * scale, value, 1e-3) for value in distinct) for scale in (1, 1000)]
+                thousand = matches == [False, True]
+            self._scale = 1000.0 if thousand else 1.0
+        return self._scale
+
     def step_of(self, timestep: float | None, scheduler) -> tuple[int | None, int | None]:
-        """(step, number of steps) of a call at ``timestep``; (None, None) without a timestep."""
+        """(step, number of steps) of a denoiser call at ``timestep``; (None, None) without a timestep."""
         if timestep is None:
             return None, None
+        distinct = self._schedule(scheduler)
+        if distinct:
+            timestep = timestep * self._call_scale(timestep, scheduler, distinct)
+        return self.step_at(timestep, scheduler)
+
+    def step_at(self, timestep: float, scheduler) -> tuple[int | None, int | None]:
+        """(step, number of steps) of one of the scheduler's own timesteps (a step-end callback's ``t``)."""
         distinct = self._schedule(scheduler)
         if distinct:
             nearest = min(range(len(distinct)), key=lambda i: abs(distinct[i] - timestep))
@@ -86,8 +114,8 @@ class StepClock:
             return True
         if following >= len(timesteps):
             return True
-        next_step, _ = self.step_of(float(timesteps[following]), scheduler)
-        this_step, _ = self.step_of(timestep, scheduler)
+        next_step, _ = self.step_at(float(timesteps[following]), scheduler)
+        this_step, _ = self.step_at(timestep, scheduler)
         return next_step != this_step
 
 

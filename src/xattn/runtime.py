@@ -150,7 +150,7 @@ class Runtime:
         value = float(torch.as_tensor(timestep).flatten()[0].item())
         if self.run is None or not self.clock.ends_step(value, scheduler):
             return None
-        step, _ = self.clock.step_of(value, scheduler)
+        step, _ = self.clock.step_at(value, scheduler)  # the callback's t: scheduler units
         changed = None
         for controller in self.controllers():
             if controller.wants_step_end():

@@ -1,0 +1,121 @@
+"""A tiny FluxPipeline end to end: rows, steps from ``timestep / 1000``, T5 words, word maps, true CFG refused.
+
+CLIP (pooled vector) and T5 (the text sequence) are tiny random-weight
+encoders; the pipeline is saved and loaded back. Expectations come from the
+tokenizers' own ids and from ``probs`` hooks written with those slots.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xattn
+from tiny_t5 import t5_encoder, t5_tokenizer
+from xattn.adapters import TrueCFGError, adapter_for
+
+PROMPT = "a red circle"
+T5_LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tiny_models import tokenizer
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+                                        eos_token_id=49407, pad_token_id=49407))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                        scaling_factor=0.3611, sample_size=16)
+    folder = tmp_path_factory.mktemp("flux") / "pipe"
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer(),
+                 text_encoder_2=t5_encoder(hidden=16), tokenizer_2=t5_tokenizer(max_length=T5_LENGTH),
+                 transformer=transformer).save_pretrained(folder)
+    loaded = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def call(pipe, **options):
+    with torch.no_grad():
+        return pipe(PROMPT, num_inference_steps=3, guidance_scale=3.5, height=16, width=24,
+                    max_sequence_length=T5_LENGTH, output_type="latent", generator=torch.Generator().manual_seed(0),
+                    **options).images
+
+
+def circle_slots(pipe):
+    ids = pipe.tokenizer_2(PROMPT, padding="max_length", max_length=T5_LENGTH).input_ids
+    return [ids.index(pipe.tokenizer_2.convert_tokens_to_ids("\u2581circle"))]
+
+
+def test_rows_steps_grid_and_words(pipe):
+    seen = []
+
+    def hook(p, ctx):
+        seen.append((ctx.step, ctx.num_steps, ctx.res, ctx.latent_hw, ctx.layout.rows, tuple(p.shape)))
+        seen[-1] += (tuple(ctx.layout.token_map(0).indices("circle")),)
+
+    with xattn.hooks(pipe, xattn.Hook("probs", hook, "kind=joint")):
+        call(pipe)
+    assert adapter_for(pipe).family == "flux"
+    assert [(step, count) for step, count, *_ in seen] == [(s, 3) for s in range(3) for _ in range(2)]  # 2 sites
+    # one conditional row (guidance-distilled: no unconditional rows); 16 x 24 image, no VAE scaling -> 8 x 12 tokens
+    assert {entry[2:] for entry in seen} == {((8, 12), (16, 24), (xattn.Row(True, 0, 0),), (1, 2, 96, T5_LENGTH),
+                                              tuple(circle_slots(pipe)))}
+
+
+def test_reweight_and_word_maps_on_t5_slots(pipe):
+    slots = circle_slots(pipe)
+
+    def zero(p, ctx):
+        p = p.clone()
+        p[..., slots] = 0
+        return p
+
+    with xattn.hooks(pipe, xattn.Reweight({"circle": 0})):
+        got = call(pipe)
+    with xattn.hooks(pipe, xattn.Hook("probs", zero, "kind=joint")):
+        expected = call(pipe)
+    assert (got - expected).abs().max() <= 1e-5 and (got - call(pipe)).abs().max() > 1e-6
+    seen = []
+    capture = xattn.Capture()
+    keep = xattn.Hook("probs", lambda p, ctx: seen.append(p[0][..., slots].double().sum(-1).mean(0)), "kind=joint")
+    with xattn.hooks(pipe, capture, keep):
+        call(pipe)
+    maps = capture.maps()
+    assert maps.image_size == (16, 24) and maps.resolutions == [(8, 12)] and maps.num_steps == 3
+    expected_map = (sum(seen) / len(seen)).view(8, 12)
+    assert (maps.word("circle", normalize=False, size=(8, 12)).double() - expected_map).abs().max() <= 1e-6
+    assert maps.word("circle").shape == (16, 24)
+
+
+def test_step_ends_follow_the_schedule(pipe):
+    class Steps(xattn.Controller):
+        selector = xattn.Selector.parse("kind=joint")
+
+        def __init__(self):
+            self.ended = []
+
+        def probs(self, x, ctx):  # observes, so the run sees it at work
+            return None
+
+        def on_step_end(self, step, latents):
+            self.ended.append(step)
+
+    steps = Steps()
+    with xattn.hooks(pipe, steps):
+        call(pipe)
+    assert steps.ended == [0, 1, 2]
+
+
+def test_true_cfg_is_refused_by_name(pipe):
+    with xattn.hooks(pipe, xattn.Capture()), pytest.raises(TrueCFGError, match="true_cfg_scale"):
+        call(pipe, negative_prompt="blurry", true_cfg_scale=2.0)
