@@ -119,3 +119,15 @@ def test_step_ends_follow_the_schedule(pipe):
 def test_true_cfg_is_refused_by_name(pipe):
     with xattn.hooks(pipe, xattn.Capture()), pytest.raises(TrueCFGError, match="true_cfg_scale"):
         call(pipe, negative_prompt="blurry", true_cfg_scale=2.0)
+
+
+def test_a_word_swap_shares_the_source_maps_inside_the_replace_window(pipe):
+    seen = {}  # (site, step) -> the image->text block after the edit, [2, h, i, j]
+    keep = xattn.Hook("probs", lambda p, ctx: seen.__setitem__((ctx.site.name, ctx.step), p.clone()), "kind=joint")
+    with xattn.hooks(pipe, xattn.Replace(steps="0:2"), keep), torch.no_grad():
+        pipe(["a red circle", "a blue circle"], num_inference_steps=3, height=16, width=24,
+             max_sequence_length=T5_LENGTH, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 2 * 3  # two joint sites, three steps
+    for (site, step), block in seen.items():
+        same = (block[1] - block[0]).abs().max().item()  # row 1: the target, row 0: the source
+        assert same == 0 if step < 2 else same > 1e-6, (site, step)
