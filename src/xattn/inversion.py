@@ -11,7 +11,10 @@ the image is regenerated:
   (Miyake et al. 2023, "Negative-prompt inversion");
 - ``direct``: after each step the source rows are put back on the inverted
   trajectory, so they follow it exactly at any guidance and the target rows
-  read the source's true attention (Ju et al. 2024, "PnP inversion").
+  read the source's true attention (Ju et al. 2024, "PnP inversion");
+- ``null-text``: the unconditional embedding is optimised at each step so
+  that guided sampling lands on the inverted latents (Mokady et al. 2023,
+  "Null-text inversion"); it costs an optimisation per step.
 
     inv = xattn.invert(pipe, "photo.png", "a red circle and a blue square", method="direct")
     inv.reconstruct()                                        # the image again (its VAE encode-decode)
@@ -37,7 +40,7 @@ from .errors import XattnError
 from .hookpoints import Controller, Run
 from .selector import Selector
 
-METHODS = ("ddim", "negative-prompt", "direct")
+METHODS = ("ddim", "negative-prompt", "direct", "null-text")
 
 
 class InversionError(XattnError, ValueError):
@@ -202,6 +205,67 @@ class FollowInversion(Controller):
         return f"FollowInversion(steps={self.trajectory.shape[0] - 1})"
 
 
+class NullText(Controller):
+    """Null-text inversion (Mokady et al. 2023): the unconditional rows attend to step ``i``'s optimised embedding."""
+
+    selector = Selector(kind="cross")
+
+    def __init__(self, embeddings: torch.Tensor):
+        self.embeddings = embeddings  # [steps, j, d]
+
+    def context(self, x: torch.Tensor, ctx) -> torch.Tensor | None:
+        rows = [r for r, row in enumerate(ctx.layout.rows) if not row.cond]
+        if not rows or ctx.step is None:
+            return None
+        x = x.clone()
+        x[rows] = self.embeddings[ctx.step].to(x.device, x.dtype)
+        return x
+
+    def to_dict(self) -> dict:
+        return {"edit": "null_text", "steps": self.embeddings.shape[0]}
+
+
+def null_text_embeddings(pipe, trajectory: torch.Tensor, prompt: str, guidance: float, width: int, height: int,
+                         iterations: int = 10, lr: float = 1e-2) -> tuple[torch.Tensor, list[float]]:
+    """``[steps, j, d]`` unconditional embeddings, one per step, and each step's final error (Mokady et al. 2023)."""
+    if hasattr(pipe, "text_encoder_2"):
+        raise InversionError("null-text inversion supports SD 1.x/2.x pipelines, not SDXL (its pooled text "
+                             "embedding would need optimising too); use direct")
+    scheduler, unet = pipe.scheduler, pipe.unet
+    scheduler.set_timesteps(trajectory.shape[0] - 1, device=pipe.device)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    cond, _ = _conditioning(pipe, prompt, width, height)
+    uncond, _ = _conditioning(pipe, "", width, height)
+    x, found, errors = trajectory[:1], [], []
+
+    def step(eps_uncond, eps_cond, t):
+        output = eps_uncond + guidance * (eps_cond - eps_uncond)
+        alpha, alpha_prev = _alpha(scheduler, t), _alpha(scheduler, t - stride)
+        eps, x0 = _eps_and_x0(scheduler, output, x, alpha, alpha)
+        return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+
+    for i, t in enumerate(timesteps):
+        target = trajectory[i + 1 : i + 2]
+        with torch.no_grad():
+            eps_cond = unet(x, t, encoder_hidden_states=cond).sample
+        null = uncond.detach().clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([null], lr=lr)
+        with torch.enable_grad():
+            for _ in range(iterations):
+                loss = torch.nn.functional.mse_loss(step(unet(x, t, encoder_hidden_states=null).sample, eps_cond, t),
+                                                    target)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        uncond = null.detach()
+        with torch.no_grad():
+            x = step(unet(x, t, encoder_hidden_states=uncond).sample, eps_cond, t)
+        errors.append(float((x - target).pow(2).mean()))
+        found.append(uncond[0])
+    return torch.stack(found), errors
+
+
 @dataclass
 class Inversion:
     """A real image inverted: its trajectory, and how to regenerate it.
@@ -221,6 +285,8 @@ class Inversion:
     image: Any = field(repr=False)
     width: int
     height: int
+    null_embeddings: torch.Tensor | None = field(default=None, repr=False)  # [steps, j, d] for null-text
+    guidance: float | None = None  # null-text: the guidance its embeddings were optimised for
 
     @property
     def steps(self) -> int:
@@ -238,6 +304,10 @@ class Inversion:
 
     def controllers(self) -> list:
         """What the source branch needs during sampling (``direct``: :class:`FollowInversion`)."""
+        if self.method == "null-text":
+            if self.null_embeddings is None:
+                raise InversionError("this inversion has no null-text embeddings: invert with method='null-text'")
+            return [NullText(self.null_embeddings)]
         return [FollowInversion(self.trajectory)] if self.method == "direct" else []
 
     def negative_prompt(self) -> str | None:
@@ -248,10 +318,15 @@ class Inversion:
         """The input through the VAE alone (encode, decode): the ceiling of any reconstruction."""
         return decode(self.pipe, self.latent)[0]
 
-    def reconstruct(self, guidance: float = 1.0, output_type: str = "pil"):
-        """The image regenerated from :attr:`noise` with the prompt (a PIL image, or ``[C, h, w]`` latents)."""
+    def reconstruct(self, guidance: float | None = None, output_type: str = "pil"):
+        """The image regenerated from :attr:`noise` with the prompt (a PIL image, or ``[C, h, w]`` latents).
+
+        ``guidance`` defaults to null-text's own, else 1.
+        """
         from .session import hooks
 
+        if guidance is None:
+            guidance = self.guidance if self.method == "null-text" and self.guidance is not None else 1.0
         kwargs = {}
         if self.negative_prompt() is not None:
             kwargs["negative_prompt"] = self.negative_prompt()
@@ -268,7 +343,8 @@ class Inversion:
         return {"method": self.method, "prompt": self.prompt, "steps": self.steps, "size": f"{self.width}x{self.height}"}
 
 
-def invert(pipe, image, prompt: str, *, method: str = "direct", steps: int = 25, size=None) -> Inversion:
+def invert(pipe, image, prompt: str, *, method: str = "direct", steps: int = 25, size=None,
+           guidance: float = 7.5) -> Inversion:
     """Invert a real image with DDIM so that it can be regenerated and edited.
 
     Args:
@@ -278,6 +354,7 @@ def invert(pipe, image, prompt: str, *, method: str = "direct", steps: int = 25,
         method: ``"ddim"``, ``"negative-prompt"`` or ``"direct"``.
         steps: DDIM steps (sampling from the inversion must use as many).
         size: the size the image must have, ``64`` or ``"WxH"``; ``None``: the model's size.
+        guidance: ``null-text`` only: the guidance its embeddings are optimised for (sample with the same).
 
     Raises:
         InversionError: unknown method, a non-DDIM scheduler, an image of another size than ``size``.
@@ -300,8 +377,12 @@ def invert(pipe, image, prompt: str, *, method: str = "direct", steps: int = 25,
                              "or pass size='WxH' (a multiple of the VAE's factor)")
     latent = encode(pipe, rgb)
     trajectory = ddim_trajectory(pipe, latent, prompt, steps, width, height)
-    return Inversion(pipe, prompt, method, trajectory, rgb, width, height)
+    null = None
+    if method == "null-text":
+        null, _ = null_text_embeddings(pipe, trajectory, prompt, float(guidance), width, height)
+    return Inversion(pipe, prompt, method, trajectory, rgb, width, height, null,
+                     float(guidance) if method == "null-text" else None)
 
 
-__all__ = ["METHODS", "FollowInversion", "Inversion", "InversionError", "decode", "ddim_trajectory", "encode",
-           "invert"]
+__all__ = ["METHODS", "FollowInversion", "Inversion", "InversionError", "NullText", "decode", "ddim_trajectory",
+           "encode", "invert", "null_text_embeddings"]

@@ -159,7 +159,8 @@ def register(app: typer.Typer) -> None:
             if image is not None:
                 with run.timings.phase("invert"):
                     inversion = invert(run.pipe, image, source, method=invert_method or "direct",
-                                       steps=int(settings["steps"]), size=settings.get("size"))
+                                       steps=int(settings["steps"]), size=settings.get("size"),
+                                       guidance=float(settings["guidance"]))
                 for name, picture in ((INPUT, inversion.image), (RECONSTRUCTION,
                                       inversion.reconstruct(guidance=float(settings["guidance"])))):
                     run.save_png(picture, name, prompt=source, seed=seed_value, xattn={"edit": name[:-4]})
