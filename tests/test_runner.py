@@ -182,7 +182,9 @@ def test_model_defaults(tmp_path):
         '{"guidance_scale": 4.0, "num_inference_steps": 25, "height": 64, "width": 96}')
     assert runner.model_defaults(tmp_path) == {"guidance": 4.0, "steps": 25, "size": "96x64"}
     (tmp_path / "xattn_defaults.json").write_text("[1, 2]")
-    with pytest.raises(runner.OptionError, match="xattn_defaults.json"):
+    from xattn.app.modelfolder import ModelError
+
+    with pytest.raises(ModelError, match="xattn_defaults.json must hold a JSON object"):
         runner.model_defaults(tmp_path)
 
 
