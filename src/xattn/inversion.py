@@ -340,7 +340,8 @@ class Inversion:
         return self.pipe(**call).images[0]
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "prompt": self.prompt, "steps": self.steps, "size": f"{self.width}x{self.height}"}
+        return {"method": self.method, "prompt": self.prompt, "steps": self.steps,
+                "size": f"{self.width}x{self.height}", "guidance": self.guidance}
 
 
 def invert(pipe, image, prompt: str, *, method: str = "direct", steps: int = 25, size=None,
