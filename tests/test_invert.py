@@ -140,6 +140,9 @@ def test_bad_requests_are_refused(sd1_pipe, tmp_path):
     target = "a green circle and a blue square"
     with pytest.raises(EditError, match="inverted with 3 steps"):
         edit(sd1_pipe, PROMPT, target, inversion=inv, steps=5)
+    with pytest.raises(EditError, match="no negative prompt"):
+        edit(sd1_pipe, PROMPT, target, inversion=dataclasses.replace(inv, method="negative-prompt"),
+             negative_prompt="blurry")
     with pytest.raises(EditError, match="one seed"):
         xattn.edit.edit_seeds(sd1_pipe, PROMPT, target, [0, 1], inversion=inv)
     from diffusers import EulerDiscreteScheduler

@@ -266,8 +266,8 @@ def _from_inversion(inversion, pipe, seeds, steps, size, negative_prompt):
                         f"not {steps} (or leave steps unset)")
     if size is not None and _image_size(pipe, size) != (inversion.width, inversion.height):
         raise EditError(f"the image was inverted at {inversion.width}x{inversion.height}; leave size unset")
-    if negative_prompt is not None and inversion.negative_prompt() is not None:
-        raise EditError("negative-prompt inversion sets the negative prompt itself (the source prompt)")
+    if negative_prompt is not None and inversion.method in ("negative-prompt", "null-text"):
+        raise EditError(f"{inversion.method} inversion sets the unconditional rows itself; give no negative prompt")
     negative = inversion.negative_prompt() if negative_prompt is None else negative_prompt
     latents = inversion.noise.to(pipe.device, pipe.unet.dtype)
     return inversion.steps, inversion.width, inversion.height, latents, negative
