@@ -168,11 +168,12 @@ class Guide(Controller):
 
 def _word_maps(maps: torch.Tensor, token_map: TokenMap, words: list[str]) -> dict[str, torch.Tensor]:
     """Per-word ``[H, W]`` maps of one row: words' slots over the prompt's words only, softmax(100 x)."""
-    text = maps[..., 1:token_map.end_slot] * 100.0  # [H, W, words]: no start token, no padding
+    first = getattr(token_map, "start_slots", 1)  # CLIP's start token; none for T5
+    text = maps[..., first:token_map.end_slot] * 100.0  # [H, W, words]: no start token, no padding
     text = text.softmax(dim=-1)
     out = {}
     for word in words:
-        slots = [slot - 1 for slot in token_map.indices(word)]
+        slots = [slot - first for slot in token_map.indices(word)]
         out[word] = text[..., slots].mean(dim=-1)
     return out
 
