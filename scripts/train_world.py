@@ -153,14 +153,15 @@ def export(state: dict, folder: Path, use_ema: bool = True) -> None:
     os.replace(tmp, folder)
 
 
-def colour_invariance(te, ids, enc, slots, color_ids, color_index, gen) -> torch.Tensor:
+def colour_invariance(encode, ids, enc, slots, color_ids, color_index, gen) -> torch.Tensor:
     """How much colour leaks into the other token encodings, relative to the colour word.
 
     Why: the causal text encoder copies "red" into the shape, "and" and
     end/padding tokens, so zeroing the colour word's attention leaves the colour
     in place.  Each caption is re-encoded with its colour words swapped; the
     largest change at any non-colour position is divided by the change at the
-    colour words themselves.  The ratio cannot be lowered by shrinking all
+    colour words themselves (``encode``: token ids -> [b, n >= 77, d] encodings,
+    positions past 77 such as a pooled vector count as non-colour).  The ratio cannot be lowered by shrinking all
     colour differences (an absolute penalty can, and the UNet then amplifies
     the faint leak), only by keeping colour in the colour token alone.
     """
@@ -177,8 +178,9 @@ def colour_invariance(te, ids, enc, slots, color_ids, color_index, gen) -> torch
     named = is_color.any(1)
     if not named.any():
         return enc.new_zeros(())
-    other = te(swapped[named]).last_hidden_state  # [n, 77, hidden]
-    d = ((enc[named] - other) ** 2).mean(-1)  # [n, 77]
+    other = encode(swapped[named])  # [n, positions, hidden]
+    d = ((enc[named] - other) ** 2).mean(-1)  # [n, positions]
+    is_color = F.pad(is_color, (0, d.shape[1] - is_color.shape[1]))
     col = is_color[named].float()
     at_color = (d * col).sum(1) / col.sum(1)  # [n]
     leak = d.masked_fill(is_color[named], 0.0).max(1).values  # [n]
@@ -249,7 +251,7 @@ def train_unet(state: dict, args, clock) -> None:
         loss = l_diff + args.w_share * l_share + args.w_bce * l_bce
         l_inv = torch.zeros(())
         if args.w_inv > 0 and step >= args.inv_from:
-            l_inv = colour_invariance(te, ids, enc, slots, color_ids, color_index, gen)
+            l_inv = colour_invariance(lambda x: te(x).last_hidden_state, ids, enc, slots, color_ids, color_index, gen)
             loss = loss + args.w_inv * l_inv
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -83,18 +83,20 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
 
     Args:
         model: a folder with ``model_index.json``, a Hub id (``owner/name``) already
-            in the local Hugging Face cache, or ``None`` for the shapes-world model.
+            in the local Hugging Face cache, ``None`` for the shapes-world model, or an
+            embedded model's name (``"unet"``, ``"dit"``: see :data:`xattn.world.MODELS`).
 
     Raises:
         ModelNotFoundError: naming the reference and what would be accepted.
     """
-    if model is None:
-        from ..world import model_path
+    from ..world import MODELS, model_path
 
+    if model is None or (str(model) in MODELS and not Path(str(model)).exists()):
+        name = "unet" if model is None else str(model)
         try:
-            return model_path()
+            return model_path(name)
         except FileNotFoundError as error:
-            raise ModelNotFoundError(f"no --model given and {error}") from None
+            raise ModelNotFoundError(f"{'no --model given and ' if model is None else ''}{error}") from None
     reference = str(model)
     path = Path(reference).expanduser()
     if path.exists():
@@ -246,6 +248,16 @@ def _pipeline_class(path: Path):
     return diffusers.DiffusionPipeline
 
 
+def _absent_components(path: Path) -> dict[str, None]:
+    """Components the folder records as absent (``[null, null]``), such as SD3's T5 left out.
+
+    diffusers skips them and then refuses the folder unless each is passed as None.
+    """
+    index = check_folder(path)
+    return {name: None for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and entry and all(e is None for e in entry)}
+
+
 def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto", dtype: str = "auto",
                   scheduler: str | None = None, progress: bool = False):
     """Load a diffusers pipeline, ready to generate.
@@ -273,7 +285,7 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto
         try:
             pipe = cls.from_pretrained(
                 path, torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True,
-                trust_remote_code=False,
+                trust_remote_code=False, **_absent_components(path),
             )
         except (OSError, json.JSONDecodeError) as error:  # a missing or unreadable file in the folder
             raise ModelError(f"could not load the pipeline in {path}: {error}") from None

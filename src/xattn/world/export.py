@@ -41,3 +41,36 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, defaults: dict | None =
                     ignore=shutil.ignore_patterns("__init__.py", "__pycache__"))
     (folder / "xattn_defaults.json").write_text(json.dumps(defaults or DEFAULTS, indent=2) + "\n")
     return folder
+
+
+DIT_DEFAULTS = {"guidance_scale": 4.0, "num_inference_steps": 25, "height": 64, "width": 64}
+
+
+def save_dit_pipeline(folder: Path, vae, text_encoders, transformer, defaults: dict | None = None) -> Path:
+    """Save the joint-attention model as a StableDiffusion3Pipeline folder without T5.
+
+    Both CLIP tokenizers are the same real CLIP files; the T5 part of the text
+    is the pipeline's own zeros (``text_encoder_3=None``), as in SD3 run without T5.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    from .models import make_flow_scheduler
+
+    folder = Path(folder)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=make_flow_scheduler(), vae=vae,
+        text_encoder=text_encoders[0], tokenizer=load_tokenizer(),
+        text_encoder_2=text_encoders[1], tokenizer_2=load_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
+        index[name] = [None, None]  # so from_pretrained(folder) needs no arguments
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(folder / name)
+        shutil.copytree(clip_tokenizer_path(), folder / name,
+                        ignore=shutil.ignore_patterns("__init__.py", "__pycache__"))
+    (folder / "xattn_defaults.json").write_text(json.dumps(defaults or DIT_DEFAULTS, indent=2) + "\n")
+    return folder

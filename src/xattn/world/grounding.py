@@ -68,8 +68,8 @@ def grounding_loss(probs_list: list[torch.Tensor], targets: dict[int, torch.Tens
         n = probs.shape[2]
         if n not in targets:
             continue
-        a = probs.mean(dim=1).transpose(1, 2)  # [b, j, i]
         g = targets[n]  # [b, j, i]
+        a = probs.mean(dim=1).transpose(1, 2)[:, : g.shape[1]]  # [b, j, i]; a joint map's extra text columns dropped
         inside = (a * g).sum(-1) / (a.sum(-1) + eps)  # [b, j]
         shares.append((((1 - inside) ** 2) * valid).sum() / denom)
         bce = F.binary_cross_entropy(a.clamp(eps, 1 - eps), g, reduction="none").mean(-1)  # [b, j]

@@ -83,28 +83,27 @@ def caption_fidelity(pipe, captions: list[str], seeds: list[int], guidance: floa
 
 @torch.no_grad()
 def scene_word_maps(pipe, scene: Scene, slots: list[int], timesteps=(300, 500, 700), seed: int = 0,
-                    resolutions=(16, 8), size=(64, 64)) -> dict[int, np.ndarray]:
+                    resolutions: tuple[int, ...] | None = None, size=(64, 64)) -> dict[int, np.ndarray]:
     """Mean cross-attention map of each token slot on a ground-truth scene: slot -> [64, 64].
 
     The scene is encoded, noised at each timestep (noise from ``seed``) and
     denoised once with its caption, one row per timestep, under a
     :class:`~xattn.Capture`; head-averaged maps of the cross sites at the
-    given map sizes are upsampled and averaged over sites and timesteps.
+    given map sizes (default: the UNet's 16x16 and 8x8 levels, the transformer's
+    8x8 patch grid) are upsampled and averaged over sites and timesteps.
     """
     from ...capture import Capture
     from ...session import hooks
 
-    ids = pipe.tokenizer(scene.caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    text = pipe.text_encoder(ids)[0]  # [1, 77, d]
-    latent = pipe.vae.encode(image_to_tensor(scene.image[None])).latent_dist.mean * pipe.vae.config.scaling_factor
-    gen = torch.Generator().manual_seed(seed)
-    noisy = torch.cat([pipe.scheduler.add_noise(latent, torch.randn(latent.shape, generator=gen), torch.tensor([t]))
-                       for t in timesteps])  # [T, C, h, w]
     rows = len(timesteps)
     capture = Capture()
     with hooks(pipe, capture, prompts=[scene.caption] * rows):
-        pipe.unet(noisy, torch.tensor(timesteps), text.expand(rows, -1, -1))
+        if hasattr(pipe, "transformer"):
+            _denoise_once_dit(pipe, scene, timesteps, seed)
+            resolutions = resolutions or (8,)
+        else:
+            _denoise_once_unet(pipe, scene, timesteps, seed)
+            resolutions = resolutions or (16, 8)
     maps = capture.maps()
     out = {}
     for slot in slots:
@@ -115,6 +114,34 @@ def scene_word_maps(pipe, scene: Scene, slots: list[int], timesteps=(300, 500, 7
                 total, count = total + part, count + calls
         out[slot] = (total / max(count, 1)).numpy()
     return out
+
+
+def _noise(latent: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn(latent.shape, generator=gen) for _ in range(rows)])  # [T, C, h, w]
+
+
+def _denoise_once_unet(pipe, scene: Scene, timesteps, seed: int) -> None:
+    ids = pipe.tokenizer(scene.caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    text = pipe.text_encoder(ids)[0]  # [1, 77, d]
+    latent = pipe.vae.encode(image_to_tensor(scene.image[None])).latent_dist.mean * pipe.vae.config.scaling_factor
+    noise = _noise(latent, len(timesteps), seed)
+    noisy = torch.cat([pipe.scheduler.add_noise(latent, noise[k:k + 1], torch.tensor([t]))
+                       for k, t in enumerate(timesteps)])  # [T, C, h, w]
+    pipe.unet(noisy, torch.tensor(timesteps), text.expand(len(timesteps), -1, -1))
+
+
+def _denoise_once_dit(pipe, scene: Scene, timesteps, seed: int) -> None:
+    """The same on a flow-matching transformer: x_t = (1 - t) x_0 + t noise, with t = timestep / 1000."""
+    text, _, pooled, _ = pipe.encode_prompt(scene.caption, None, None, do_classifier_free_guidance=False)
+    vae = pipe.vae.config
+    latent = pipe.vae.encode(image_to_tensor(scene.image[None])).latent_dist.mean
+    latent = (latent - (vae.shift_factor or 0.0)) * vae.scaling_factor
+    sigma = torch.tensor(timesteps, dtype=torch.float32)[:, None, None, None] / 1000
+    noisy = (1 - sigma) * latent + sigma * _noise(latent, len(timesteps), seed)
+    rows = len(timesteps)
+    pipe.transformer(noisy, text.expand(rows, -1, -1), pooled.expand(rows, -1), torch.tensor(timesteps, dtype=torch.float32))
 
 
 @dataclass

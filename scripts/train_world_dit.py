@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Train the shapes-world diffusion transformer (SD3-style joint attention, flow matching) on CPU.
+
+Stages (one command runs both; --resume continues wherever it stopped):
+  1. pool: a fixed, class-balanced pool of training scenes is encoded once with
+           the shipped UNet model's VAE (the two models share their latent space).
+  2. dit:  SD3Transformer2DModel + two CLIP text encoders jointly: rectified-flow
+           loss (velocity target, logit-normal times), 10% empty captions for
+           classifier-free guidance, a grounding loss on the image->text block of
+           every joint attention, a colour-invariance loss on the text encodings
+           and the pooled vector, EMA weights.
+The text the transformer sees is the pipeline's: the penultimate CLIP layers
+side by side, then the 256 zero rows that stand in for T5.  Those rows stay
+identical through every block (SD3 gives text no positions), so training uses
+one zero row whose key logit gets + log 256 in every attention, which is the
+same function at a quarter of the cost (tests/test_world_dit.py checks it
+against the stock 256-row call).  The same explicit attention keeps the
+image->CLIP-text probabilities for the grounding loss.  The run
+stops at --steps or when the --minutes wall budget (over all resumed runs) is
+spent, then exports the EMA weights as a StableDiffusion3Pipeline folder.
+
+  python scripts/train_world_dit.py --dir checkpoints/dit --export checkpoints/dit/final --minutes 95
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train_world import atomic_save, build_pool, colour_invariance, cosine_lr, ema_update, log
+from xattn.world import model_path
+from xattn.world.data import grounding_targets
+from xattn.world.export import load_tokenizer, save_dit_pipeline
+from xattn.world.grounding import grounding_loss
+from xattn.world.models import DIT_TEXT_DIM, make_dit, make_dit_text_encoders
+from xattn.world.scenes import COLORS
+
+T5_ROWS = 256  # StableDiffusion3Pipeline's default max_sequence_length: zeros when there is no T5
+
+
+def shipped_vae():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_path() / "vae")
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline reads it
+    return vae
+
+
+def encode_text(encoders, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What StableDiffusion3Pipeline.encode_prompt computes without T5: ([b, 77, 40], pooled [b, 40])."""
+    hidden, pooled = [], []
+    for te in encoders:
+        out = te(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    return torch.cat(hidden, -1), torch.cat(pooled, -1)
+
+
+def with_t5_rows(clip: torch.Tensor, rows: int = T5_ROWS) -> torch.Tensor:
+    return torch.cat([clip, clip.new_zeros(clip.shape[0], rows, DIT_TEXT_DIM)], 1)
+
+
+class OneRowForMany:
+    """Stands in for ``torch.nn.functional`` inside the stock joint processor's module during training.
+
+    Its ``scaled_dot_product_attention`` is explicit attention over [image, 77 CLIP
+    rows, 1 zero row], with log(T5_ROWS) added to the zero row's logits so that
+    the row counts as the pipeline's T5_ROWS identical ones.  The image->CLIP
+    block of every map is kept in ``probs`` (with gradients) for grounding.
+    """
+
+    def __init__(self, clip_rows: int = 77):
+        self.clip_rows = clip_rows
+        self.probs: list[torch.Tensor] = []  # each [b, heads, image tokens, clip_rows]
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    def scaled_dot_product_attention(self, q, k, v, dropout_p=0.0, is_causal=False, **unused):
+        if unused or dropout_p or is_causal:
+            raise ValueError(f"training attention got options it does not model: {sorted(unused)}")
+        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [b, h, s, s]
+        bias = torch.zeros(k.shape[2], dtype=q.dtype)
+        bias[-1] = math.log(T5_ROWS)
+        probs = (logits + bias).softmax(-1)
+        image = q.shape[2] - self.clip_rows - 1
+        self.probs.append(probs[:, :, :image, image:image + self.clip_rows])
+        return probs @ v
+
+
+@contextmanager
+def one_row_attention(shim: OneRowForMany):
+    import diffusers.models.attention_processor as where
+
+    real = where.F
+    where.F = shim
+    try:
+        yield shim
+    finally:
+        where.F = real
+
+
+def export(state: dict, folder: Path, use_ema: bool = True) -> None:
+    encoders, dit = make_dit_text_encoders(), make_dit(**state["arch"])
+    for k, te in enumerate(encoders):
+        te.load_state_dict(state[("ema_te" if use_ema else "te") + str(k)])
+    dit.load_state_dict(state["ema_dit" if use_ema else "dit"])
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_dit_pipeline(tmp, shipped_vae(), encoders, dit)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def train_dit(state: dict, args, clock) -> None:
+    pool = torch.load(args.dir / "pool.pt")
+    n_pool = len(pool["lat"])
+    sf = state["scaling_factor"]
+    torch.manual_seed(args.seed)
+    encoders, dit = make_dit_text_encoders(), make_dit(**state["arch"])
+    if "dit" in state:
+        dit.load_state_dict(state["dit"])
+        for k, te in enumerate(encoders):
+            te.load_state_dict(state[f"te{k}"])
+    ema_encoders, ema_dit = copy.deepcopy(encoders), copy.deepcopy(dit)
+    if "ema_dit" in state:
+        ema_dit.load_state_dict(state["ema_dit"])
+        for k, te in enumerate(ema_encoders):
+            te.load_state_dict(state[f"ema_te{k}"])
+    params = list(dit.parameters()) + [p for te in encoders for p in te.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+    shim = OneRowForMany()
+    color_ids = torch.tensor(load_tokenizer().convert_tokens_to_ids([c + "</w>" for c in COLORS]))
+    color_index = torch.full((49408,), -1, dtype=torch.long)
+    color_index[color_ids] = torch.arange(len(color_ids))
+    budget = args.minutes * 60 - 90  # leave time to export
+    t0 = state.setdefault("dit_t0", clock())
+    last_save = time.time()
+    run = []
+    t_step = time.time()
+
+    def snapshot():
+        state.update(dit=dit.state_dict(), ema_dit=ema_dit.state_dict(), opt=opt.state_dict(), elapsed=clock())
+        for k in range(len(encoders)):
+            state[f"te{k}"], state[f"ema_te{k}"] = encoders[k].state_dict(), ema_encoders[k].state_dict()
+
+    def encode_with_pooled(ids):  # [b, 78, 40]: the 77 CLIP rows and the pooled vector
+        clip, pooled = encode_text(encoders, ids)
+        return torch.cat([clip, pooled[:, None]], 1)
+
+    stop_at = state["step"] + args.stop_after if args.stop_after else args.steps
+    while state["step"] < min(args.steps, stop_at) and clock() < budget:
+        step = state["step"]
+        progress = max(step / args.steps, (clock() - t0) / max(1.0, budget - t0))
+        lr = cosine_lr(args.lr, progress, args.warmup / args.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(n_pool, (args.batch,), generator=gen)
+        lat = pool["lat"][idx] * sf  # [b, 4, 16, 16]
+        ids = pool["ids"][idx].clone()  # [b, 77]
+        slots = pool["slots"][idx].clone()  # [b, 2 objects, 2 words]
+        drop = torch.rand(args.batch, generator=gen) < args.cond_drop
+        ids[drop] = pool["empty"]
+        slots[drop] = -1
+        sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal times, as SD3
+        noise = torch.randn(lat.shape, generator=gen)
+        s = sigma[:, None, None, None]
+        noisy = (1 - s) * lat + s * noise
+
+        shim.probs.clear()
+        clip, pooled = encode_text(encoders, ids)
+        with one_row_attention(shim):
+            pred = dit(noisy, with_t5_rows(clip, rows=1), pooled, sigma * 1000).sample
+        l_diff = F.mse_loss(pred, noise - lat)
+        targets, valid = grounding_targets(pool["masks"][idx].float(), slots, resolutions=(8,))
+        l_share, l_bce = grounding_loss(shim.probs, targets, valid)
+        loss = l_diff + args.w_share * l_share + args.w_bce * l_bce
+        l_inv = torch.zeros(())
+        if args.w_inv > 0:
+            enc = torch.cat([clip, pooled[:, None]], 1)
+            l_inv = colour_invariance(encode_with_pooled, ids, enc, slots, color_ids, color_index, gen)
+            loss = loss + args.w_inv * l_inv
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_dit, dit, decay)
+        for e, m in zip(ema_encoders, encoders):
+            ema_update(e, m, decay)
+        state["step"] = step + 1
+        run.append((l_diff.item(), l_share.item(), l_bce.item(), l_inv.item()))
+        if state["step"] % args.log_every == 0:
+            a = np.mean(run, 0)
+            run = []
+            dt = (time.time() - t_step) / args.log_every
+            t_step = time.time()
+            log(f"dit step {state['step']}/{args.steps} flow {a[0]:.4f} share {a[1]:.4f} bce {a[2]:.4f} "
+                f"inv {a[3]:.4f} lr {lr:.2e} {dt:.2f} s/step elapsed {clock() / 60:.1f} min")
+        if time.time() - last_save > args.save_every:
+            snapshot()
+            atomic_save(state, args.dir / "state.pt")
+            if args.export_latest:
+                export(state, args.dir / "latest")
+            last_save = time.time()
+            log(f"checkpoint at step {state['step']}")
+    snapshot()
+    if state["step"] >= args.steps or clock() >= budget:
+        state["stage"] = "done"
+    atomic_save(state, args.dir / "state.pt")
+    log(f"dit stage stopped at step {state['step']} after {clock() / 60:.1f} min")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", type=Path, default=Path("checkpoints/dit"))
+    ap.add_argument("--export", type=Path, default=None, help="pipeline folder to write at the end")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--minutes", type=float, default=95.0, help="wall budget over all runs")
+    ap.add_argument("--pool", type=int, default=32768)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--cond-drop", type=float, default=0.1)
+    ap.add_argument("--w-share", type=float, default=0.1)
+    ap.add_argument("--w-bce", type=float, default=0.1)
+    ap.add_argument("--w-inv", type=float, default=0.1,
+                    help="weight of the colour-invariance loss (non-colour text rows and the pooled vector)")
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--save-every", type=float, default=240.0, help="seconds")
+    ap.add_argument("--export-latest", action="store_true",
+                    help="also export the EMA pipeline to DIR/latest at each checkpoint")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="end this invocation after N more steps (testing resume)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    path = args.dir / "state.pt"
+    if args.resume and path.exists():
+        state = torch.load(path, weights_only=False)
+        log(f"resumed: stage {state['stage']} step {state['step']} elapsed {state['elapsed'] / 60:.1f} min")
+    else:
+        arch = dict(layers=args.layers, heads=args.heads, head_dim=args.head_dim)
+        state = dict(stage="pool", step=0, elapsed=0.0, arch=arch, args=vars(args))
+        log(f"fresh run: {' '.join(sys.argv)}")
+    t_start, e0 = time.time(), state["elapsed"]
+
+    def clock() -> float:
+        return e0 + time.time() - t_start
+
+    if state["stage"] == "pool":
+        vae = shipped_vae()
+        build_pool(state, vae, args)  # the VAE is fixed: keep its own scaling factor
+        state.update(stage="dit", step=0, elapsed=clock(), scaling_factor=vae.config.scaling_factor)
+        atomic_save(state, path)
+    if state["stage"] == "dit":
+        train_dit(state, args, clock)
+    if args.export is not None and state["stage"] == "done":
+        export(state, args.export)
+        log(f"exported EMA pipeline to {args.export}; total {clock() / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
