@@ -48,6 +48,9 @@ def test_bind_is_symmetric_kl_to_the_own_noun_minus_the_others():
     assert float(got) == pytest.approx((expected + blue_term) / 2, rel=1e-9)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize("bad", [
     lambda: Excite([]), lambda: Bind({}), lambda: Layout({"x": (0.5, 0, 0.2, 1)}),
     lambda: Layout({"x": (0, 0, 2, 1)}), lambda: Excite("a", weight=float("nan")),
@@ -59,6 +62,40 @@ def test_bad_guidance_is_refused_by_name(bad):
         bad()
 
 
+@pytest.mark.parametrize("bad, message", [
+    (lambda: Guide(Excite("a"), step_size=NAN), "step_size must be a finite number"),
+    (lambda: Guide(Excite("a"), step_size=-INF), "step_size must be a finite number"),
+    (lambda: Guide(Excite("a"), step_size=0), "step_size must be a positive"),
+    (lambda: Guide(Excite("a"), step_size=1e7), "step_size must be a positive"),
+    (lambda: Guide(Excite("a"), step_size="big"), "step_size must be a number"),
+    (lambda: Guide(Excite("a"), refine={0: NAN}), "refine target at step 0 must be a finite number"),
+    (lambda: Guide(Excite("a"), refine={0: INF}), "refine target at step 0 must be a finite number"),
+    (lambda: Guide(Excite("a"), refine={0: -INF}), "refine target at step 0 must be a finite number"),
+    (lambda: Guide(Excite("a"), refine={0: 1e39}), "float32"),
+    (lambda: Guide(Excite("a"), refine={2: -0.1}), "below 0.0, the smallest loss Excite can reach"),
+    (lambda: Guide(Excite("a"), Layout({"a": (0, 0, 1, 1)}), refine={0: -1}), "Excite, Layout"),
+    (lambda: Guide(Excite("a"), refine={-1: 0.1}), "refine step must be between 0"),
+    (lambda: Guide(Excite("a"), refine={1.5: 0.1}), "refine step must be a whole number"),
+    (lambda: Guide(Excite("a"), refine=[0.1]), "refine must be a mapping"),
+    (lambda: Guide(Excite("a"), max_refine=-1), "max_refine must be between 0"),
+    (lambda: Guide(Excite("a"), max_refine=10**9), "max_refine must be between 0"),
+    (lambda: Guide(Excite("a"), max_refine=NAN), "max_refine must be a whole number"),
+    (lambda: Excite("a", weight=INF), "Excite weight must be a finite number"),
+    (lambda: Bind({"red": "circle"}, weight="x"), "Bind weight must be a number"),
+    (lambda: Layout({"x": (0, 0, NAN, 1)}), "box of 'x' must be a finite number"),
+    (lambda: Layout({"x": 0.5}), "four numbers"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused_at_construction(bad, message):
+    with pytest.raises(GuidanceError, match=message) as caught:
+        bad()
+    assert isinstance(caught.value, xattn.XattnError)
+
+
+def test_a_target_a_loss_without_a_floor_can_reach_is_kept():
+    assert Guide(Bind({"red": "circle", "blue": "square"}), refine={"3": -0.5}).refine == {3: -0.5}
+    assert Guide(Excite("a"), refine={0: 0.0}, max_refine=0).refine == {0: 0.0}  # the floor itself is in range
+
+
 def test_records_round_trip():
     guide = Guide(Excite(["red", "circle"]), Bind({"red": "circle"}, weight=2.0),
                   Layout({"red circle": (0, 0, 0.5, 1)}), steps="0:0.4", step_size=7.5, refine={0: 0.2})
@@ -67,8 +104,8 @@ def test_records_round_trip():
 
 
 def test_refinement_lowers_the_loss_at_each_repeat(sd1_pipe):
-    guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=0.5, refine={0: -1.0}, max_refine=3,
-                  res=None)
+    guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=0.5, refine={0: 0.0}, max_refine=3,
+                  res=None)  # 0 is Excite's floor: never reached here, so every repeat runs
     with xattn.hooks(sd1_pipe, guide):
         sd1_pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
                  output_type="latent", generator=torch.Generator().manual_seed(0))
@@ -90,6 +127,59 @@ def test_unknown_words_are_refused_before_sampling(sd1_pipe):
     with xattn.hooks(sd1_pipe, Guide(Excite("hat"))):
         with pytest.raises(xattn.TokenError, match="hat"):
             sd1_pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="latent")
+
+
+class _Broken(Excite):
+    """Excite whose loss turns non-finite from ``from_call`` on (a stand-in for an overflow)."""
+
+    def __init__(self, words, value, from_call=0):
+        super().__init__(words)
+        self.value, self.from_call, self.calls = value, from_call, 0
+
+    def __call__(self, word_maps):
+        loss = super().__call__(word_maps)
+        self.calls += 1
+        return loss * self.value if self.calls > self.from_call else loss
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_with_the_step_and_leaves_the_latents(sd1_pipe, value):
+    loss = _Broken("circle", value, from_call=1)  # step 0 is fine, step 1 breaks
+    seen = []
+    with xattn.hooks(sd1_pipe, Guide(loss, steps="0:3", step_size=0.5, res=None)):
+        with pytest.raises(GuidanceError, match="at step 1") as caught:
+            sd1_pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                     output_type="latent", generator=torch.Generator().manual_seed(0),
+                     callback_on_step_end=lambda pipe, step, t, kw: seen.append(kw["latents"].clone()) or {})
+    assert str(value) in str(caught.value) and isinstance(caught.value, xattn.XattnError)
+    assert len(seen) == 1 and torch.isfinite(seen[0]).all()  # no step ran on NaN latents
+
+
+def test_word_slots_are_resolved_once_per_pipeline_call(sd1_pipe, monkeypatch):
+    from xattn.tokens import TokenMap
+
+    calls = []
+    original = TokenMap.indices
+    monkeypatch.setattr(TokenMap, "indices", lambda self, key: calls.append(key) or original(self, key))
+    guide = Guide(Excite(["red", "circle"]), steps="0:3", step_size=0.5, refine={0: 0.0, 1: 0.0}, max_refine=2,
+                  res=None)
+    with xattn.hooks(sd1_pipe, guide):
+        sd1_pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                 output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert len(guide.losses_seen) >= 7  # 3 passes at steps 0 and 1, one at step 2
+    assert sorted(calls) == ["circle", "red"]
+
+
+def test_a_reused_guide_resolves_the_words_of_each_new_prompt(sd1_pipe):
+    guide = Guide(Excite("circle"), steps="0:1", step_size=0.5, res=None)
+    call = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="latent")
+    with xattn.hooks(sd1_pipe, guide):
+        sd1_pipe("a red circle", **call)
+        assert guide._slots[0].words == {"circle": [2]}  # slot 3, after the start token
+        sd1_pipe("a circle", **call)
+        assert guide._slots[0].words == {"circle": [1]}
+        with pytest.raises(xattn.TokenError, match="circle"):
+            sd1_pipe("a red square", **call)
 
 
 @pytest.mark.slow

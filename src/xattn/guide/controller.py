@@ -15,7 +15,8 @@ Everywhere else sampling runs as usual, on the fused path.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -25,7 +26,10 @@ from ..hookpoints import Controller, HookContext, Run
 from ..selector import Selector, SelectorError
 from ..steps import StepWindowError, WindowSpec, describe, parse_window, steps_in
 from ..tokens import TokenMap
+from ..validate import MAX_STEPS, OptionError, integer, number
 from .losses import GuidanceError, Loss, loss_from_dict
+
+MAX_REFINE = 1000  # repeats of one refinement: more is a typo, and each is a denoiser pass with gradients
 
 
 class Guide(Controller):
@@ -62,14 +66,9 @@ class Guide(Controller):
         if chosen.kind not in (None, "cross") or chosen.steps is not None:
             raise GuidanceError("Guide reads cross-attention; give steps as `steps=`, sites and res in the selector")
         self.selector = replace(chosen, kind="cross")
-        step_size = float(step_size)
-        if not (0 < step_size < 1e6):
-            raise GuidanceError(f"Guide step_size must be a positive finite number, not {step_size!r}")
-        self.step_size = step_size
-        self.refine = {int(step): float(target) for step, target in (refine or {}).items()}
-        if isinstance(max_refine, bool) or not isinstance(max_refine, int) or max_refine < 0:
-            raise GuidanceError(f"Guide max_refine must be a whole number >= 0, not {max_refine!r}")
-        self.max_refine = max_refine
+        self.step_size = _checked_step_size(step_size)
+        self.max_refine = _checked_whole(max_refine, "Guide max_refine", 0, MAX_REFINE)
+        self.refine = _checked_refine(refine, self.losses)
         self.reset()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -78,17 +77,25 @@ class Guide(Controller):
         self._num_steps = 1
         self._collecting = False
         self._sums: dict = {}
+        self._slots: dict[int, _Slots] = {}  # prompt index -> its words' slots, resolved once per run
         self.losses_seen: list[tuple[int, float]] = []  # (step, loss) before each update, for inspection
 
     def begin_run(self, run: Run) -> None:
+        """Find the guided steps of this run and resolve every word to its slots, once per pipeline call.
+
+        Unknown words raise :class:`~xattn.TokenError` here, before the first step.
+        """
         self.reset()
-        self._steps = steps_in(self.window, run.num_steps, what="Guide steps") if self.window else frozenset()
+        self._steps = self.guided_steps(run.num_steps)
         self._num_steps = run.num_steps or 1 + max(self._steps, default=0)
+        words = self._words()
         for prompt, token_map in enumerate(run.layout.token_maps):
             if token_map is not None:
-                for loss in self.losses:
-                    for word in loss.words():
-                        token_map.indices(word)  # unknown words raise TokenError before the first step
+                self._slots[prompt] = _Slots.of(token_map, words)
+
+    def guided_steps(self, num_steps: int | None) -> frozenset[int]:
+        """The steps of a ``num_steps``-step run this guide steers (empty: it would do nothing)."""
+        return steps_in(self.window, num_steps, what="Guide steps") if self.window else frozenset()
 
     def active(self, ctx: HookContext) -> bool:
         return self._collecting
@@ -110,13 +117,24 @@ class Guide(Controller):
         for attempt in range(1 + (self.max_refine if target is not None else 0)):
             z = latents.detach().clone().requires_grad_(True)
             loss = self._loss(steer, z)
-            self.losses_seen.append((steer.step, float(loss.detach())))
-            if target is not None and attempt > 0 and float(loss) <= target:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise GuidanceError(f"Guide: the guidance loss is {value} at step {steer.step}"
+                                    f"{f' (refinement {attempt})' if attempt else ''}; the latents are left "
+                                    "as they were. Lower step_size or the losses' weights, or guide fewer steps")
+            self.losses_seen.append((steer.step, value))
+            if target is not None and attempt > 0 and value <= target:
                 break
             (grad,) = torch.autograd.grad(loss, z)
+            if not bool(torch.isfinite(grad).all()):
+                raise GuidanceError(f"Guide: the guidance loss's gradient is not finite at step {steer.step}; "
+                                    "the latents are left as they were")
             scale = 1.0 - 0.5 * steer.step / max(self._num_steps - 1, 1)  # 1 -> 0.5 over the run
             latents = (z - self.step_size * scale ** 0.5 * grad).detach()
-            if target is None or float(loss) <= target:
+            if not bool(torch.isfinite(latents).all()):
+                raise GuidanceError(f"Guide: a guidance step of size {self.step_size} made the latents "
+                                    f"non-finite at step {steer.step}; lower step_size")
+            if target is None or value <= target:
                 break
         return latents
 
@@ -132,10 +150,18 @@ class Guide(Controller):
         text = self._text_maps()  # [n, H, W, j]
         total = 0.0
         for row, layout_row in enumerate(steer.layout.rows):
-            word_maps = _word_maps(text[row], steer.layout.token_map(layout_row.prompt), self._words())
+            word_maps = self._slots_of(steer, layout_row.prompt).word_maps(text[row])
             for loss in self.losses:
                 total = total + loss.weight * loss(word_maps)
         return total  # a sum over rows: each image gets its own gradient, whatever the batch
+
+    def _slots_of(self, steer, prompt: int) -> "_Slots":
+        """The slots ``begin_run`` resolved for ``prompt``; resolved again only if this call's token map differs."""
+        token_map = steer.layout.token_map(prompt)  # names the problem when the rows' prompts are unknown
+        slots = self._slots.get(prompt)
+        if slots is None or slots.token_map is not token_map:
+            slots = self._slots[prompt] = _Slots.of(token_map, self._words())
+        return slots
 
     def _words(self) -> list[str]:
         return list(dict.fromkeys(w for loss in self.losses for w in loss.words()))
@@ -166,16 +192,65 @@ class Guide(Controller):
         return f"Guide({', '.join(type(loss).__name__ for loss in self.losses)}, steps={describe(self.window)!r})"
 
 
-def _word_maps(maps: torch.Tensor, token_map: TokenMap, words: list[str]) -> dict[str, torch.Tensor]:
-    """Per-word ``[H, W]`` maps of one row: words' slots over the prompt's words only, softmax(100 x)."""
-    first = getattr(token_map, "start_slots", 1)  # CLIP's start token; none for T5
-    text = maps[..., first:token_map.end_slot] * 100.0  # [H, W, words]: no start token, no padding
-    text = text.softmax(dim=-1)
-    out = {}
-    for word in words:
-        slots = [slot - first for slot in token_map.indices(word)]
-        out[word] = text[..., slots].mean(dim=-1)
-    return out
+@dataclass(frozen=True)
+class _Slots:
+    """One prompt's words resolved to slots: the start of the prompt's words, its end slot, each word's slots."""
+
+    token_map: TokenMap
+    first: int  # slots before the first word: 1 for CLIP's start token, 0 for T5
+    end: int
+    words: dict[str, list[int]]  # word -> its slots, counted from ``first``
+
+    @classmethod
+    def of(cls, token_map: TokenMap, words: list[str]) -> "_Slots":
+        first = getattr(token_map, "start_slots", 1)
+        return cls(token_map, first, token_map.end_slot,
+                   {word: [slot - first for slot in token_map.indices(word)] for word in words})
+
+    def word_maps(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-word ``[H, W]`` maps of one row: words' slots over the prompt's words only, softmax(100 x)."""
+        text = maps[..., self.first:self.end] * 100.0  # [H, W, words]: no start token, no padding
+        text = text.softmax(dim=-1)
+        return {word: text[..., slots].mean(dim=-1) for word, slots in self.words.items()}
+
+
+def _checked_step_size(step_size) -> float:
+    try:
+        value = number(step_size, "Guide step_size")
+    except OptionError as error:
+        raise GuidanceError(str(error)) from None
+    if not 0 < value < 1e6:
+        raise GuidanceError(f"Guide step_size must be a positive finite number below 1e6, not {step_size!r}")
+    return value
+
+
+def _checked_whole(value, name: str, low: int, high: int) -> int:
+    try:
+        return integer(value, name, low=low, high=high)
+    except OptionError as error:
+        raise GuidanceError(str(error)) from None
+
+
+def _checked_refine(refine, losses: list[Loss]) -> dict[int, float]:
+    """``{step: target}`` with whole steps and finite targets the losses can reach."""
+    if refine is None:
+        return {}
+    if not isinstance(refine, Mapping):
+        raise GuidanceError(f"Guide refine must be a mapping {{step: target loss}}, not {refine!r}")
+    floor = sum(loss.weight * loss.lower_bound for loss in losses)  # -inf when a loss has no floor
+    checked = {}
+    for step, target in refine.items():
+        step = _checked_whole(step, "Guide refine step", 0, MAX_STEPS - 1)
+        try:
+            target = number(target, f"Guide refine target at step {step}")
+        except OptionError as error:
+            raise GuidanceError(str(error)) from None
+        if target < floor:
+            raise GuidanceError(f"Guide refine target at step {step} is {target!r}, below {floor!r}, the smallest "
+                                f"loss {', '.join(type(loss).__name__ for loss in losses)} can reach: refinement "
+                                "would run all max_refine repeats for nothing")
+        checked[step] = target
+    return checked
 
 
 __all__ = ["Guide"]

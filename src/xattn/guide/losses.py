@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import XattnError
+from ..validate import OptionError, number
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the image, x to the right
 
@@ -48,6 +49,7 @@ class Loss:
     """Base: a weighted loss on word maps; ``words()`` are resolved to slots by the controller."""
 
     weight: float = 1.0
+    lower_bound: float = float("-inf")  # the smallest value the loss can take (refinement targets below it are refused)
 
     def words(self) -> list[str]:
         raise NotImplementedError
@@ -67,8 +69,15 @@ def _checked_words(words, what: str) -> list[str]:
     return [w.strip() for w in words]
 
 
+def _finite(value, name: str) -> float:
+    try:
+        return number(value, name)
+    except OptionError as error:
+        raise GuidanceError(str(error)) from None
+
+
 def _checked_weight(weight: float, what: str) -> float:
-    weight = float(weight)
+    weight = _finite(weight, f"{what} weight")
     if not (weight > 0 and weight < 1e6):
         raise GuidanceError(f"{what} weight must be a positive finite number, not {weight!r}")
     return weight
@@ -79,6 +88,8 @@ class Excite(Loss):
 
     ``1 - min_w max(smooth(A_w))``: every listed word must own some pixel.
     """
+
+    lower_bound = 0.0
 
     def __init__(self, words: str | Sequence[str], weight: float = 1.0):
         self.targets = _checked_words(words, "Excite")
@@ -138,13 +149,17 @@ class Layout(Loss):
     Boxes are ``(x0, y0, x1, y1)`` fractions of the image.
     """
 
+    lower_bound = 0.0
+
     def __init__(self, boxes: Mapping[str, Box], weight: float = 1.0):
         if not isinstance(boxes, Mapping) or not boxes:
             raise GuidanceError(f"Layout needs phrase -> box pairs such as {{'red circle': (0, 0, 0.5, 1)}}, "
                                 f"not {boxes!r}")
         self.boxes: dict[str, Box] = {}
         for phrase, box in boxes.items():
-            values = tuple(float(v) for v in box)
+            if isinstance(box, str) or not hasattr(box, "__iter__"):
+                raise GuidanceError(f"box of {phrase!r} must be four numbers x0,y0,x1,y1, not {box!r}")
+            values = tuple(_finite(v, f"box of {phrase!r}") for v in box)
             if len(values) != 4 or not all(0.0 <= v <= 1.0 for v in values) or not (
                     values[0] < values[2] and values[1] < values[3]):
                 raise GuidanceError(f"box of {phrase!r} must be x0,y0,x1,y1 fractions in 0..1 with x0 < x1 and "
