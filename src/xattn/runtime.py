@@ -67,7 +67,7 @@ class Runtime:
         self._selected: set[int] = set()  # controllers whose selector matched some call of this run
         self._latents: torch.Tensor | None = None  # the pipeline's latents, for steering controllers
         self._steering: tuple | None = None  # (controller, layout) during a steering controller's own pass
-        self.call_of_steer: _CallState | None = None  # the denoiser call a steering pass stands in for
+        self._call_of_steer: _CallState | None = None  # the denoiser call a steering pass stands in for
         self._encoded: Encoded | None = None
         self._layout_key: tuple | None = None
         self._layout: BatchLayout | None = None
@@ -166,7 +166,7 @@ class Runtime:
         bound = arguments.arguments
         if self._steering is not None:  # a steering controller's own pass: its layout, no lifecycle
             sample = bound.get("sample", bound.get("hidden_states"))
-            call = self.call_of_steer
+            call = self._call_of_steer
             self.call = _CallState(latent_size(sample, bound), call.step, call.num_steps, call.timestep,
                                    self._steering[1])
             return None
@@ -203,7 +203,7 @@ class Runtime:
 
     def _steer(self, module, arguments, name: str, timestep) -> torch.Tensor | None:
         """Run the steering controllers before this step; the new denoiser input, or None."""
-        self.call_of_steer = self.call
+        self._call_of_steer = self.call
 
         def steering_pass(controller, layout):
             self._steering = None if controller is None else (controller, layout)
