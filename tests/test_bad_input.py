@@ -87,6 +87,7 @@ def place(tmp_path, monkeypatch, sd1_path):
     shutil.copytree(sd1_path, tmp_path / "bad-defaults")
     (tmp_path / "bad-defaults" / "xattn_defaults.json").write_text("{cut")
     (tmp_path / "inf-guidance.yaml").write_text("guidance: .inf\n")
+    (tmp_path / "syntax.yaml").write_text("syntax: nai\n")
     return tmp_path
 
 
@@ -115,6 +116,14 @@ CASES = {
                                            "--select", "sites=nowhere.*"], "matches no attention site"),
     "generate box outside the image": (["generate", "a red circle", "-m", M, "--box", "red circle=0,0,2,1"],
                                        "fractions in 0..1"),
+    "generate guide step size nan": (["generate", "a red circle", "-m", M, "--excite", "circle",
+                                      "--guide-step-size", "nan"], "step_size must be a finite number"),
+    "generate guide step size inf": (["generate", "a red circle", "-m", M, "--excite", "circle",
+                                      "--guide-step-size", "inf"], "step_size must be a finite number"),
+    "generate guide window past the run": (["generate", "a red circle", "-m", M, *FAST, "--excite", "circle",
+                                            "--guide-steps", "5:9"], "holds no step of this 2-step run"),
+    "generate syntax unknown": (["generate", "a red circle", "-m", M, "--syntax", "nai"], "'nai' is not one of"),
+    "config syntax unknown": (["generate", "a red circle", "-m", M, "-c", "syntax.yaml"], "syntax must be one of"),
     "reweight seeds too many": (["reweight", "a red circle", "-m", M, "--seeds", "0:9999999999"], "at most"),
     "reweight seeds past 2**64": (["reweight", "a red circle", "-m", M, "--seeds", f"{2**64}:{2**64 + 1}"], "seeds"),
     "edit reweight nan": (["edit", "--source", "a red circle", "--target", "a green circle", "-m", M,

@@ -40,7 +40,14 @@ def test_a_box_from_the_cli_puts_the_object_in_it_and_from_png_repeats_it(cli, t
     (["--box", "red circle=0,0,2,1"], "fractions in 0..1"),
     (["--box", "red circle"], "phrase=x0,y0,x1,y1"),
     (["--guide-steps", "0.5"], "need a loss"),
-    (["--excite", "circle", "--guide-step-size", "nan"], "step_size"),
+    (["--excite", "circle", "--guide-step-size", "nan"], "step_size must be a finite number, not nan"),
+    (["--excite", "circle", "--guide-step-size", "inf"], "step_size must be a finite number, not inf"),
+    (["--excite", "circle", "--guide-step-size", "1e39"], "out of float32 range"),
+    (["--excite", "circle", "--guide-step-size", "0"], "step_size must be a positive"),
+    (["--box", "red circle=0,0,nan,1"], "must be a finite number, not nan"),
+    (["--box", "red circle=0,0,inf,1"], "must be a finite number, not inf"),
+    (["--excite", "circle", "--guide-steps", "3:4"], "holds no step of this 2-step run"),
+    (["--excite", "circle", "--guide-steps", "nan"], "Guide"),
     (["--excite", "hat"], "hat"),
 ])
 def test_bad_guidance_options_are_one_error_line(cli, tmp_path, args, message):
@@ -49,6 +56,17 @@ def test_bad_guidance_options_are_one_error_line(cli, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert "Error:" in result.output and message in result.output and "Traceback" not in result.output
     assert not out.exists() or not any(p.suffix == ".png" for p in out.iterdir())
+
+
+def test_guidance_resolves_the_words_of_a_weighted_prompt(cli, tmp_path):
+    """A weighted prompt reaches the pipeline as embeddings: the session is told its words, for either dialect."""
+    for syntax, prompt in [("a1111", "a (red:1.3) circle"), ("compel", "a red+ circle")]:
+        out = tmp_path / syntax
+        result = cli("generate", prompt, "--syntax", syntax, "--excite", "circle", "--steps", "2", "--out", out,
+                     "--no-progress")
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["settings"]["syntax"] == syntax and manifest["guide"]["guide"][0]["words"] == ["circle"]
 
 
 def _documented_commands():

@@ -91,3 +91,53 @@ def test_reweight_sends_its_clean_prompt_as_is_even_with_brackets_in_it(cli, tmp
     cli("reweight", r"a \(big\) (red:1.5) circle", "-n", "(blue:1.3)", *FAST, "--out", tmp_path / "run")
     params = read_parameters(tmp_path / "run" / "scale_prompt_seed3.png")
     assert params["prompt"] == "a (big) red circle" and params["xattn"]["reweight"]["weights"] == {"red": 1.5}
+
+
+# A prompt both dialects read, meaning different things: compel's ``++`` is x1.1 twice, A1111 reads it as text;
+# A1111's ``(cat)`` is x1.1, compel's plain parentheses only group.
+BOTH = [("a cat++", {"cat": 1.1**2}, {}), ("a (cat) playing", {}, {"cat": 1.1}),
+        ("a (red circle)1.5", {"red": 1.5, "circle": 1.5}, {"red": 1.1})]  # A1111: "circle1.5" is one word
+
+
+@pytest.mark.parametrize("prompt, compel_weights, a1111_weights", BOTH, ids=[case[0] for case in BOTH])
+def test_the_dialects_weight_the_same_prompt_differently(prompt, compel_weights, a1111_weights):
+    from xattn.prompts import parse_prompt
+
+    compel, a1111 = parse_prompt(prompt, syntax="compel"), parse_prompt(prompt, syntax="a1111")
+    assert compel.weights() == pytest.approx(compel_weights, rel=1e-12)
+    assert a1111.weights() == pytest.approx(a1111_weights, rel=1e-12)
+    assert compel.weights() != a1111.weights()
+    assert parse_prompt(prompt).weights() == a1111.weights()  # A1111 stays the default
+
+
+@pytest.mark.parametrize("prompt", [case[0] for case in BOTH])
+def test_compel_dialect_weights_equal_compels_own(prompt):
+    compel_parser = pytest.importorskip("compel.prompt_parser")
+    from xattn.prompts import parse_prompt
+
+    oracle = compel_parser.PromptParser().parse_conjunction(prompt).prompts[0].children
+    expected = [(word, fragment.weight) for fragment in oracle for word in fragment.text.split()]
+    got = [(word, fragment.weight) for fragment in parse_prompt(prompt, syntax="compel").fragments
+           for word in fragment.text.replace("+", " ").split()]
+    assert [word for word, _ in got] == [word for word, _ in expected]
+    assert [weight for _, weight in got] == pytest.approx([weight for _, weight in expected], rel=1e-12)
+
+
+def test_syntax_option_chooses_the_dialect_and_is_recorded(cli, tmp_path):
+    prompt = "a red++ circle and a blue square"
+    cli("generate", prompt, *FAST, "--out", tmp_path / "default")
+    cli("generate", prompt, "--syntax", "a1111", *FAST, "--out", tmp_path / "a1111")
+    cli("generate", prompt, "--syntax", "compel", *FAST, "--out", tmp_path / "compel")
+    (tmp_path / "c.yaml").write_text("syntax: compel\n")
+    cli("generate", prompt, "-c", tmp_path / "c.yaml", *FAST, "--out", tmp_path / "config")
+    compel = pixels(tmp_path / "compel" / "image-0.png")
+    assert np.array_equal(pixels(tmp_path / "default" / "image-0.png"), pixels(tmp_path / "a1111" / "image-0.png"))
+    assert np.abs(compel - pixels(tmp_path / "a1111" / "image-0.png")).max() > 0  # red x1.21 only in compel
+    assert np.array_equal(pixels(tmp_path / "config" / "image-0.png"), compel)
+    for name, syntax in [("default", "a1111"), ("a1111", "a1111"), ("compel", "compel"), ("config", "compel")]:
+        assert json.loads((tmp_path / name / "manifest.json").read_text())["settings"]["syntax"] == syntax
+    png = read_parameters(tmp_path / "compel" / "image-0.png")
+    assert png["prompt"] == prompt and png["xattn"]["syntax"] == "compel"
+    cli("generate", "--from-png", tmp_path / "compel" / "image-0.png", "--no-progress", "--out", tmp_path / "again")
+    assert np.array_equal(pixels(tmp_path / "again" / "image-0.png"), compel)
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["settings"]["syntax"] == "compel"

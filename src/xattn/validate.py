@@ -166,6 +166,16 @@ _SETTING_CHECKS = {"seed": seed, "steps": steps, "guidance": guidance, "threads"
                    "max_pixels": lambda v, name: integer(v, name, low=64)}
 
 
+PROMPT_SYNTAXES = ("a1111", "compel")  # xattn.prompts.SYNTAXES
+
+
+def prompt_syntax(value: Any, name: str = "syntax") -> str:
+    """A prompt dialect xattn reads: ``a1111`` or ``compel``."""
+    if value not in PROMPT_SYNTAXES:
+        raise OptionError(f"{name} must be one of {', '.join(PROMPT_SYNTAXES)}, not {value!r}")
+    return value
+
+
 def check_settings(settings: Mapping[str, Any], *, source: str = "") -> dict[str, Any]:
     """A copy of ``settings`` with every number checked (unset ones are left as they are).
 
@@ -180,6 +190,8 @@ def check_settings(settings: Mapping[str, Any], *, source: str = "") -> dict[str
                 cleaned[key] = check(cleaned[key], key)
         if cleaned.get("seed") is not None and cleaned.get("images") is not None:
             seed(cleaned["seed"] + cleaned["images"] - 1, "the last image's seed (seed + images - 1)")
+        if cleaned.get("syntax") is not None:
+            cleaned["syntax"] = prompt_syntax(cleaned["syntax"])
         for key in ("prompt", "negative_prompt", "source"):
             if cleaned.get(key) is not None:
                 prompt_text(cleaned[key], key)
@@ -205,4 +217,4 @@ def prompt_text(value: Any, name: str = "prompt") -> str:
 
 __all__ = ["OptionError", "FLOAT32_MAX", "SEED_MAX", "DEFAULT_MAX_PIXELS", "integer", "number", "seed", "steps",
            "guidance", "weight", "threads", "parse_size", "seed_list", "weight_list", "check_settings",
-           "prompt_text"]
+           "prompt_text", "prompt_syntax", "PROMPT_SYNTAXES"]

@@ -199,6 +199,17 @@ class Run:
         return self._folder
 
     @property
+    def syntax(self) -> str:
+        """The dialect the run's prompts are written in (``--syntax``; ``a1111`` for commands without it)."""
+        return self.settings.get("syntax") or "a1111"
+
+    def hook_names(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> dict:
+        """``xattn.hooks`` arguments naming the rows of a :meth:`generate` call of weighted or long prompts."""
+        from ..prompts.pipeline import hook_names
+
+        return hook_names(self.pipe, list(prompts), negative_prompts, syntax=self.syntax)
+
+    @property
     def model_identity(self) -> dict[str, Any]:
         return dict(getattr(self.pipe, "xattn_identity", {}))
 
@@ -206,7 +217,7 @@ class Run:
         """Generate with the run's seed, steps, guidance, size and negative prompt.
 
         Args:
-            prompts: one prompt or a list.
+            prompts: one prompt or a list, written in the run's ``syntax`` (A1111's unless ``--syntax``).
             **overrides: ``seed=``, ``steps=``... for this call, or pipeline kwargs; ``literal=True``
                 when ``prompts`` are already clean text (a weighted prompt's ``Reweight.prompt``).
         """
@@ -222,7 +233,7 @@ class Run:
 
                 listed = [prompts] if isinstance(prompts, str) else list(prompts)
                 overrides.update(prompt_kwargs(self.pipe, listed, overrides.pop("negative_prompt", None),
-                                               literal=literal))
+                                               syntax=self.syntax, literal=literal))
                 overrides.pop("prompt", None)
             return runner.generate(self.pipe, prompts, **s, **overrides)
 

@@ -28,13 +28,14 @@ def register(app: typer.Typer) -> None:
         "xattn generate --model path/to/sd15 --size 512x768 --scheduler euler-a \"a cat\"",
         "xattn generate --from-png outputs/generate-.../image-0.png",
         'xattn generate "a red circle" --box "red circle=0,0,0.5,1" --seed 3',
+        'xattn generate "a red++ circle" --syntax compel',
     ))
     def generate(
         prompt: Annotated[Optional[str], typer.Argument(show_default=False, help="The prompt.")] = None,
         images: Annotated[int, typer.Option("--images", "-i", min=1, help="Images to make; image i uses seed + i.")] = 1,
         from_png: Annotated[Optional[Path], typer.Option(
             "--from-png", help="Make a PNG's image again from its 'parameters' chunk (typed options override it).")] = None,
-        negative_prompt: common.NegativePrompt = None,
+        negative_prompt: common.NegativePrompt = None, syntax: common.Syntax = "a1111",
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
@@ -69,12 +70,19 @@ def register(app: typer.Typer) -> None:
                 raise OptionError("no prompt given; pass a PROMPT or --from-png FILE")
             with common.start("generate", options, slug=text, pinned=pinned, unused=("sites",)) as run:
                 settings = run.settings
+                if guide is None and "guide" in controllers:
+                    guide = controllers["guide"]  # recorded in the PNG
+                if guide is not None:
+                    _check_guided_steps(guide, settings["steps"])
                 record = {name: controller.to_dict() for name, controller in controllers.items()} or None
-                with _session(run.pipe, list(controllers.values())):
+                in_png = {**(record or {}), **({"syntax": run.syntax} if run.syntax != "a1111" else {})} or None
+                negative = settings.get("negative_prompt")
+                names = run.hook_names([settings["prompt"]], [negative] if negative else None) if controllers else {}
+                with _session(run.pipe, list(controllers.values()), names):
                     pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"])
                 for index, image in enumerate(pictures):
                     run.save_png(image, f"image-{index}.png", prompt=settings["prompt"],
-                                 seed=settings["seed"] + index, xattn=record)
+                                 seed=settings["seed"] + index, xattn=in_png)  # --from-png reads the dialect
                 run.finish(**(record or {}))
 
 
@@ -84,13 +92,24 @@ def _guide(excite, bind, boxes, steps, step_size):
     return guide_from_text(excite=excite, bind=bind, boxes=boxes, steps=steps, step_size=step_size)
 
 
-def _session(pipe, controllers: list):
-    """An xattn session with ``controllers``, or nothing when there are none."""
+def _check_guided_steps(guide, num_steps: int) -> None:
+    """Refuse guidance whose window holds no step of this run: it would be recorded yet change nothing."""
+    from ..errors import NothingSelectedError
+    from ..steps import describe
+
+    if not guide.guided_steps(num_steps):
+        raise NothingSelectedError(f"--guide-steps {describe(guide.window)} holds no step of this {num_steps}-step "
+                                   "run, so the guidance would do nothing; give a window inside the run "
+                                   "(0.5: the first half, or 0:N with N <= --steps)")
+
+
+def _session(pipe, controllers: list, names: dict | None = None):
+    """An xattn session with ``controllers`` (``names``: rows of weighted or long prompts), or nothing when there are none."""
     if not controllers:
         return nullcontext()
     from ..session import hooks
 
-    return hooks(pipe, *controllers)
+    return hooks(pipe, *controllers, **(names or {}))
 
 
 def _from_png(png: Path, max_pixels: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -122,6 +141,7 @@ def _from_png(png: Path, max_pixels: int | None) -> tuple[dict[str, Any], dict[s
         "scheduler": own.get("scheduler") or (scheduler_from_a1111(params["sampler"]) if params["sampler"] else None),
         "model": own.get("model"),
         "dtype": own.get("dtype"),
+        "syntax": own.get("syntax"),
     }
     stored = {key: value for key, value in stored.items() if value is not None}
     stored = check_settings({**stored, "max_pixels": max_pixels}, source=f"{png}: ")

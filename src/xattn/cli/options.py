@@ -1,7 +1,8 @@
 """The typed options every generating command shares (``common.Seed``, ``common.Size``...).
 
 Every option defaults to ``None`` so that a ``--config`` file or the model's
-``xattn_defaults.json`` can fill it; numbers are checked after merging, by
+``xattn_defaults.json`` can fill it (``--syntax`` defaults to ``a1111``, which a
+config still overrides: only a typed value beats the config); numbers are checked after merging, by
 :func:`xattn.validate.check_settings`, so the command line, configs, sweeps
 and PNG parameters all pass the same checks.
 """
@@ -42,6 +43,10 @@ MaxPixels = Annotated[Optional[int], typer.Option(
 Threads = Annotated[Optional[int], typer.Option(
     show_default="1 for a small model on the CPU, else torch's default",
     help="CPU threads torch samples with (images can differ by one level between counts).")]
+SyntaxName = Literal["a1111", "compel"]  # xattn.prompts.SYNTAXES
+Syntax = Annotated[SyntaxName, typer.Option(
+    "--syntax", help="How the prompt's weights are written: a1111 ('(red:1.5)', '[red]') or compel ('red++', "
+                     "'(red)1.5'); see docs/prompts.md.")]
 NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", help="Negative prompt.")]
 Out = Annotated[Optional[Path], typer.Option(
     show_default="a new outputs/<command>-<time>-<slug>",
