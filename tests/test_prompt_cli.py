@@ -141,3 +141,13 @@ def test_syntax_option_chooses_the_dialect_and_is_recorded(cli, tmp_path):
     cli("generate", "--from-png", tmp_path / "compel" / "image-0.png", "--no-progress", "--out", tmp_path / "again")
     assert np.array_equal(pixels(tmp_path / "again" / "image-0.png"), compel)
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["settings"]["syntax"] == "compel"
+
+
+def test_reweight_reads_the_prompt_in_its_syntax(cli, tmp_path):
+    cli("reweight", "a red++ circle", "--syntax", "compel", *FAST, "--out", tmp_path / "compel")
+    cli("reweight", "a (red) circle", *FAST, "--out", tmp_path / "a1111")
+    compel = read_parameters(tmp_path / "compel" / "scale_prompt_seed3.png")
+    assert compel["prompt"] == "a red circle" and compel["xattn"]["reweight"]["weights"] == pytest.approx({"red": 1.21})
+    a1111 = read_parameters(tmp_path / "a1111" / "scale_prompt_seed3.png")
+    assert a1111["xattn"]["reweight"]["weights"] == pytest.approx({"red": 1.1})
+    assert json.loads((tmp_path / "compel" / "manifest.json").read_text())["settings"]["syntax"] == "compel"

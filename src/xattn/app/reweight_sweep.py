@@ -84,14 +84,14 @@ def run_sweep(pipe, prompt: str, generate: GenerateFn, *, word: str | None = Non
         weights: the weights of ``word``, one row each.
         modes: reweight modes, compared side by side.
         seeds: one column per seed and mode.
-        **options: further :class:`Reweight` options (``steps``, ``selector``, ``rows``).
+        **options: further :class:`Reweight` options (``steps``, ``selector``, ``rows``, ``syntax``).
     """
     if (word is None) != (weights is None):
         raise ReweightError("give --word and --weights together (the word to sweep and its weights)")
     for mode in modes:
         mode_named(mode)
     if word is not None:
-        _check_word(pipe, parse_prompt(prompt).text, word)
+        _check_word(pipe, parse_prompt(prompt, syntax=options.get("syntax", "a1111")).text, word)
     rows: list[float | None] = list(weights) if weights is not None else [None]
     cells: list[Cell] = []
     for mode in modes:

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         select: Annotated[Optional[str], typer.Option(help="Which cross-attention sites: res=16, sites=up_blocks.*.",
                                                       show_default="every cross site")] = None,
         all_rows: Annotated[bool, typer.Option("--all-rows", help="Weight the unconditional rows too.")] = False,
-        negative_prompt: common.NegativePrompt = None,
+        negative_prompt: common.NegativePrompt = None, syntax: common.Syntax = "a1111",
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
@@ -88,6 +88,7 @@ class _Sweep:
     window: str | None
     select: str | None
     rows: str
+    syntax: str = "a1111"
 
     @classmethod
     def from_settings(cls, settings: dict) -> "_Sweep":
@@ -101,7 +102,7 @@ class _Sweep:
             weights=parse_weights(settings["weights"]) if settings.get("weights") is not None else None,
             modes=modes, seeds=parse_seeds(settings["seeds"]) if settings.get("seeds") is not None else None,
             window=settings.get("window"), select=settings.get("select") or settings.get("sites"),
-            rows="all" if settings.get("all_rows") else "cond",
+            rows="all" if settings.get("all_rows") else "cond", syntax=settings.get("syntax") or "a1111",
         )
         if (sweep.word is None) != (sweep.weights is None):
             raise ReweightError("give --word and --weights together (the word to sweep and its weights)")
@@ -110,7 +111,7 @@ class _Sweep:
 
     @property
     def reweight_options(self) -> dict:
-        return {"steps": self.window, "selector": self.select, "rows": self.rows}
+        return {"steps": self.window, "selector": self.select, "rows": self.rows, "syntax": self.syntax}
 
     @property
     def title(self) -> str:
