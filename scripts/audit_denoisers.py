@@ -1,17 +1,13 @@
 #!/usr/bin/env python
 """Coverage audit: every denoiser class in the installed diffusers, and what xattn does with it.
 
-Each ``*Transformer*Model`` and ``UNet*Model`` class is built with its default
-config on the ``meta`` device (no weights, no memory), and its attention
-processors are checked against what xattn hooks (``xattn.install.hookable``):
-
-- hooked, tested: every site hookable, and a test runs the class (``TESTED``);
-- hooked, untested: every site hookable, no test runs it;
-- refused: the processor classes xattn would refuse by name
-  (``UnsupportedProcessorError``), or no attention sites at all;
-- crashes: listing its sites raises something that is not an ``XattnError``
-  (a bug to fix: refusals must be named errors);
-- not instantiated: the default config does not build (the error's first line).
+The audit itself is :mod:`xattn.audit` (``xattn sites --audit`` prints the same
+table): each ``*Transformer*Model`` and ``UNet*Model`` class is built with its
+default config on the ``meta`` device and its attention sites and processors
+are checked against what xattn hooks. Statuses: hooked, tested; hooked,
+untested; refused (a named ``XattnError``: the processor, the model or an
+attention module xattn does not understand); crashes (a bug: listing its sites
+raises something that is not an ``XattnError``); not instantiated.
 
     python scripts/audit_denoisers.py                      # the table on stdout
     python scripts/audit_denoisers.py --write docs/coverage.md
@@ -20,94 +16,20 @@ processors are checked against what xattn hooks (``xattn.install.hookable``):
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
 from pathlib import Path
 
-import diffusers
-import torch
-
-from xattn import XattnError, sites
-from xattn.install import hookable
-
-# Classes a test runs end to end (hooks, parity with stock, float64 references), and where.
-TESTED = {
-    "UNet2DConditionModel": "test_pipelines.py, test_processor.py (SD 1.x / 2.x / SDXL)",
-    "Transformer2DModel": "inside UNet2DConditionModel (test_session.py)",
-    "PixArtTransformer2DModel": "test_dit.py",
-    "SD3Transformer2DModel": "test_joint.py, test_joint_maps.py, test_sd3_t5.py",
-    "FluxTransformer2DModel": "test_joint.py, test_joint_maps.py, test_flux_pipeline.py",
-}
-
-
-def denoiser_classes() -> list[str]:
-    """Names of diffusers' denoiser classes: ``*Transformer*Model`` and ``UNet*Model``."""
-    names = [name for name in dir(diffusers) if name.endswith("Model")]
-    return sorted(name for name in names if "Transformer" in name or name.startswith("UNet"))
-
-
-def audit(name: str) -> tuple[str, str]:
-    """(status, detail) of one class."""
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = getattr(diffusers, name)()
-    except Exception as error:  # noqa: BLE001: any failure to build is reported, not raised
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return "not instantiated", f"{type(error).__name__}: {first[:100]}"
-    try:
-        found, processors = sites(model), hookable(model)
-    except Exception as error:  # noqa: BLE001
-        status = "refused" if isinstance(error, XattnError) else "crashes"
-        return status, f"xattn.sites raises {type(error).__name__}: {str(error).splitlines()[0][:90]}"
-    if not found or not processors:
-        return "refused", "no attention sites xattn can see"
-    refused = sorted({cls for cls in processors.values() if cls is not None})
-    kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(_count(site.kind for site in found).items()))
-    if refused:
-        return "refused", f"processor {', '.join(refused)} (UnsupportedProcessorError); sites: {kinds}"
-    if name in TESTED:
-        return "hooked, tested", f"{TESTED[name]}; sites: {kinds}"
-    return "hooked, untested", f"sites: {kinds}"
-
-
-def _count(items) -> dict:
-    counts: dict = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return counts
-
-
-def table(rows: list[tuple[str, str, str]]) -> str:
-    lines = ["| class | status | detail |", "|---|---|---|"]
-    lines += [f"| `{name}` | {status} | {detail.replace('|', '/')} |" for name, status, detail in rows]
-    return "\n".join(lines)
+from xattn.audit import TESTED, audit, audit_all, denoiser_classes, page, report, table  # noqa: F401
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="write the table into this markdown file (a whole page)")
     args = parser.parse_args()
-    logging.disable(logging.WARNING)
-    rows = [(name, *audit(name)) for name in denoiser_classes()]
-    text = table(rows)
-    totals = _count(status for _, status, _ in rows)
-    summary = ", ".join(f"{count} {status}" for status, count in sorted(totals.items()))
+    rows = audit_all()
     if args.write is None:
-        print(text)
-        print(f"\n{len(rows)} classes: {summary}")
+        print(report(rows))
         return
-    args.write.write_text(
-        "# Denoiser coverage\n\n"
-        f"Generated by `python scripts/audit_denoisers.py --write {args.write}` on diffusers {diffusers.__version__}: "
-        "every `*Transformer*Model` and `UNet*Model` class, built with its default config on the `meta` device, "
-        "its attention processors checked against what xattn hooks. \"Hooked\" means xattn installs on every site "
-        "(stock `AttnProcessor2_0` / `AttnProcessor`, or a joint processor whose core it routes); it says nothing "
-        "of a pipeline adapter. \"Refused\" names the processor classes `xattn.hooks` refuses with "
-        "`UnsupportedProcessorError` before changing anything; \"crashes\" means listing its sites raises an error "
-        "that is not an `XattnError` (a bug: a refusal must be a named error); \"not instantiated\": its default "
-        "config does not build, so nothing was checked.\n\n"
-        f"{len(rows)} classes: {summary}.\n\n{text}\n")
+    args.write.write_text(page(rows, f"python scripts/audit_denoisers.py --write {args.write}"))
 
 
 if __name__ == "__main__":

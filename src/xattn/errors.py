@@ -17,6 +17,15 @@ class UnsupportedProcessorError(XattnError, TypeError):
     """A site holds an attention processor that xattn does not reproduce exactly."""
 
 
+class UnsupportedModelError(XattnError, TypeError):
+    """A model that keeps no registry of its attention processors (no ``attn_processors``): xattn cannot list
+    or replace them."""
+
+
+class UnsupportedAttentionError(XattnError, TypeError):
+    """An attention module whose layout xattn cannot read (its heads or head size)."""
+
+
 class NothingSelectedError(XattnError, ValueError):
     """A request that would do nothing: a selector that matches no site, an unhonoured option."""
 
@@ -25,4 +34,5 @@ class LayoutError(XattnError, ValueError):
     """The rows of a denoiser call cannot be matched to the prompts of the pipeline call."""
 
 
-__all__ = ["XattnError", "UnsupportedProcessorError", "NothingSelectedError", "LayoutError"]
+__all__ = ["XattnError", "UnsupportedProcessorError", "UnsupportedModelError", "UnsupportedAttentionError",
+           "NothingSelectedError", "LayoutError"]

@@ -75,18 +75,54 @@ def family_of(processor) -> Family | None:
     return next((family for family in FAMILIES if type(processor) is family.processor), None)
 
 
+# (diffusers module, class): blocks whose attention sees text and image in one ``hidden_states``, each checked
+# in its model's source (the text and image tokens are concatenated before the block or inside it).
+_SINGLE_STREAM = (
+    ("transformer_flux", "FluxSingleTransformerBlock"),  # [text, image]
+    ("transformer_chroma", "ChromaSingleTransformerBlock"),  # [text, image], FluxAttnProcessor
+    ("transformer_flux2", "Flux2SingleTransformerBlock"),  # [text, image]
+    ("transformer_longcat_image", "LongCatImageSingleTransformerBlock"),  # [text, image]
+    ("auraflow_transformer_2d", "AuraFlowSingleTransformerBlock"),  # [text, image]
+    ("transformer_krea2", "Krea2TransformerBlock"),  # [text, image] (its text-fusion blocks see text only)
+    ("transformer_ideogram4", "Ideogram4TransformerBlock"),  # text and image tokens in one sequence
+    ("transformer_hunyuan_video", "HunyuanVideoSingleTransformerBlock"),  # [image, text]
+    ("transformer_hunyuan_video", "HunyuanVideoTokenReplaceSingleTransformerBlock"),  # [image, text]
+    ("transformer_hunyuanimage", "HunyuanImageSingleTransformerBlock"),  # [image, text]
+    ("transformer_motif_video", "MotifVideoSingleTransformerBlock"),  # [image, text]
+)
+# Dual-stream attention modules whose text projections are not diffusers' ``add_*_proj`` (no ``added_kv_proj_dim``).
+_DUAL_STREAM = (
+    ("transformer_joyimage", "JoyImageAttention"),  # img_attn_qkv / txt_attn_qkv, one softmax over both
+    ("transformer_joyimage_edit_plus", "JoyImageEditPlusAttention"),
+    ("transformer_prx", "PRXAttention"),  # image queries over image and text keys (txt_kv_proj)
+)
+
+
+def _classes(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
+    """The classes of ``names`` already imported: a model built from one has imported its module, so nothing
+    is imported here, and a diffusers version without one simply lacks it."""
+    import sys
+
+    found = (getattr(sys.modules.get(f"diffusers.models.transformers.{module}"), name, None)
+             for module, name in names)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
 def single_stream_blocks() -> tuple[type, ...]:
     """Blocks whose attention sees text and image in one ``hidden_states`` (no ``encoder_hidden_states``)."""
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+    return _classes(_SINGLE_STREAM)
 
-    return (FluxSingleTransformerBlock,)
+
+def dual_stream_attentions() -> tuple[type, ...]:
+    """Attention modules with their own text projections under names other than diffusers' ``add_*_proj``."""
+    return _classes(_DUAL_STREAM)
 
 
 def is_joint(module: nn.Module, parent: nn.Module | None) -> bool:
     """Whether ``module`` attends over image and text tokens together."""
     if getattr(module, "added_kv_proj_dim", None) is not None:  # added (text) projections: a dual-stream block
         return True
-    return isinstance(parent, single_stream_blocks())
+    return isinstance(module, dual_stream_attentions()) or isinstance(parent, single_stream_blocks())
 
 
 # -- routing the stock processor's core call ------------------------------------------------

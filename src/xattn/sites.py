@@ -8,19 +8,27 @@ it depends on the latent size of the call and is derived at run time by
 
 Kinds: ``cross`` (image queries, text keys: a UNet's or PixArt's ``attn2``),
 ``self`` (image to image), ``joint`` (image and text tokens in one attention:
-SD3's joint blocks, Flux's double- and single-stream blocks; see
+SD3's joint blocks, Flux's and Chroma's double- and single-stream blocks; see
 :mod:`xattn.joint`). A joint site's hook points show its image->text block,
 so selectors read ``kind=cross`` as "cross or joint".
+
+A model without ``attn_processors`` is refused with
+:class:`~xattn.errors.UnsupportedModelError`, an attention module whose heads
+or head size cannot be read with :class:`~xattn.errors.UnsupportedAttentionError`;
+both name the model's class (and the site's module path).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import operator
+from dataclasses import dataclass
 from typing import Any
 from typing import Literal
 
 from torch import nn
+
+from .errors import UnsupportedAttentionError, UnsupportedModelError
 
 Kind = Literal["cross", "self", "joint"]
 Block = Literal["down", "mid", "up", "other"]
@@ -48,17 +56,24 @@ def _block_of(name: str) -> Block:
     return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(first, "other")
 
 
+def _check_registry(model: nn.Module) -> None:
+    """Refuse, by name, a model that keeps no registry of its attention processors."""
+    if not hasattr(model, "attn_processors"):
+        cls = type(model)
+        raise UnsupportedModelError(
+            f"{cls.__module__}.{cls.__qualname__} has no `attn_processors`, so xattn can neither list nor replace "
+            "its attention processors; it needs a diffusers model that has them (UNet2DConditionModel, SD3, Flux, "
+            "PixArt...) or a pipeline holding one"
+        )
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module path -> attention module, for every module with a ``processor``.
 
     Uses ``attn_processors`` (diffusers' own registry) so the names match the keys
     that ``set_attn_processor`` accepts.
     """
-    if not hasattr(model, "attn_processors"):
-        raise TypeError(
-            f"{type(model).__name__} has no `attn_processors`; xattn needs a diffusers model "
-            "(UNet2DConditionModel, a transformer with cross-attention) or a pipeline holding one"
-        )
+    _check_registry(model)
     names = [key[: -len(_PROCESSOR_SUFFIX)] for key in model.attn_processors]
     modules = dict(model.named_modules())
     return {name: modules[name] for name in names}
@@ -72,15 +87,41 @@ def _kind_of(module: nn.Module, parent: nn.Module | None) -> Kind:
     return "joint" if is_joint(module, parent) else "self"
 
 
-def _site_of(name: str, module: nn.Module, parent: nn.Module | None = None) -> Site:
-    heads = int(module.heads)
-    inner_dim = module.to_q.out_features
+def _count(value) -> int | None:
+    """``value`` as a positive int, or None (a missing attribute, a module, a non-integer)."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return None
+    return number if number > 0 else None
+
+
+def _shape_of(name: str, module: nn.Module, owner: str) -> tuple[int, int]:
+    """(heads, head_dim) of an attention module: heads from ``heads`` (diffusers' ``Attention``) or
+    ``num_heads``, the head size from ``to_q``'s width (a LoRA-wrapped one too) or ``head_dim`` (fused QKV)."""
+    heads = _count(getattr(module, "heads", None)) or _count(getattr(module, "num_heads", None))
+    width = _count(getattr(getattr(module, "to_q", None), "out_features", None))
+    head_dim = width // heads if width and heads else _count(getattr(module, "head_dim", None))
+    if heads and head_dim:
+        return heads, head_dim
+    missing = [] if heads else ["no head count (`heads` or `num_heads`)"]
+    if not head_dim:
+        missing.append("no head size (a `to_q` projection or `head_dim`)")
+    cls = type(module)
+    raise UnsupportedAttentionError(
+        f"site {name} of {owner} holds a {cls.__module__}.{cls.__qualname__}, an attention module xattn does not "
+        f"understand: it has {' and '.join(missing)}"
+    )
+
+
+def _site_of(name: str, module: nn.Module, parent: nn.Module | None = None, owner: str = "the model") -> Site:
+    heads, head_dim = _shape_of(name, module, owner)
     return Site(
         name=name,
         kind=_kind_of(module, parent),
         block=_block_of(name),
         heads=heads,
-        head_dim=inner_dim // heads,
+        head_dim=head_dim,
     )
 
 
@@ -107,6 +148,7 @@ def attention_hosts(model) -> dict[str, nn.Module]:
     second of several), so ``sites=controlnet.*`` selects them.
     """
     denoiser = denoiser_of(model)
+    _check_registry(denoiser)
     hosts = {"": denoiser}
     controlnet = getattr(model, "controlnet", None) if model is not denoiser else None
     if isinstance(controlnet, nn.Module):
@@ -128,9 +170,10 @@ def sites(model) -> list[Site]:
     found = []
     for prefix, host in attention_hosts(model).items():
         modules = dict(host.named_modules())
+        owner = f"{type(host).__module__}.{type(host).__qualname__}"
         for name, module in attention_modules(host).items():
-            site = _site_of(name, module, modules.get(name.rpartition(".")[0]))
-            found.append(replace(site, name=prefix + name) if prefix else site)
+            site = _site_of(prefix + name, module, modules.get(name.rpartition(".")[0]), owner)
+            found.append(site)
     return found
 
 
