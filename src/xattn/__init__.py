@@ -29,14 +29,18 @@ from .capture import Capture, WordMaps
 from .edit import EditError, LocalBlend, Refine, Replace, SelfInject
 from .guide import Guide
 from .inversion import Inversion, InversionError, invert
+from .concepts import ConceptError, ConceptMaps, concepts
 from . import world
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "concepts",
     "POINTS",
     "BatchLayout",
     "Capture",
+    "ConceptError",
+    "ConceptMaps",
     "Controller",
     "EditError",
     "Guide",

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .concepts import live_stream
 from .errors import UnsupportedProcessorError
 from .processor import XattnProcessor
 from .sites import PACKING, Site
@@ -200,12 +201,16 @@ class JointProcessor(XattnProcessor):
             raise UnsupportedProcessorError(f"xattn's processor at {self.site.name} takes no {sorted(unknown)}; "
                                             "close the xattn session to use them")
         extra = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
-        parts = self._parts(hidden_states, encoder_hidden_states)
+        stream = live_stream()  # concept rows ride after the text while xattn.concepts runs (dual stream only)
+        concepts = stream.rows if stream is not None and encoder_hidden_states is not None \
+            and self.site.kind == "joint" else 0
+        parts = self._parts(hidden_states, encoder_hidden_states, concepts)
         active = self.runtime.active_hooks(self.site, parts.rows.stop - parts.rows.start)
         if active is None:  # nothing runs here this call: the stock processor, untouched
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
         if active.has("context"):
-            hidden_states, encoder_hidden_states = self._context(active, parts, hidden_states, encoder_hidden_states)
+            hidden_states, encoder_hidden_states = self._context(active, parts, hidden_states, encoder_hidden_states,
+                                                                 concepts)
         calls = []
 
         def core(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **rest):
@@ -215,7 +220,11 @@ class JointProcessor(XattnProcessor):
             calls.append(1)
             dim = self.family.sequence_dim
             q, k, v = (x.transpose(1, 2) if dim == 1 else x for x in (query, key, value))  # [b, h, s, d]
-            out = joint_attention(active, q, k, v, attn_mask, scale, parts)  # [b, h, s, d]
+            if concepts:  # the image and text rows get the usual core on their own keys; concept rows read all
+                out = stream.attend(q, k, v, scale, lambda q, k, v: joint_attention(active, q, k, v, attn_mask, scale,
+                                                                                    parts))
+            else:
+                out = joint_attention(active, q, k, v, attn_mask, scale, parts)  # [b, h, s, d]
             return out.transpose(1, 2) if dim == 1 else out
 
         with routed(self.family, core):
@@ -226,12 +235,13 @@ class JointProcessor(XattnProcessor):
                 "not once: this diffusers version computes joint attention differently from what xattn hooks")
         return out
 
-    def _parts(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> Parts:
+    def _parts(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+               concepts: int = 0) -> Parts:
         length = hidden_states.shape[1]
         if self.site.kind != "joint":  # a self site: rows and columns are the whole sequence
             return Parts(slice(0, length), slice(0, length))
         if encoder_hidden_states is not None:  # dual stream: image and text arrive apart
-            image, text = length, encoder_hidden_states.shape[1]
+            image, text = length, encoder_hidden_states.shape[1] - concepts
         else:  # single stream: [text, image] in one sequence; the image part is the latent's token grid
             image = _image_tokens(self.runtime, self.site)
             text = length - image
@@ -241,10 +251,12 @@ class JointProcessor(XattnProcessor):
             return Parts(rows=slice(text, text + image), columns=slice(0, text))
         return Parts(rows=slice(0, image), columns=slice(image, image + text))
 
-    def _context(self, active, parts: Parts, hidden_states, encoder_hidden_states):
-        """The ``context`` point: the text tokens' hidden states, before any projection."""
+    def _context(self, active, parts: Parts, hidden_states, encoder_hidden_states, concepts: int = 0):
+        """The ``context`` point: the text tokens' hidden states, before any projection (concept rows left out)."""
         if encoder_hidden_states is not None:
-            return hidden_states, active.run("context", encoder_hidden_states)  # [b, j, d]
+            text = encoder_hidden_states.shape[1] - concepts
+            changed = active.run("context", encoder_hidden_states[:, :text] if concepts else encoder_hidden_states)
+            return hidden_states, torch.cat([changed, encoder_hidden_states[:, text:]], dim=1) if concepts else changed
         text = active.run("context", hidden_states[:, parts.columns])  # [b, j, d] (single stream)
         rest = hidden_states[:, parts.rows]
         pieces = (text, rest) if self.family.text_first else (rest, text)
