@@ -190,7 +190,7 @@ class CrossAttentionEdit(Controller):
 
     def _replace(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         plan = self._plan
-        if x.shape[-1] != plan.matrix.shape[-1]:
+        if x.shape[-1] < plan.matrix.shape[-1]:
             raise EditError(f"{ctx.name} attends to {x.shape[-1]} text slots but the prompts' token maps have "
                             f"{plan.matrix.shape[-1]}; edits need one token sequence per prompt")
         source, target, matrix, weight = self._tensors(plan, ctx.step, x)
@@ -206,8 +206,9 @@ class CrossAttentionEdit(Controller):
         if key not in self._cast:
             source = plan.pairs.source.to(x.device)
             target = plan.pairs.target.to(x.device)
-            matrix = plan.matrix.to(dtype=x.dtype, device=x.device)[:, None]  # [n, 1, j, j]
-            weight = plan.weight[step].to(dtype=x.dtype, device=x.device)[:, None, None, :]  # [n, 1, 1, j]
+            matrix, weight = _widened(plan.matrix, plan.weight[step], x.shape[-1])
+            matrix = matrix.to(dtype=x.dtype, device=x.device)[:, None]  # [n, 1, j, j]
+            weight = weight.to(dtype=x.dtype, device=x.device)[:, None, None, :]  # [n, 1, 1, j]
             self._cast[key] = (source, target, matrix, weight)
         return self._cast[key]
 
@@ -219,6 +220,23 @@ class CrossAttentionEdit(Controller):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.to_dict()['steps']!r})"
+
+
+def _widened(matrix: torch.Tensor, weight: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mapper and slot weights over ``columns`` text columns, when the map has more than the token maps.
+
+    SD3 run without T5 appends the pipeline's zero rows after the CLIP tokens
+    (256 by default): the same in every prompt, so each one maps to itself and
+    is replaced like the padding after the last word (the last slot's weight).
+    """
+    n, length, _ = matrix.shape
+    if columns == length:
+        return matrix, weight
+    wide = torch.zeros(n, columns, columns, dtype=matrix.dtype)
+    wide[:, :length, :length] = matrix
+    wide[:, length:, length:] = torch.eye(columns - length, dtype=matrix.dtype)
+    extra = weight[:, -1:].expand(n, columns - length)
+    return wide, torch.cat([weight, extra], dim=1)
 
 
 class Replace(CrossAttentionEdit):
@@ -269,7 +287,8 @@ class SelfInject(Controller):
         steps: window of steps (``"0:0.4"``, ``0.4``, ``"0:10"``); ``None`` injects nowhere.
         res: which map sizes (``"<=32"`` by default: the larger side of the
             site's map, derived from the call's latent size).
-        selector: further restricts the self-attention sites.
+        selector: further restricts the self-attention sites; ``kind=joint`` injects at joint sites
+            instead (a transformer's image and text queries, the whole joint map).
         rows: ``"cond"`` (default) or ``"all"``.
 
     """
@@ -277,7 +296,11 @@ class SelfInject(Controller):
     def __init__(self, steps: WindowSpec = SELF_STEPS, res: str | None = SELF_RES, *,
                  selector: Selector | str | dict | None = None, rows: str = "cond"):
         self.window = parse_window(steps, what="SelfInject steps")
-        selector = _own_selector(selector, "self", "SelfInject")
+        try:
+            kind = "joint" if Selector.coerce(selector).kind == "joint" else "self"
+        except SelectorError:
+            kind = "self"  # _own_selector names the error
+        selector = _own_selector(selector, kind, "SelfInject")
         if res is not None:
             if selector.res is not None:
                 raise EditError("SelfInject: give the resolutions once, as `res=` or in the selector")

@@ -90,7 +90,8 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
                       cross_steps: WindowSpec | Mapping[str, WindowSpec] = CROSS_STEPS, self_steps: WindowSpec = SELF_STEPS,
                       self_res: str | None = SELF_RES, blend: str | Sequence[str] | None = None,
                       threshold: float = BLEND_THRESHOLD, blend_res: str | None = None,
-                      reweight: Mapping[str, float] | None = None, rows: str = "cond") -> list:
+                      reweight: Mapping[str, float] | None = None, rows: str = "cond",
+                      self_kind: str = "self") -> list:
     """The controllers of an edit, in the order they must run, checked against the prompts.
 
     Order: LocalBlend (reads the targets' own maps), Reweight per target (the
@@ -110,6 +111,8 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
         blend_res: map sizes LocalBlend reads (``None``: all cross sites).
         reweight: word -> weight for the target prompts (prompt-to-prompt's equalizer, ``scale`` mode).
         rows: ``"cond"`` or ``"all"`` (see :mod:`xattn.edit.pairs`).
+        self_kind: ``"self"``, or ``"joint"`` on a transformer without separate self-attention,
+            where the source's whole joint map (image and text queries) is injected.
 
     Raises:
         EditError: no targets, unknown mode, prompts a word swap cannot align,
@@ -139,7 +142,7 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
             controllers.append(Reweight(dict(reweight), mode="scale", prompt_index=prompt_index))
     controllers.append(cross)
     if self_steps is not None:
-        controllers.append(SelfInject(self_steps, self_res, rows=rows))
+        controllers.append(SelfInject(self_steps, self_res, rows=rows, selector=f"kind={self_kind}"))
     return controllers
 
 
@@ -154,9 +157,27 @@ def initial_latent(pipe, seed: int, width: int, height: int) -> torch.Tensor:
     factor = pipe.vae_scale_factor
     if width % factor or height % factor:
         raise EditError(f"size {width}x{height} must be a multiple of the VAE's factor {factor}")
-    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    model = _denoiser(pipe)
+    shape = (1, model.config.in_channels, height // factor, width // factor)
     return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(int(seed)),
-                        device=pipe.device, dtype=pipe.unet.dtype)
+                        device=pipe.device, dtype=model.dtype)
+
+
+def _denoiser(pipe):
+    """The UNet, or a transformer whose latents are drawn unpacked ([1, C, h, w]) as SD3's and PixArt's are."""
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if model is None or type(model).__name__.startswith("Flux"):
+        raise EditError(f"editing runs on pipelines with a UNet or an SD3/PixArt-style transformer; "
+                        f"{type(pipe).__name__} packs its latents differently")
+    return model
+
+
+def _self_kind(pipe) -> str:
+    """Where self-attention injection goes: self sites, or the joint sites of a model that has no others."""
+    from ..sites import sites
+
+    kinds = {site.kind for site in sites(_denoiser(pipe))}
+    return "joint" if "self" not in kinds and "joint" in kinds else "self"
 
 
 def _image_size(pipe, size) -> tuple[int, int]:
@@ -165,7 +186,7 @@ def _image_size(pipe, size) -> tuple[int, int]:
     dims = parse_size(size)
     if dims is not None:
         return dims
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = _denoiser(pipe).config.sample_size * pipe.vae_scale_factor
     return side, side
 
 
@@ -221,8 +242,10 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
     seeds = [int(seed) for seed in seeds]
     if not seeds:
         raise EditError("an edit needs at least one seed")
+    _denoiser(pipe)  # refuses pipelines whose latents an edit cannot share
     targets = [targets] if isinstance(targets, str) else list(targets)
     controllers = build_controllers(pipe.tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
+                                    self_kind=_self_kind(pipe),
                                     self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
                                     blend_res=blend_res, reweight=reweight, rows=rows)
     followers: list = []
