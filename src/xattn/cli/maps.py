@@ -124,11 +124,11 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
 
 
 def map_sizes(pipe, size: str | None) -> list[tuple[int, int]] | None:
-    """Every map size a UNet's attention can have at this image size (None when the model is not a UNet)."""
+    """Every map size the denoiser's attention can have at this image size (None when xattn cannot tell)."""
     unet = getattr(pipe, "unet", None)
     channels = getattr(getattr(unet, "config", None), "block_out_channels", None)
     if channels is None:
-        return None
+        return _patch_grid(pipe, size)
     scale = getattr(pipe, "vae_scale_factor", 8)
     width, height = parse_size(size, max_pixels=None) if size else (unet.config.sample_size * scale,) * 2
     h, w = height // scale, width // scale
@@ -139,11 +139,26 @@ def map_sizes(pipe, size: str | None) -> list[tuple[int, int]] | None:
     return sizes
 
 
+def _patch_grid(pipe, size: str | None) -> list[tuple[int, int]] | None:
+    """A transformer's one map size: its token grid (latent / patch; Flux packs 2x2 latent pixels per token)."""
+    from ..sites import PACKING
+
+    model = getattr(pipe, "transformer", None)
+    config = getattr(model, "config", None)
+    patch = PACKING if type(model).__name__.startswith("Flux") else getattr(config, "patch_size", None)
+    sample = getattr(config, "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if not isinstance(patch, int) or not isinstance(scale, int) or (size is None and not isinstance(sample, int)):
+        return None
+    width, height = parse_size(size, max_pixels=None) if size else (sample * scale,) * 2
+    return [(-(-(height // scale) // patch), -(-(width // scale) // patch))]
+
+
 def _check_selection(run, selector: Selector) -> None:
     """Refuse a --site or --res that matches nothing in this model, before generating."""
     from ..sites import sites
 
-    cross = [site for site in sites(run.pipe) if site.kind == "cross"]
+    cross = [site for site in sites(run.pipe) if site.kind in ("cross", "joint")]  # kind=cross reads joint too
     if not selector.select_sites(cross):
         raise OptionError(f"no cross-attention site matches {selector}; list them with `xattn sites --kind cross`")
     sizes = map_sizes(run.pipe, run.settings.get("size"))
