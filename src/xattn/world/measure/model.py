@@ -116,6 +116,24 @@ def scene_word_maps(pipe, scene: Scene, slots: list[int], timesteps=(300, 500, 7
     return out
 
 
+@torch.no_grad()
+def scene_concept_maps(pipe, scene: Scene, concepts: list[str], timesteps=(300, 500, 700), seed: int = 0,
+                       size=(64, 64), kind: str = "output") -> dict[str, np.ndarray]:
+    """ConceptAttention maps of ``concepts`` on a ground-truth scene: concept -> [64, 64].
+
+    The same noised inputs as :func:`scene_word_maps` (same seeds), one
+    transformer call under :func:`xattn.concepts`; maps are the softmax over
+    the concepts, averaged over blocks and timesteps, upsampled bilinearly.
+    """
+    from ...concepts import concepts as concept_maps
+
+    with concept_maps(pipe, concepts) as found:
+        _denoise_once_dit(pipe, scene, timesteps, seed)
+    maps = found.maps(kind).mean(0)  # [k, h, w]: the rows are the timesteps
+    up = torch.nn.functional.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+    return {concept: up[n].numpy() for n, concept in enumerate(concepts)}
+
+
 def _noise(latent: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.cat([torch.randn(latent.shape, generator=gen) for _ in range(rows)])  # [T, C, h, w]
