@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from xattn.world import COLORS, SHAPES, heldout_scenes, mask_iou, model_path
+from xattn.world import COLORS, SHAPES, heldout_scenes, mask_iou
 from xattn.world.data import object_slots
 from xattn.world.measure.maps import score_word, summarize
-from xattn.world.measure.model import _denoise_once_dit, scene_concept_maps, scene_word_maps
+from xattn.world.measure.model import denoiser_call, scene_concept_maps, scene_word_maps
 
 
 def scaled(m: np.ndarray) -> np.ndarray:
@@ -54,6 +54,7 @@ def table(pipe, scenes, concepts) -> dict[str, dict]:
             for key in scores}
 
 
+@torch.no_grad()
 def cost(pipe, scene, concepts, repeats: int) -> tuple[float, float]:
     def timed(fn):
         fn()
@@ -64,14 +65,13 @@ def cost(pipe, scene, concepts, repeats: int) -> tuple[float, float]:
 
     from xattn.concepts import concepts as concept_maps
 
-    def plain():
-        _denoise_once_dit(pipe, scene, (500,), 0)
+    denoise = denoiser_call(pipe, scene, (500,), 0)
 
     def with_concepts():
         with concept_maps(pipe, concepts):
-            _denoise_once_dit(pipe, scene, (500,), 0)
+            denoise()
 
-    return timed(plain), timed(with_concepts)
+    return timed(denoise), timed(with_concepts)
 
 
 def main(argv=None) -> None:
@@ -82,11 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=20, help="timed calls for the cost column")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from diffusers import StableDiffusion3Pipeline
+    from xattn.app.runner import load_pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(args.model or model_path("dit"), text_encoder_3=None,
-                                                    tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model or "dit", device="cpu", dtype="float32")
     concepts = list(COLORS) + list(SHAPES)
     scenes = heldout_scenes(args.scenes)
     rows = table(pipe, scenes, concepts)

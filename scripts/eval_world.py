@@ -14,6 +14,7 @@ Prints (and optionally writes as JSON):
 
   python scripts/eval_world.py                      # the shipped model
   python scripts/eval_world.py --model checkpoints/world/latest --quick
+  python scripts/eval_world.py --model dit          # the shipped transformer
   python scripts/eval_world.py --skip generation localisation reweight --captions 8
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=None, help="pipeline folder (default: shipped)")
+    ap.add_argument("--model", default=None,
+                    help="pipeline folder, or an embedded model's name: unet (default) or dit")
     ap.add_argument("--seeds", type=int, default=32, help="seeds per single-object prompt")
     ap.add_argument("--pair-seeds", type=int, default=8, help="seeds per pair prompt")
     ap.add_argument("--pairs", type=int, default=16, help="held-out pair prompts")
@@ -46,15 +48,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from diffusers import StableDiffusionPipeline
-
-    from xattn.world import heldout_prompts, model_path
+    from xattn.app.runner import load_pipeline, resolve_model
+    from xattn.world import heldout_prompts
     from xattn.world.measure import (caption_fidelity, generation_scores, localisation_scores, pair_captions,
                                      reweight_curve)
 
-    folder = args.model or model_path()
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
+    folder = resolve_model(args.model)
+    pipe = load_pipeline(str(folder), device="cpu", dtype="float32")
     defaults_file = Path(folder) / "xattn_defaults.json"
     defaults = json.loads(defaults_file.read_text()) if defaults_file.exists() else {}
     steps = args.steps or defaults.get("num_inference_steps", 25)

@@ -97,13 +97,10 @@ def scene_word_maps(pipe, scene: Scene, slots: list[int], timesteps=(300, 500, 7
 
     rows = len(timesteps)
     capture = Capture()
+    denoise = denoiser_call(pipe, scene, timesteps, seed)  # encoded outside the session: a bare denoiser call
+    resolutions = resolutions or ((8,) if hasattr(pipe, "transformer") else (16, 8))
     with hooks(pipe, capture, prompts=[scene.caption] * rows):
-        if hasattr(pipe, "transformer"):
-            _denoise_once_dit(pipe, scene, timesteps, seed)
-            resolutions = resolutions or (8,)
-        else:
-            _denoise_once_unet(pipe, scene, timesteps, seed)
-            resolutions = resolutions or (16, 8)
+        denoise()
     maps = capture.maps()
     out = {}
     for slot in slots:
@@ -127,8 +124,9 @@ def scene_concept_maps(pipe, scene: Scene, concepts: list[str], timesteps=(300, 
     """
     from ...concepts import concepts as concept_maps
 
+    denoise = denoiser_call(pipe, scene, timesteps, seed)
     with concept_maps(pipe, concepts) as found:
-        _denoise_once_dit(pipe, scene, timesteps, seed)
+        denoise()
     maps = found.maps(kind).mean(0)  # [k, h, w]: the rows are the timesteps
     up = torch.nn.functional.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
     return {concept: up[n].numpy() for n, concept in enumerate(concepts)}
@@ -139,7 +137,12 @@ def _noise(latent: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.randn(latent.shape, generator=gen) for _ in range(rows)])  # [T, C, h, w]
 
 
-def _denoise_once_unet(pipe, scene: Scene, timesteps, seed: int) -> None:
+def denoiser_call(pipe, scene: Scene, timesteps, seed: int):
+    """A no-argument call of the denoiser on the scene, noised at each timestep (one row each), with its caption."""
+    return (_dit_call if hasattr(pipe, "transformer") else _unet_call)(pipe, scene, timesteps, seed)
+
+
+def _unet_call(pipe, scene: Scene, timesteps, seed: int):
     ids = pipe.tokenizer(scene.caption, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids
     text = pipe.text_encoder(ids)[0]  # [1, 77, d]
@@ -147,10 +150,10 @@ def _denoise_once_unet(pipe, scene: Scene, timesteps, seed: int) -> None:
     noise = _noise(latent, len(timesteps), seed)
     noisy = torch.cat([pipe.scheduler.add_noise(latent, noise[k:k + 1], torch.tensor([t]))
                        for k, t in enumerate(timesteps)])  # [T, C, h, w]
-    pipe.unet(noisy, torch.tensor(timesteps), text.expand(len(timesteps), -1, -1))
+    return lambda: pipe.unet(noisy, torch.tensor(timesteps), text.expand(len(timesteps), -1, -1))
 
 
-def _denoise_once_dit(pipe, scene: Scene, timesteps, seed: int) -> None:
+def _dit_call(pipe, scene: Scene, timesteps, seed: int):
     """The same on a flow-matching transformer: x_t = (1 - t) x_0 + t noise, with t = timestep / 1000."""
     text, _, pooled, _ = pipe.encode_prompt(scene.caption, None, None, do_classifier_free_guidance=False)
     vae = pipe.vae.config
@@ -159,7 +162,8 @@ def _denoise_once_dit(pipe, scene: Scene, timesteps, seed: int) -> None:
     sigma = torch.tensor(timesteps, dtype=torch.float32)[:, None, None, None] / 1000
     noisy = (1 - sigma) * latent + sigma * _noise(latent, len(timesteps), seed)
     rows = len(timesteps)
-    pipe.transformer(noisy, text.expand(rows, -1, -1), pooled.expand(rows, -1), torch.tensor(timesteps, dtype=torch.float32))
+    return lambda: pipe.transformer(noisy, text.expand(rows, -1, -1), pooled.expand(rows, -1),
+                                    torch.tensor(timesteps, dtype=torch.float32))
 
 
 @dataclass
