@@ -150,7 +150,8 @@ def reference(attn, record: dict, *, family: str, text_first: bool, image_tokens
         if family == "flux" or not m.context_pre_only:
             text_out = m.to_add_out(text_out)
         output = (m.to_out[0](image_out), text_out)
-    return {"scores": scores[:, :, rows, columns], "probs": probs[:, :, rows, columns], "output": output}
+    return {"scores": scores[:, :, rows, columns], "probs": probs[:, :, rows, columns], "output": output,
+            "whole": probs, "rows": rows, "columns": columns}  # the whole joint softmax, image rows, text columns
 
 
 def max_difference(got, expected) -> float:

@@ -320,11 +320,32 @@ def _explicit(active, q, k, v, mask, scale, parts: Parts, bias, weights) -> torc
     probs = scores.float().softmax(dim=-1).to(q.dtype)  # [b, h, s, s]
     block = probs[:, :, rows, columns]  # [b, h, i, j]: a view of the joint map
     new = block if weights is None else block * weights[:, None, None, :]
-    new = active.run("probs", new)
+    outer = getattr(_WHOLE, "map", None)
+    _WHOLE.map = (probs, parts)  # read-only hand-off while the hooks run: see whole_joint_map()
+    try:
+        new = active.run("probs", new)
+    finally:
+        _WHOLE.map = outer
     if new is not block:
         probs = probs.clone()  # softmax's output is saved for its backward: write into a copy
         probs[:, :, rows, columns] = new
     return torch.matmul(probs, v)  # [b, h, s, d]
+
+
+_WHOLE = threading.local()  # this thread's (whole joint softmax, Parts) while ``probs`` hooks run in _explicit
+
+
+def whole_joint_map() -> tuple[torch.Tensor, Parts] | None:
+    """For a ``probs`` hook at a joint site that asks: the whole joint softmax and where its blocks sit.
+
+    Returns ``(probs, parts)`` while this thread's ``probs`` hooks run in the explicit path, else None:
+    ``probs`` is ``[b, h, s, s]`` over the joint sequence (the image->text block before ``value_scale``
+    and before any ``probs`` hook's change), ``parts.rows`` the image and ``parts.columns`` the text
+    positions. It is read-only: write nothing into it (the output is ``probs @ V``); a hook changes the
+    map only by returning a new image->text block.
+    Nothing is computed for it; ``xattn.Capture(blocks=...)`` reads the other blocks from it.
+    """
+    return getattr(_WHOLE, "map", None)
 
 
 def _borrow(active, q, k, mask):
@@ -372,4 +393,4 @@ def _mask_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 
 __all__ = ["FAMILIES", "JOINT_PROCESSORS", "Family", "JointProcessor", "Parts", "family_of", "is_joint",
-           "joint_attention", "routed"]
+           "joint_attention", "routed", "whole_joint_map"]

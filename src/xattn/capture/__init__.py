@@ -10,6 +10,6 @@
 from .controller import Capture
 from .heatmaps import WordMaps
 from .layers import MapLayer
-from .plan import CaptureBudgetError
+from .plan import CaptureBlocksError, CaptureBudgetError
 
-__all__ = ["Capture", "CaptureBudgetError", "MapLayer", "WordMaps"]
+__all__ = ["Capture", "CaptureBlocksError", "CaptureBudgetError", "MapLayer", "WordMaps"]

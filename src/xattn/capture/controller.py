@@ -12,6 +12,11 @@ Two modes:
   evolve; under a byte budget that is checked before anything is stored, and
   optionally streamed to disk as one safetensors shard per step.
 
+At joint sites (SD3, Flux) a capture keeps the image->text block, the text
+map; ``blocks=`` keeps the image->image, text->image and text->text blocks too,
+read from the whole joint map the explicit path hands its ``probs`` hooks
+(:func:`xattn.joint.whole_joint_map`), under the same budget.
+
 Only the selected sites, resolutions and steps leave the fused SDPA path (the
 core runs a ``probs`` hook only where the selector and :meth:`Capture.active`
 say so). After the pipeline call, :meth:`Capture.maps` returns the word maps.
@@ -29,9 +34,9 @@ from safetensors.torch import save_file
 from ..hookpoints import BatchLayout, Controller, HookContext
 from ..selector import Selector
 from ..sites import Site
-from .layers import TEXT_KINDS, MapLayer
-from .plan import (CaptureBudgetError, PlannedSite, RunState, Slice, format_bytes, parse_bytes, res_at,
-                   site_downsampling, token_columns)
+from .layers import BLOCK_KIND, JOINT_BLOCKS, TEXT_KINDS, MapLayer, block_kind
+from .plan import (CaptureBlocksError, CaptureBudgetError, PlannedSite, RunState, Slice, format_bytes, parse_bytes,
+                   res_at, site_downsampling, token_columns)
 
 DEFAULT_BUDGET = "1GiB"
 DEFAULT_SELF_RES = 32  # self-attention maps are [i, i]: 64x64 sites would need 64 MiB per row and call
@@ -63,6 +68,13 @@ class Capture(Controller):
         stream_to: a folder that does not exist yet (or is empty); per-step maps
             are written there as one safetensors shard per step and only the
             current step is held in memory.
+        blocks: at joint sites (SD3, Flux), which blocks of the joint attention to
+            keep, named ``"queries->keys"``: ``"image->text"`` (always kept: the
+            text map word maps read), ``"image->image"``, ``"text->image"``,
+            ``"text->text"``. The others keep every text slot (``slots`` and
+            ``tokens`` choose the image->text columns only), the selected heads and
+            rows, and count against ``budget``; read them with
+            ``maps().block("text->image")``. Every selected site must be a joint site.
 
     Example::
 
@@ -78,7 +90,7 @@ class Capture(Controller):
                  keep_heads: bool = False, uncond: bool = False, self_attention: bool = False,
                  self_res: int = DEFAULT_SELF_RES, budget: int | str | None = DEFAULT_BUDGET,
                  storage_dtype: torch.dtype = torch.float16, stream_to: str | Path | None = None,
-                 slots: str = "prompt"):
+                 slots: str = "prompt", blocks: str | tuple[str, ...] | list[str] = ("image->text",)):
         chosen = Selector.coerce(selector)
         if chosen.kind in ("self", "all") and not self_attention:
             raise ValueError(
@@ -95,6 +107,7 @@ class Capture(Controller):
             raise ValueError(f"slots must be one of {', '.join(map(repr, SLOT_CHOICES))}, not {slots!r}")
         if not storage_dtype.is_floating_point:
             raise ValueError(f"storage_dtype must be a float dtype (torch.float16, torch.float32), not {storage_dtype}")
+        self.blocks = _blocks(blocks)
         self.selector = chosen
         self.per_step = per_step
         self.keep_heads = keep_heads
@@ -116,6 +129,7 @@ class Capture(Controller):
     def bind(self, session) -> None:
         """Learn the model's sites, their sizes and the image scale before any call."""
         self._sites = session.sites
+        self._check_blocks(session.sites)
         self._factors = site_downsampling(session.denoiser)
         model = session.model
         is_pipeline = model is not session.denoiser
@@ -157,19 +171,64 @@ class Capture(Controller):
                 kept = len(run.columns)
                 padding = picked.narrow(3, kept, picked.shape[3] - kept)  # [r, h', i, j - j']
             picked = run.column_choice.take(picked, 3)  # [r, h', i, j']
-        if self.per_step:
-            self._keep_step(run, picked, padding, ctx)
-        else:
-            self._add_to_sum(run, picked, padding, ctx)
+        self._store(run, picked, padding, ctx, site.kind)
+        if self._extra_blocks and site.kind == "joint":
+            self._keep_blocks(run, ctx)
         self.calls[(site.name, ctx.step)] += 1
         return None
 
+    # -- joint blocks ----------------------------------------------------------------
+    @property
+    def _extra_blocks(self) -> tuple[str, ...]:
+        return tuple(block for block in self.blocks if block != "image->text")
+
+    def _check_blocks(self, site_list: list[Site]) -> None:
+        """Blocks other than image->text exist at joint sites only: refuse any other selected site."""
+        if not self._extra_blocks:
+            return
+        others = [site for site in site_list if self.selector.matches_site(site) and site.kind != "joint"]
+        if others:
+            listed = ", ".join(f"{site.name} ({site.kind})" for site in others[:3])
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            raise CaptureBlocksError(
+                f"blocks={list(self._extra_blocks)} are blocks of joint attention (SD3, Flux), but the capture's "
+                f"selector also takes sites that are not joint: {listed}{more}. Select joint sites only "
+                "(kind=joint), or keep blocks=('image->text',)")
+
+    def _keep_blocks(self, run: RunState, ctx: HookContext) -> None:
+        """Store the requested blocks of the whole joint map the explicit path hands over."""
+        from ..joint import whole_joint_map
+
+        handed = whole_joint_map()
+        if handed is None:
+            raise CaptureBlocksError(f"{ctx.site.name}: its processor handed over no joint map, so blocks "
+                                     f"{list(self._extra_blocks)} cannot be kept there")
+        probs, parts = handed
+        image, text = parts.rows, parts.columns
+        spans = {"image->image": (image, image), "text->image": (text, image), "text->text": (text, text)}
+        heads = self._head_choice(ctx.site)
+        for block in self._extra_blocks:
+            queries, keys = spans[block]
+            picked = run.row_choice.take(probs.detach()[:, :, queries, keys], 0)  # [r, h, q, k]
+            if heads is not None:
+                picked = heads.take(picked, 1)
+            self._store(run, picked, None, ctx, block_kind(block))
+
+    def _store(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext,
+               kind: str) -> None:
+        if self.per_step:
+            self._keep_step(run, picked, padding, ctx, kind)
+        else:
+            self._add_to_sum(run, picked, padding, ctx, kind)
+
     # -- storing -------------------------------------------------------------------
-    def _add_to_sum(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext) -> None:
-        group = self._sum_group(ctx.site, ctx.res)
+    def _add_to_sum(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext,
+                    kind: str) -> None:
+        group = self._sum_group(ctx.site, ctx.res, kind)
         layer = run.layers.get(group)
         if layer is None:
-            layer = self._new_layer(run, group, picked, ctx, steps=(), dtype=torch.float32, others=padding is not None)
+            layer = self._new_layer(run, group, picked, ctx, steps=(), dtype=torch.float32, others=padding is not None,
+                                    kind=kind)
             run.sites[group], run.steps[group] = set(), set()
         kept = picked.shape[3]
         if self.keep_heads:
@@ -186,40 +245,42 @@ class Capture(Controller):
         if ctx.step is not None:
             run.steps[group].add(ctx.step)
 
-    def _keep_step(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext) -> None:
+    def _keep_step(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext,
+                   kind: str) -> None:
         if self.stream_to is not None and ctx.step != run.streaming_step:
             self._flush_stream(run)
             run.streaming_step = ctx.step
         if padding is not None:
             picked = torch.cat([picked, padding.sum(dim=3, keepdim=True)], dim=3)  # [r, h', i, j' + 1]
         maps = picked if self.keep_heads else picked.mean(dim=1, keepdim=True)  # [r, h'|1, i, j]
-        group = (ctx.step, ctx.site.name)
+        group = (ctx.step, ctx.site.name) if kind == ctx.site.kind else (ctx.step, ctx.site.name, kind)
         layer = run.layers.get(group)
         if layer is None:
             steps = () if ctx.step is None else (ctx.step,)
-            layer = self._new_layer(run, group, picked, ctx, steps=steps, dtype=self.storage_dtype)
+            layer = self._new_layer(run, group, picked, ctx, steps=steps, dtype=self.storage_dtype, kind=kind)
         layer.data.add_(maps.to(self.storage_dtype))  # a scheduler may call the UNet twice per step (Heun)
         layer.count += 1
 
-    def _sum_group(self, site: Site, res: tuple[int, int]) -> tuple:
+    def _sum_group(self, site: Site, res: tuple[int, int], kind: str | None = None) -> tuple:
         """The running sum a site adds into: its own when heads are kept, else one per (kind, res, mid or not).
 
         The mid block gets sums of its own so that word maps can leave it out
         (they do by default, see docs/maps.md) even where it shares a size with other blocks.
         """
+        kind = site.kind if kind is None else kind
         if self.keep_heads:
-            return (site.kind, site.name)
-        return (site.kind, res, site.block == "mid")
+            return (kind, site.name)
+        return (kind, res, site.block == "mid")
 
     def _new_layer(self, run: RunState, group: tuple, picked: torch.Tensor, ctx: HookContext, *,
-                   steps: tuple[int, ...], dtype: torch.dtype, others: bool = False) -> MapLayer:
+                   steps: tuple[int, ...], dtype: torch.dtype, others: bool = False, kind: str) -> MapLayer:
         kept_heads = None
         if self.keep_heads:
             kept_heads = tuple(self.selector.head_indices(ctx.site.heads) or range(ctx.site.heads))
         rows, h, i, j = picked.shape
         shape = (rows, h if self.keep_heads else 1, i, j + others)
         data = torch.zeros(shape, dtype=dtype, device=picked.device)
-        layer = MapLayer(kind=ctx.site.kind, res=ctx.res, steps=steps, sites=(ctx.site.name,), count=0,
+        layer = MapLayer(kind=kind, res=ctx.res, steps=steps, sites=(ctx.site.name,), count=0,
                          heads=kept_heads, data=data)
         run.layers[group] = layer
         held = self.bytes_held()
@@ -240,10 +301,10 @@ class Capture(Controller):
         shard = self.stream_to / f"step_{'none' if step is None else f'{step:04d}'}.safetensors"
         if shard.exists():
             raise FileExistsError(f"{shard} already exists; stream each run to a new folder")
-        tensors = {layer.sites[0]: layer.data.contiguous().cpu() for _, layer in held}
+        tensors = {_stream_key(layer): layer.data.contiguous().cpu() for _, layer in held}
         save_file(tensors, str(shard))
         for _, layer in held:
-            layer.shard, layer.key, layer.data = shard, layer.sites[0], None
+            layer.shard, layer.key, layer.data = shard, _stream_key(layer), None
         run.shards.append(shard)
 
     def _prepare_stream_folder(self) -> None:
@@ -296,7 +357,15 @@ class Capture(Controller):
                 keys = key_length if run.columns is None else len(run.columns) + run.others
             else:
                 keys = res[0] * res[1]
-            planned.append(PlannedSite(site, res, count if self.keep_heads else 1, keys))
+            kept_heads = count if self.keep_heads else 1
+            planned.append(PlannedSite(site, res, kept_heads, keys))
+            if site.kind == "joint":  # the other blocks keep every text slot (key_length at a joint site)
+                image = res[0] * res[1]
+                sizes = {"image->image": (image, image), "text->image": (key_length, image),
+                         "text->text": (key_length, key_length)}
+                for block in self._extra_blocks:
+                    queries, keys = sizes[block]
+                    planned.append(PlannedSite(site, res, kept_heads, keys, queries=queries, kind=block_kind(block)))
         return planned
 
     def _check_budget(self, run: RunState, ctx: HookContext, key_length: int) -> int:
@@ -307,19 +376,23 @@ class Capture(Controller):
             held_steps = 1 if self.stream_to is not None else len(steps)
             itemsize = torch.empty((), dtype=self.storage_dtype).element_size()
             needed = held_steps * sum(p.bytes_per_call(rows, itemsize) for p in planned)
-            what = (f"per-step capture of {len(steps)} step(s) x {len(planned)} site(s)"
+            what = (f"per-step capture of {len(steps)} step(s) x {len({p.site.name for p in planned})} site(s)"
                     + (" (one step held at a time)" if self.stream_to is not None else ""))
         else:
             groups: dict[tuple, PlannedSite] = {}
             for p in planned:
-                groups[self._sum_group(p.site, p.res)] = p
+                groups[self._sum_group(p.site, p.res, p.kind)] = p
             needed = sum(p.bytes_per_call(rows, 4) for p in groups.values())  # one float32 running sum each
-            what = f"aggregated capture of {len(planned)} site(s) in {len(groups)} running sum(s)"
+            what = (f"aggregated capture of {len({p.site.name for p in planned})} site(s) in {len(groups)} "
+                    "running sum(s)")
+        if self._extra_blocks:
+            what += f" with joint blocks {', '.join(self.blocks)}"
         if self.budget is not None and needed > self.budget:
             raise CaptureBudgetError(
                 f"{what} for {rows} row(s) needs {format_bytes(needed)}, over the budget of "
                 f"{format_bytes(self.budget)}. Raise budget=, select fewer steps, sites or resolutions, "
-                "average the heads, or pass stream_to=FOLDER to keep one step in memory"
+                "average the heads, " + ("keep fewer blocks=, " if self._extra_blocks else "")
+                + "or pass stream_to=FOLDER to keep one step in memory"
             )
         return needed
 
@@ -389,3 +462,19 @@ class Capture(Controller):
             num_steps=run.num_steps,
             info=dict(self.model_info),
         )
+
+
+def _blocks(blocks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The joint blocks to keep, image->text first, in :data:`JOINT_BLOCKS` order; unknown names refused."""
+    named = (blocks,) if isinstance(blocks, str) else tuple(blocks)
+    unknown = [block for block in named if block not in JOINT_BLOCKS]
+    if unknown:
+        raise CaptureBlocksError(f"unknown joint block(s) {unknown}; blocks are named queries->keys: "
+                                 f"{', '.join(map(repr, JOINT_BLOCKS))}")
+    return tuple(block for block in JOINT_BLOCKS if block == "image->text" or block in named)
+
+
+def _stream_key(layer: MapLayer) -> str:
+    """A per-step layer's tensor name in its step's shard: the site, and the block for joint blocks."""
+    site = layer.sites[0]
+    return f"{site}|{layer.kind[len(BLOCK_KIND):]}" if layer.kind.startswith(BLOCK_KIND) else site

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..hookpoints import BatchLayout, Row
 from ..selector import Selector, SelectorError
 from ..tokens import TokenError, TokenMap
-from .layers import TEXT_KINDS, MapLayer
+from .layers import JOINT_BLOCKS, TEXT_KINDS, MapLayer, block_kind
 
 StepsArg = str | range | tuple[int, int] | Iterable[int] | None
 ResArg = int | str | tuple[int, int] | None
@@ -233,6 +233,33 @@ class WordMaps:
             raise LookupError(f"need self-attention at exactly one resolution matching {res!r}; captured: {found}")
         total = sum(layer.tensor()[row].double().mean(dim=0) for layer in layers)  # [i, i]
         return (total / sum(layer.count for layer in layers)).float()
+
+    def block(self, name: str, prompt: int = 0, image: int = 0, *, steps: StepsArg = None, res: ResArg = None,
+              sites: str | None = None, heads: Iterable[int] | None = None, cond: bool = True) -> torch.Tensor:
+        """The mean of one block of joint attention over what was captured: ``[queries, keys]`` float32.
+
+        ``name`` is ``"image->image"``, ``"text->image"``, ``"text->text"`` (kept with
+        ``Capture(blocks=...)``) or ``"image->text"`` (the text map every capture keeps; its keys
+        are the kept token columns, see :attr:`columns`, plus the padding column when
+        :attr:`others`). Image positions are the patch grid flattened row by row (``res``), text
+        positions every slot of the text sequence. The mean is over attention calls (and the
+        chosen heads), like :meth:`word`; these are probabilities of the joint softmax, so a
+        block's rows sum to its share of the query's attention (< 1).
+        """
+        if name not in JOINT_BLOCKS:
+            raise ValueError(f"block must be one of {', '.join(map(repr, JOINT_BLOCKS))}, not {name!r}")
+        row = self._row(prompt, image, cond)
+        kept = self._cross() if name == "image->text" else [l for l in self.layers if l.kind == block_kind(name)]
+        if not kept:
+            raise LookupError(f"no {name} block was captured; capture it at joint sites with "
+                              f"xattn.Capture(blocks=({name!r},))")
+        chosen = self._matching(kept, steps, res, sites)
+        sizes = sorted({layer.res for layer in chosen}, reverse=True)
+        if len(sizes) != 1:
+            raise LookupError(f"need {name} blocks at exactly one resolution matching res={res!r}, steps={steps!r}, "
+                              f"sites={sites!r}; captured: {sorted({l.res for l in kept}, reverse=True)}")
+        total = sum(layer.tensor()[row].double()[self._head_positions(layer, heads)].mean(dim=0) for layer in chosen)
+        return (total / sum(layer.count for layer in chosen)).float()
 
     # -- lookups ---------------------------------------------------------------------------
     def _cross(self) -> list[MapLayer]:

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
 import torch
 from safetensors import safe_open
 
 TEXT_KINDS = ("cross", "joint")  # sites whose maps have text keys: a joint site's image->text block is a text map
+
+# The four blocks of a joint site's attention (queries -> keys). The image->text block is the text map every
+# capture keeps (kind "joint"); the others are kept on request (``Capture(blocks=...)``) as layers of kind
+# ``"joint:<block>"``, which word maps never read.
+JOINT_BLOCKS = ("image->text", "image->image", "text->image", "text->text")
+BLOCK_KIND = "joint:"
+
+
+def block_kind(block: str) -> str:
+    """The layer kind of a joint block other than image->text: ``"joint:text->image"``."""
+    return BLOCK_KIND + block
 
 @dataclass
 class MapLayer:
@@ -25,9 +34,11 @@ class MapLayer:
     (see :class:`WordMaps`), ``heads`` is 1 when heads were averaged, ``i``
     the ``res[0] * res[1]`` query positions and ``j`` the keys (captured token
     columns at cross and joint sites, the ``i`` positions again at self sites).
+    A ``joint:<block>`` layer's ``i`` and ``j`` are its block's queries and keys
+    (image positions or every text slot: ``joint:text->image`` is ``[rows, heads, text, image]``).
     """
 
-    kind: Literal["cross", "self", "joint"]
+    kind: str  # "cross", "self", "joint" (image->text), or "joint:<block>" for another joint block
     res: tuple[int, int]
     steps: tuple[int, ...]  # the denoising steps summed in; empty if unknown (bare model calls)
     sites: tuple[str, ...]  # the attention sites summed in

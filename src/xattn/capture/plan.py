@@ -25,6 +25,10 @@ class CaptureBudgetError(XattnError, MemoryError):
     """A capture would hold more bytes than its budget allows."""
 
 
+class CaptureBlocksError(XattnError, ValueError):
+    """Joint blocks asked of a capture that cannot keep them (unknown names, sites that are not joint)."""
+
+
 def parse_bytes(value: int | str | None) -> int | None:
     """``1_000_000``, ``"64MB"``, ``"1.5GiB"`` -> bytes; ``None`` = no limit."""
     if value is None or isinstance(value, int):
@@ -87,9 +91,12 @@ class PlannedSite:
     res: tuple[int, int]
     heads_kept: int  # 1 when heads are averaged
     keys: int  # j: captured token columns (cross) or query positions (self)
+    queries: int | None = None  # i, when not the res[0] * res[1] image positions (a joint block's text queries)
+    kind: str | None = None  # the layer kind when not the site's ("joint:text->image"...)
 
     def bytes_per_call(self, rows: int, itemsize: int) -> int:
-        return rows * self.heads_kept * self.res[0] * self.res[1] * self.keys * itemsize
+        queries = self.res[0] * self.res[1] if self.queries is None else self.queries
+        return rows * self.heads_kept * queries * self.keys * itemsize
 
 
 def token_columns(layout: BatchLayout, key_length: int, tokens: tuple | None,
