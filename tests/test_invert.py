@@ -258,3 +258,21 @@ def test_null_text_regeneration_runs_the_optimised_embeddings(sd1_pipe):
     torch.testing.assert_close(result.source, regenerated, rtol=1e-4, atol=1e-4)
     with pytest.raises(InversionError, match="SDXL"):
         null_text_embeddings(type("XL", (), {"text_encoder_2": None})(), inv.trajectory, PROMPT, 5.0, 32, 32)
+
+
+@pytest.mark.slow
+def test_world_maps_of_a_real_image_land_on_its_objects(world_inversions, world_settings):
+    """Word maps read along a direct inversion's trajectory, scored against the scenes' own masks."""
+    from xattn.world.data import object_slots
+
+    wins = []
+    for scene, inv, _ in world_inversions:
+        capture = xattn.Capture()
+        dataclasses.replace(inv, method="direct").reconstruct(guidance=world_settings["guidance"], also=[capture])
+        maps = capture.maps()
+        for index, obj in enumerate(scene.objects):
+            rival = scene.objects[1 - index]
+            for slot in object_slots(scene)[index]:
+                heat = maps.word(slot, size=(64, 64)).numpy()
+                wins.append(heat[obj.mask].mean() > heat[rival.mask].mean())
+    assert len(wins) == 12 and np.mean(wins) >= 0.9, wins

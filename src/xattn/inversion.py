@@ -318,10 +318,17 @@ class Inversion:
         """The input through the VAE alone (encode, decode): the ceiling of any reconstruction."""
         return decode(self.pipe, self.latent)[0]
 
-    def reconstruct(self, guidance: float | None = None, output_type: str = "pil"):
+    def reconstruct(self, guidance: float | None = None, output_type: str = "pil", *, also=()):
         """The image regenerated from :attr:`noise` with the prompt (a PIL image, or ``[C, h, w]`` latents).
 
-        ``guidance`` defaults to null-text's own, else 1.
+        ``guidance`` defaults to null-text's own, else 1. ``also``: more controllers
+        for the call, after the method's own, e.g. a :class:`~xattn.Capture` for the
+        word maps of the real image along its inverted trajectory (``direct``
+        follows it exactly)::
+
+            capture = xattn.Capture()
+            inv.reconstruct(also=[capture])
+            capture.maps().word("circle")
         """
         from .session import hooks
 
@@ -333,7 +340,7 @@ class Inversion:
         call = dict(prompt=self.prompt, latents=self.noise.to(self.pipe.device, self.pipe.unet.dtype),
                     num_inference_steps=self.steps, guidance_scale=float(guidance), width=self.width,
                     height=self.height, output_type=output_type, **kwargs)
-        controllers = self.controllers()
+        controllers = self.controllers() + list(also)
         if controllers:
             with hooks(self.pipe, *controllers):
                 return self.pipe(**call).images[0]
