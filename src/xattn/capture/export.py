@@ -5,6 +5,12 @@ sums, fp16 per-step maps); the manifest says what each one is (kind,
 resolution, steps, sites, calls, heads) and everything needed to read the
 maps back as words: the prompts, their token maps, which rows are which
 prompt and image, and the run's facts (model, scheduler, seed, versions).
+
+A token map is saved whole, so a loaded capture resolves words exactly as the
+live one: a long prompt's 77-slot chunks (where each token landed, so every
+chunk's ``<start>``), a tokenizer's start slots (T5 has none), the words that
+were cut, and SD3's parts (CLIP's 77 slots, then T5's) each with its offset.
+Format 2 added these; format 1 files still load (one CLIP sequence each).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from safetensors.torch import load_file, save
 
 from ..files import OverwriteError, write_bytes_atomic, write_text_atomic
 from ..hookpoints import Row
+from ..prompts.chunks import ChunkLayout
+from ..token_parts import PartsTokenMap
 from ..tokens import TokenMap, Word
 from ..versions import package_versions
 from .heatmaps import WordMaps
@@ -25,7 +33,7 @@ from .layers import MapLayer
 MAPS_FILE = "maps.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "xattn-maps"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: token maps keep their chunk layout, start slots, cut words and parts
 _PACKAGES = ("xattn", "torch", "diffusers", "transformers", "safetensors")
 
 
@@ -45,7 +53,7 @@ def maps_manifest(maps: WordMaps, *, seed: int | list[int] | None = None,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "prompts": maps.prompts,
-        "token_maps": [None if tm is None else {**tm.to_dict(), "pieces": list(tm.pieces)} for tm in maps.token_maps],
+        "token_maps": [None if tm is None else token_map_dict(tm) for tm in maps.token_maps],
         "rows": [{"cond": row.cond, "prompt": row.prompt, "image": row.image} for row in maps.rows],
         "columns": maps.columns,
         "others": maps.others,  # true: each cross tensor has one more column, the summed padding slots
@@ -129,17 +137,38 @@ def _key(index: int) -> str:
     return f"layer.{index:04d}"
 
 
-def restore_token_map(saved: dict) -> TokenMap:
-    """A TokenMap from its ``to_dict()`` form, without needing the tokenizer again."""
+def token_map_dict(token_map: TokenMap | PartsTokenMap) -> dict:
+    """Everything :func:`restore_token_map` needs to resolve words as ``token_map`` does (JSON)."""
+    if isinstance(token_map, PartsTokenMap):
+        return {"parts": [{"offset": offset, **token_map_dict(part)} for offset, part in token_map.parts]}
+    chunks = token_map.chunks
+    return {
+        **token_map.to_dict(),
+        "written": token_map.written,
+        "pieces": list(token_map.pieces),
+        "start_slots": int(token_map.start_slots),
+        "cut_words": list(token_map.cut_words),
+        "cut_from": token_map.cut_from,
+        "chunks": None if chunks is None else {"slots": list(chunks.slots),
+                                               "chunk_lengths": list(chunks.chunk_lengths)},
+    }
+
+
+def restore_token_map(saved: dict) -> TokenMap | PartsTokenMap:
+    """A TokenMap (or SD3's PartsTokenMap) from :func:`token_map_dict`, without needing the tokenizer again."""
+    if "parts" in saved:
+        return PartsTokenMap([(int(part["offset"]), restore_token_map(part)) for part in saved["parts"]])
     token_map = TokenMap.__new__(TokenMap)
     token_map.prompt = saved["prompt"]
     token_map.written = saved.get("written", saved["prompt"])
-    token_map.chunks = None  # a single 77-slot sequence (chunk layouts are not saved)
+    chunks = saved.get("chunks")  # format 1: a single 77-slot sequence
+    token_map.chunks = None if chunks is None else ChunkLayout(tuple(chunks["slots"]), tuple(chunks["chunk_lengths"]))
+    token_map.start_slots = int(saved.get("start_slots", 1))
     token_map.cut_from = saved.get("cut_from")
     token_map.max_length = int(saved["max_length"])
     token_map.end_slot = int(saved["end_slot"])
     token_map.words = [Word(w["text"], w["start"], w["end"], tuple(w["slots"]), w["occurrence"]) for w in saved["words"]]
-    token_map.cut_words = []
+    token_map.cut_words = list(saved.get("cut_words", []))
     token_map.pieces = list(saved.get("pieces", []))
     token_map._whole_words = tuple(saved.get("whole_words", ()))
     return token_map
