@@ -9,7 +9,8 @@ import pytest
 from xattn.app.config import ConfigError, load_config, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = ["shapes-world.yaml", "sd15.yaml", "sd21.yaml", "sdxl.yaml"]
+PRESETS = ["shapes-world.yaml", "shapes-world-dit.yaml", "sd15.yaml", "sd21.yaml", "sdxl.yaml", "sd35-medium.yaml",
+           "flux-schnell.yaml", "flux-dev.yaml"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -24,8 +25,18 @@ def test_presets_load(name):
 
 def test_preset_sizes_match_the_models():
     sizes = {name: load_config(CONFIGS / name)["size"] for name in PRESETS}
-    assert sizes == {"shapes-world.yaml": "64x64", "sd15.yaml": "512x512", "sd21.yaml": "768x768",
-                     "sdxl.yaml": "1024x1024"}
+    assert sizes == {"shapes-world.yaml": "64x64", "shapes-world-dit.yaml": "64x64", "sd15.yaml": "512x512",
+                     "sd21.yaml": "768x768", "sdxl.yaml": "1024x1024", "sd35-medium.yaml": "1024x1024",
+                     "flux-schnell.yaml": "1024x1024", "flux-dev.yaml": "1024x1024"}
+
+
+def test_the_transformer_presets_keep_their_models_schedulers_and_guidance():
+    """Flow-matching models keep their own sampler; schnell runs unguided, dev's guidance is its embedded one."""
+    presets = {name: load_config(CONFIGS / name) for name in PRESETS}
+    for name in ("sd35-medium.yaml", "flux-schnell.yaml", "flux-dev.yaml", "shapes-world-dit.yaml"):
+        assert "scheduler" not in presets[name]
+    assert presets["flux-schnell.yaml"]["steps"] == 4 and presets["flux-schnell.yaml"]["guidance"] == 0.0
+    assert presets["shapes-world-dit.yaml"]["model"] == "dit"
 
 
 def write(tmp_path, text: str) -> Path:
