@@ -79,3 +79,19 @@ def test_report_command_rebuilds_the_report(maps_run):
     assert again.exit_code == 2 and "exists" in again.output
     missing = CliRunner().invoke(app, ["report", str(maps_run / "nowhere")])
     assert missing.exit_code == 2 and "missing" in missing.output
+
+
+def test_maps_reads_the_prompt_in_its_syntax(sd1_path, tmp_path):
+    runs = {}
+    for syntax in ("a1111", "compel"):
+        out = tmp_path / syntax
+        result = invoke("maps", "a red++ circle", "--model", sd1_path, "--out", out, "--syntax", syntax, *FAST)
+        assert result.exit_code == 0, result.output
+        runs[syntax] = (load_maps(out), json.loads((out / "manifest.json").read_text()))
+    (a1111, a1111_manifest), (compel, compel_manifest) = runs["a1111"], runs["compel"]
+    assert a1111_manifest["settings"]["syntax"] == "a1111" and a1111_manifest["maps"]["syntax"] == "a1111"
+    assert compel_manifest["settings"]["syntax"] == "compel" and compel_manifest["maps"]["syntax"] == "compel"
+    assert compel.words() == ["a", "red", "circle"]  # compel: red weighted 1.1², the text "a red circle"
+    assert a1111.words() == ["a", "red", "++", "circle"]  # A1111 reads ++ as text
+    assert compel.token_map(0).indices("circle") == [3] and a1111.token_map(0).indices("circle") == [4]
+    assert not (compel.word("red", normalize=False) == a1111.word("red", normalize=False)).all()

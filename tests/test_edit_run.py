@@ -185,3 +185,22 @@ def test_edit_refuses_an_unknown_output_type_and_a_latent_size_off_the_vae_grid(
         edit(sd1_pipe, SOURCE, TARGET, output_type="np")
     with pytest.raises(EditError, match="size 33x32 must be a multiple of the VAE's factor 2"):
         initial_latent(sd1_pipe, 0, 33, 32)
+
+
+def test_cli_edit_reads_its_prompts_in_the_syntax(cli, sd1_path, tmp_path):
+    manifests = {}
+    for syntax in ("a1111", "compel"):
+        result = cli("edit", "--source", "a red circle", "--target", "a green++ circle", "--syntax", syntax,
+                     "--steps", 2, "--self-steps", "none", "--model", sd1_path, "--out", tmp_path / syntax)
+        assert result.exit_code == 0, result.output
+        manifests[syntax] = json.loads((tmp_path / syntax / "manifest.json").read_text())
+    a1111, compel = manifests["a1111"], manifests["compel"]
+    assert a1111["settings"]["syntax"] == "a1111" and compel["settings"]["syntax"] == compel["syntax"] == "compel"
+    assert a1111["edit"]["targets"] == ["a green++ circle"] and a1111["prompt_weights"] == {}
+    assert compel["edit"]["targets"] == ["a green circle"] and compel["prompt_weights"] == {"green": pytest.approx(1.21)}
+    reweights = [c for c in compel["edit"]["controllers"] if "edit" not in c]
+    assert len(reweights) == 1 and "green" in json.dumps(reweights[0])
+    assert not any("edit" not in c for c in a1111["edit"]["controllers"])
+    result = cli("edit", "--source", "a red++ circle", "--target", "a green circle", "--syntax", "compel",
+                 "--model", tmp_path / "nope")
+    assert result.exit_code == 2 and "an edit keeps the source as it is" in result.output

@@ -5,6 +5,11 @@ targets), ``reprompt.png`` (the target prompt sampled plainly from the same
 seed, for contrast), ``sheet.png`` (side by side) and the run's ``manifest.json``.
 With ``--image``, a real image is inverted (:func:`xattn.invert`) and edited,
 and ``input.png`` and ``reconstruction.png`` are written too.
+
+Prompts are read in ``--syntax`` (A1111's by default): the edit runs on their
+clean text, and a target prompt's weights (``a (green:1.5) circle``,
+compel's ``a green++ circle``) weight those words as ``--reweight`` does
+(a typed ``--reweight`` wins); the source prompt takes no weights.
 """
 
 from __future__ import annotations
@@ -90,6 +95,36 @@ def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None
     }
 
 
+def prompt_weights(source: str, targets: list[str], syntax: str) -> tuple[str, list[str], dict[str, float]]:
+    """The source and targets as clean text in ``syntax``, and the target words' weights (``--reweight``'s form)."""
+    from ..prompts import parse_prompt
+    from ..tokens import split_words
+
+    def read(text: str, what: str):
+        parsed = parse_prompt(text, syntax=syntax)
+        if parsed.breaks:
+            raise EditError(f"the {what} prompt {text!r} has a chunk break (BREAK): an edit's prompts are one "
+                            "77-token window each")
+        return parsed
+
+    parsed_source = read(source, "source")
+    if parsed_source.spans:
+        listed = ", ".join(f"{span.text}:{span.weight:g}" for span in parsed_source.spans)
+        raise EditError(f"the source prompt {source!r} weights {listed} ({syntax} syntax): an edit keeps the source "
+                        "as it is; weight target words instead (in a target prompt, or with --reweight WORD=W)")
+    weights: dict[str, float] = {}
+    texts = []
+    for target in targets:
+        parsed = read(target, "target")
+        texts.append(parsed.text)
+        for span in parsed.spans:
+            for word, _, _ in split_words(span.text):
+                if weights.setdefault(word, span.weight) != span.weight:
+                    raise EditError(f"the target prompts weight {word!r} both {weights[word]:g} and {span.weight:g}; "
+                                    "an edit weights a word once for every target")
+    return parsed_source.text, texts, weights
+
+
 def register(app: typer.Typer) -> None:
     @app.command("edit", epilog=common.examples(
         'xattn edit --source "a red square and a blue circle" --target "a green square and a blue circle" --seed 3',
@@ -98,6 +133,7 @@ def register(app: typer.Typer) -> None:
         'xattn edit --source "a red circle" --target "a red square" --target "a red triangle" '
         '--word-steps square=0:0.3',
         'xattn edit --source "a red circle" --target "a big red circle" --mode refine --reweight big=2',
+        'xattn edit --source "a red circle" --target "a green++ circle" --syntax compel',
     ))
     def edit_command(
         source: Annotated[str, typer.Option(help="The source prompt.", show_default=False)],
@@ -134,7 +170,7 @@ def register(app: typer.Typer) -> None:
         invert_method: Annotated[Optional[str], typer.Option(
             "--invert", help=f"Inversion method for --image: {', '.join(METHODS)}.",
             show_default="direct")] = None,
-        negative_prompt: common.NegativePrompt = None,
+        negative_prompt: common.NegativePrompt = None, syntax: common.Syntax = "a1111",
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
@@ -150,10 +186,14 @@ def register(app: typer.Typer) -> None:
             if invert_method is not None and invert_method not in METHODS:
                 raise EditError(f"--invert must be one of {', '.join(METHODS)}, not {invert_method!r}")
             edit_options(options)  # fail on a typo before the model loads
+            prompt_weights(source, list(target), syntax)
             run = common.start("edit", options, slug=target[0] if target else source, unused=("sites",))
             settings = run.settings
+            written = source
+            source, target, weights = prompt_weights(source, list(target), run.syntax)
             model_edit = runner.model_defaults(runner.resolve_model(settings.get("model"))).get("edit")
-            arguments = edit_options(settings, model_edit)
+            arguments = edit_options({**settings, "source": source, "target": target}, model_edit)
+            arguments["reweight"] = {**weights, **(arguments["reweight"] or {})} or None  # a typed --reweight wins
             seed_value = int(settings["seed"])
             inversion = None
             if image is not None:
@@ -181,4 +221,5 @@ def register(app: typer.Typer) -> None:
                 raise RunFolderError(f"{sheet_path} exists; a run never overwrites its files")
             save_image_atomic(result.sheet(), sheet_path)
             run.outputs.append(SHEET)
-            run.finish(sheet=SHEET, edit=result.settings, files=names, model_edit_defaults=model_edit)
+            run.finish(sheet=SHEET, edit=result.settings, files=names, model_edit_defaults=model_edit,
+                       syntax=run.syntax, prompt_weights=weights, written_source=written)

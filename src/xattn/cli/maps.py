@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         'xattn maps "a red square and a blue circle"',
         'xattn maps "a red square and a blue circle" --token red --token circle --res 16 --out outputs/maps-red',
         'xattn maps "a green triangle" --per-step --window 0:10 --site "up_blocks.*"',
+        'xattn maps "a red++ circle" --syntax compel',
     ))
     def maps(
         prompt: Annotated[str, typer.Argument(show_default=False, help="The prompt.")],
@@ -68,7 +69,7 @@ def register(app: typer.Typer) -> None:
             help="Colours of the pictures: shared (one scale for every panel, weak words stay dim) or panel "
                  "(each panel from its own min to its max).")] = pictures.DEFAULT_SCALE,
         images: Annotated[int, typer.Option("--images", "-i", min=1, help="Images to make; image i uses seed + i.")] = 1,
-        negative_prompt: common.NegativePrompt = None,
+        negative_prompt: common.NegativePrompt = None, syntax: common.Syntax = "a1111",
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
@@ -90,11 +91,10 @@ def register(app: typer.Typer) -> None:
 def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images: int, per_step: bool,
           budget: str, scale: str = pictures.DEFAULT_SCALE) -> None:
     """Everything after loading: check the words and map sizes, generate, write the files."""
-    from ..prompts.pipeline import hook_names
-
     negative = run.settings.get("negative_prompt")
-    names = hook_names(run.pipe, [prompt], [negative] * images if negative else None)  # weighted / long prompts
-    token_map = TokenMap(names.get("tokenizer", run.pipe.tokenizer), prompt)
+    names = run.hook_names([prompt], [negative] * images if negative else None)  # weighted / long, in --syntax
+    tokenizer = names.get("tokenizer", run.pipe.tokenizer)
+    token_map = TokenMap(tokenizer, prompt)
     if not token_map.words:
         raise OptionError(f"the prompt {prompt!r} has no words to map; pass a prompt with words")
     shown = list(token) if token else None
@@ -107,7 +107,8 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
     first_seed = int(run.settings["seed"])
     for index, image in enumerate(pictures_made):
         run.save_png(image, f"image-{index}.png", prompt=prompt, seed=first_seed + index,
-                     xattn={"maps": {"selector": str(selector), "per_step": per_step}})
+                     xattn={"maps": {"selector": str(selector), "per_step": per_step},
+                            **({"syntax": run.syntax} if run.syntax != "a1111" else {})})
     focus = shown[0] if shown else _most_attended(word_maps)
     shown = shown or word_maps.words(0)
     run.save_image(pictures.word_grid(pictures_made[0], word_maps, words=shown, scale=scale), WORD_GRID)
@@ -120,7 +121,7 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
     seeds = [first_seed + k for k in range(len(pictures_made))]
     run.finish(maps=maps_manifest(word_maps, seed=seeds, extra={
         "selector": str(selector), "per_step": per_step, "budget": budget, "shown_words": shown,
-        "focus_word": focus}))
+        "focus_word": focus, "syntax": run.syntax}))
 
 
 def map_sizes(pipe, size: str | None) -> list[tuple[int, int]] | None:
