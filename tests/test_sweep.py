@@ -263,3 +263,42 @@ def test_resuming_with_other_settings_is_refused(cli, sd1_path, tmp_path):
     assert result.exit_code == 2 and "steps 2 -> 3" in result.output
     assert (tmp_path / "run" / "results.jsonl").read_text() == before
     assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0  # same settings: resumes
+
+
+def test_sweep_reads_prompts_in_its_syntax(cli, sd1_path, tmp_path):
+    """compel's ``red++`` is red weighted 1.1² (A1111 reads it as text): the cells differ, the manifest says which."""
+    import xattn
+    from xattn.reweight import Reweight
+
+    grid = {"prompts": ["a red++ circle"], "seeds": [3], "words": ["circle"], "weights": [1.0]}
+    images = {}
+    for syntax in ("a1111", "compel"):
+        config = write_config(tmp_path / f"{syntax}.yaml", sd1_path, grid=grid, extra=f"syntax: {syntax}")
+        result = cli("sweep", config, "--out", syntax, "--no-progress")
+        assert result.exit_code == 0, result.output
+        (record,) = read_results(tmp_path / syntax)
+        images[syntax] = pixels(tmp_path / syntax / record["image"])
+        assert json.loads((tmp_path / syntax / "manifest.json").read_text())["settings"]["syntax"] == syntax
+    pipe = runner.load_pipeline(sd1_path, device="cpu")
+    with xattn.hooks(pipe, Reweight({"red": 1.1 ** 2, "circle": 1.0}, mode="scale")):
+        expected = runner.generate(pipe, "a red circle", seed=3, steps=2, guidance=5.0, size=32)[0]
+    assert np.array_equal(images["compel"], np.asarray(expected))
+    assert not np.array_equal(images["a1111"], images["compel"])
+    generate = write_config(tmp_path / "g.yaml", sd1_path, job="generate", extra="syntax: compel",
+                            grid={"prompts": ["a red++ circle"], "seeds": [3]})
+    assert cli("sweep", generate, "--out", "g", "--no-progress").exit_code == 0
+    (record,) = read_results(tmp_path / "g")
+    from xattn.prompts.pipeline import prompt_kwargs  # what `xattn generate --syntax compel` hands the pipeline
+
+    embeds = prompt_kwargs(pipe, ["a red++ circle"], syntax="compel")
+    assert "prompt_embeds" in embeds
+    compel = runner.generate(pipe, "a red++ circle", seed=3, steps=2, guidance=5.0, size=32, **embeds)[0]
+    plain = runner.generate(pipe, "a red++ circle", seed=3, steps=2, guidance=5.0, size=32)[0]
+    assert np.array_equal(pixels(tmp_path / "g" / record["image"]), np.asarray(compel))
+    assert not np.array_equal(np.asarray(compel), np.asarray(plain))
+
+
+def test_sweep_syntax_is_checked_with_the_config(cli, sd1_path, tmp_path):
+    config = write_config(tmp_path / "s.yaml", sd1_path, extra="syntax: klingon")
+    result = cli("sweep", config, "--no-progress")
+    assert result.exit_code == 2 and "'syntax' must be one of a1111, compel" in result.output

@@ -66,6 +66,14 @@ def selector_text(value: Any) -> str:
         raise ValueError(f"a valid selector ({error})") from None
 
 
+def syntax_value(value: Any) -> str:
+    """A prompt dialect (``syntax: compel``): a sweep's, or a config of a command with ``--syntax``."""
+    try:
+        return numbers.prompt_syntax(value)
+    except OptionError:
+        raise ValueError(f"one of {', '.join(numbers.PROMPT_SYNTAXES)}") from None
+
+
 COMMON_CHECKS: dict[str, Validator] = {
     "model": optional_text,
     "device": one_of(DEVICES),

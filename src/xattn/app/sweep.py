@@ -196,13 +196,19 @@ def _generate_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _syntax(settings: Mapping[str, Any]) -> str:
+    """The dialect the sweep's prompts are written in (the config's ``syntax:``, A1111's by default)."""
+    return settings.get("syntax") or "a1111"
+
+
 def _prompted_kwargs(pipe, prompt: str, settings: Mapping[str, Any], literal: bool = False) -> dict[str, Any]:
-    """:func:`_generate_kwargs` with the prompts read as A1111 reads them (weights, BREAK, long prompts)."""
+    """:func:`_generate_kwargs` with the prompts read in the sweep's syntax (weights, BREAK, long prompts)."""
     from ..prompts.pipeline import prompt_kwargs
 
     kwargs = _generate_kwargs(settings)
     negative = kwargs.pop("negative_prompt", None)
-    kwargs.update(prompt_kwargs(pipe, [prompt], [negative] if negative else None, literal=literal))
+    kwargs.update(prompt_kwargs(pipe, [prompt], [negative] if negative else None, syntax=_syntax(settings),
+                                literal=literal))
     kwargs.pop("prompt", None)
     return kwargs
 
@@ -222,15 +228,16 @@ def reweight_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict
 
     (cell,) = reweight_cells(pipe, job.prompt, generate, word=job.word, weights=[job.weight],
                              modes=[job.mode or "scale"], seeds=[job.seed], steps=job.window,
-                             selector=settings.get("sites"))
+                             selector=settings.get("sites"), syntax=_syntax(settings))
     return cell.image, {"reweight": cell.reweight}
 
 
 JOB_KINDS: dict[str, JobFn] = {"generate": generate_job, "reweight": reweight_job}
 
 
-def check_words(pipe, jobs: Sequence[Job]) -> None:
-    """Fail before any job runs if a job's word is not in its prompt (raises TokenError)."""
+def check_words(pipe, jobs: Sequence[Job], syntax: str = "a1111") -> None:
+    """Fail before any job runs if a job's word is not in its prompt as ``syntax`` reads it (raises TokenError)."""
+    from ..prompts import parse_prompt
     from ..tokens import TokenMap
 
     tokenizer = getattr(pipe, "tokenizer", None)
@@ -238,7 +245,7 @@ def check_words(pipe, jobs: Sequence[Job]) -> None:
     if tokenizer is None:
         return
     for prompt, word in sorted(pairs):
-        TokenMap(tokenizer, prompt).indices(word)
+        TokenMap(tokenizer, parse_prompt(prompt, syntax=syntax).text).indices(word)
 
 
 def _parameters_text(pipe, job: Job, settings: Mapping[str, Any], image, info: Mapping[str, Any]) -> str:
@@ -341,7 +348,7 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
     with timings.phase("load"):
         pipe = runner.load_pipeline(settings.get("model"), device=device, dtype=settings.get("dtype") or "auto",
                                     scheduler=settings.get("scheduler"))
-    check_words(pipe, jobs)
+    check_words(pipe, jobs, _syntax(settings))
 
     folder_box: list[Any] = [None]
     if state.is_main_process:

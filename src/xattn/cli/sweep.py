@@ -52,12 +52,12 @@ def sweep_settings(config: Path, given: dict[str, Any]) -> tuple[dict[str, Any],
     Returns:
         (settings, grid, job kind).
     """
-    from ..app.config import load_config, one_of
+    from ..app.config import load_config, one_of, syntax_value
     from ..app.runner import model_defaults, resolve_model
     from ..app.sweep import JOB_KINDS, check_grid
     from ..validate import check_settings
 
-    data = load_config(config, extra_keys={"job": one_of(JOB_KINDS), "grid": None})
+    data = load_config(config, extra_keys={"job": one_of(JOB_KINDS), "grid": None, "syntax": syntax_value})
     kind = data.pop("job", "reweight" if "words" in (data.get("grid") or {}) else "generate")
     if "grid" not in data:
         raise common.ConfigError(f"{config}: key 'grid' is missing; a sweep needs grid: {{prompts: [...], seeds: [...]}}")
@@ -67,7 +67,7 @@ def sweep_settings(config: Path, given: dict[str, Any]) -> tuple[dict[str, Any],
     cli = {k: v for k, v in given.items() if v is not None}
     model = cli.get("model", data.get("model"))
     defaults = {k: v for k, v in model_defaults(resolve_model(model)).items() if k in common.DEFAULTS}
-    settings = check_settings({**common.DEFAULTS, **defaults, **data, **cli, "job": kind})
+    settings = check_settings({**common.DEFAULTS, **defaults, "syntax": "a1111", **data, **cli, "job": kind})
     if settings.get("out") is not None:
         settings["out"] = str(settings["out"])
     return settings, grid, kind
