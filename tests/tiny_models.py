@@ -118,3 +118,54 @@ def load_sdxl(path: Path) -> StableDiffusionXLPipeline:
     pipe = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- IP-Adapter: a tiny one with random weights, loaded through diffusers' own loader -------------
+
+IMAGE_EMBED_DIM = 16  # the tiny CLIP vision encoder's projection
+
+
+def ip_adapter_state_dict(unet: UNet2DConditionModel, seed: int = 0, weight: float = 0.5) -> dict:
+    """An IP-Adapter checkpoint for ``unet`` in the original layout (``image_proj`` / ``ip_adapter``).
+
+    ``image_proj``: ImageProjection (4 image tokens from an ``IMAGE_EMBED_DIM``
+    image embedding); ``ip_adapter``: ``<id>.to_k_ip`` / ``to_v_ip`` per cross
+    site, ids 1, 3, 5... in ``unet.attn_processors`` order, as diffusers reads them.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * weight
+
+    image_proj = {"proj.weight": rand(4 * cross, IMAGE_EMBED_DIM), "proj.bias": rand(4 * cross),
+                  "norm.weight": 1 + rand(cross), "norm.bias": rand(cross)}
+    ip_layers, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
+        ip_layers[f"{key_id}.to_k_ip.weight"] = rand(hidden, cross)
+        ip_layers[f"{key_id}.to_v_ip.weight"] = rand(hidden, cross)
+        key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": ip_layers}
+
+
+def image_encoder():
+    """A tiny CLIPVisionModelWithProjection (32 x 32 images) and its image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=IMAGE_EMBED_DIM)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModelWithProjection(config).eval(), processor
+
+
+def add_ip_adapter(pipe, adapters: int = 1, seed: int = 0):
+    """Load ``adapters`` tiny random IP-Adapters into ``pipe`` (UNet processors, projection, image encoder)."""
+    torch.manual_seed(seed)
+    encoder, processor = image_encoder()
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    pipe.unet._load_ip_adapter_weights([ip_adapter_state_dict(pipe.unet, seed + a) for a in range(adapters)],
+                                       low_cpu_mem_usage=False)
+    return pipe

@@ -11,6 +11,11 @@ Joint processors (SD3's ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``,
 :data:`xattn.joint.JOINT_PROCESSORS`) are not reproduced but kept: a
 :class:`~xattn.joint.JointProcessor` runs the stock object and takes over its
 attention core only.
+
+IP-Adapter processors (``IPAdapterAttnProcessor2_0``, ``IPAdapterAttnProcessor``)
+are reproduced, image branch included, by
+:class:`~xattn.ip_adapter.XattnIPAdapterProcessor`, where their model has the
+IP image projection (:func:`xattn.ip_adapter.projection_problem`).
 """
 
 from __future__ import annotations
@@ -38,10 +43,8 @@ _ADVICE = {
                            "(xattn's fused path already avoids the [i, j] map)",
     "XFormersAttnProcessor": "xformers replaced it: call pipe.disable_xformers_memory_efficient_attention() first "
                              "(xattn's fused path uses PyTorch's SDPA, which picks a memory-efficient kernel)",
-    "IPAdapterAttnProcessor": "IP-Adapter's decoupled attention is not reproduced yet: unload it "
-                              "(pipe.unload_ip_adapter()) or deselect these sites",
-    "IPAdapterAttnProcessor2_0": "IP-Adapter's decoupled attention is not reproduced yet: unload it "
-                                 "(pipe.unload_ip_adapter()) or deselect these sites",
+    "IPAdapterXFormersAttnProcessor": "xformers replaced IP-Adapter's processor: call "
+                                      "pipe.disable_xformers_memory_efficient_attention() first",
     "CustomDiffusionAttnProcessor": "Custom Diffusion's processor is not reproduced: deselect these sites",
     "CustomDiffusionAttnProcessor2_0": "Custom Diffusion's processor is not reproduced: deselect these sites",
     "FusedAttnProcessor2_0": "fused QKV projections are on: call pipe.unfuse_qkv_projections() first",
@@ -49,21 +52,32 @@ _ADVICE = {
 }
 
 
-def is_reproduced(processor) -> bool:
-    """True when xattn's processor computes exactly what ``processor`` does (its exact class is listed)."""
+def is_reproduced(processor, host=None) -> bool:
+    """True when xattn's processor computes exactly what ``processor`` does (its exact class is listed).
+
+    An IP-Adapter processor is reproduced where its model ``host`` has the IP
+    image projection; without ``host`` it counts as reproduced.
+    """
+    from .ip_adapter import XattnIPAdapterProcessor, is_ip_processor, projection_problem
     from .joint import JOINT_PROCESSORS, JointProcessor
     from .processor import XattnProcessor
 
     if type(processor) in JOINT_PROCESSORS:  # kept and run as is; context-parallel cores are not ours to replace
         return getattr(processor, "_parallel_config", None) is None
-    return type(processor) in REPRODUCED or type(processor) in (XattnProcessor, JointProcessor)
+    if is_ip_processor(processor):
+        return host is None or projection_problem(host) is None
+    return type(processor) in REPRODUCED or type(processor) in (XattnProcessor, JointProcessor, XattnIPAdapterProcessor)
 
 
-def refusal(name: str, processor) -> str:
+def refusal(name: str, processor, host=None) -> str:
     """Why the site ``name`` cannot be hooked, in one line."""
+    from .ip_adapter import is_ip_processor, projection_problem
+
     cls = type(processor).__name__
     advice = _ADVICE.get(cls, "deselect it (e.g. a selector with `sites=` that leaves it out) or restore "
                               "diffusers' AttnProcessor2_0 there")
+    if is_ip_processor(processor) and host is not None:
+        advice = projection_problem(host) or advice
     return f"site {name} has the attention processor {cls}, which xattn does not reproduce exactly; {advice}"
 
 
@@ -83,11 +97,16 @@ def processors_of(target) -> dict[str, object]:
             for key, processor in host.attn_processors.items()}
 
 
+def _owner(hosts: Hosts, key: str) -> str:
+    """The prefix of the host that owns the full key ``key``."""
+    return max((prefix for prefix in hosts if key.startswith(prefix)), key=len)
+
+
 def _set_processors(hosts: Hosts, changes: dict[str, object]) -> None:
     """Set the processors in ``changes`` (full keys), each host in one ``set_attn_processor`` call."""
     by_host: dict[str, dict[str, object]] = {}
     for key, processor in changes.items():
-        owner = max((prefix for prefix in hosts if key.startswith(prefix)), key=len)
+        owner = _owner(hosts, key)
         by_host.setdefault(owner, {})[key[len(owner):]] = processor
     for prefix, mine in by_host.items():
         current = hosts[prefix].attn_processors
@@ -97,25 +116,35 @@ def _set_processors(hosts: Hosts, changes: dict[str, object]) -> None:
 
 def hookable(model) -> dict[str, str | None]:
     """Site name -> None where xattn can hook it, else the processor class it refuses there."""
-    return {key[: -len(PROCESSOR_SUFFIX)]: None if is_reproduced(processor) else type(processor).__name__
-            for key, processor in processors_of(model).items()}
+    hosts = hosts_of(model)
+    return {key[: -len(PROCESSOR_SUFFIX)]: None if is_reproduced(processor, hosts[_owner(hosts, key)])
+            else type(processor).__name__ for key, processor in processors_of(hosts).items()}
 
 
 def check_processors(target, names: Iterable[str]) -> None:
     """Raise :class:`UnsupportedProcessorError` for the first of ``names`` xattn cannot hook."""
-    current = processors_of(target)
-    refused = [name for name in names if not is_reproduced(current[name + PROCESSOR_SUFFIX])]
+    hosts = hosts_of(target)
+    current = processors_of(hosts)
+
+    def host(name):
+        return hosts[_owner(hosts, name + PROCESSOR_SUFFIX)]
+
+    refused = [name for name in names if not is_reproduced(current[name + PROCESSOR_SUFFIX], host(name))]
     if refused:
         more = f" (and {len(refused) - 1} more site(s) like it)" if len(refused) > 1 else ""
-        raise UnsupportedProcessorError(refusal(refused[0], current[refused[0] + PROCESSOR_SUFFIX]) + more)
+        first = refused[0]
+        raise UnsupportedProcessorError(refusal(first, current[first + PROCESSOR_SUFFIX], host(first)) + more)
 
 
 def install(target, names: Iterable[str], make, originals: dict) -> None:
     """Put ``make(name)`` on every site in ``names`` not yet xattn's; remember what was there in ``originals``.
 
     Where a joint processor was, ``make(name)``'s site and runtime go to a
-    :class:`~xattn.joint.JointProcessor` that wraps it.
+    :class:`~xattn.joint.JointProcessor` that wraps it; where an IP-Adapter
+    processor was, to a :class:`~xattn.ip_adapter.XattnIPAdapterProcessor`
+    that shares its weights and scales.
     """
+    from . import ip_adapter
     from .joint import JointProcessor, family_of
     from .processor import XattnProcessor
 
@@ -131,6 +160,8 @@ def install(target, names: Iterable[str], make, originals: dict) -> None:
         made = make(name)
         if family_of(current[key]) is not None:
             made = JointProcessor(made.site, made.runtime, current[key])
+        elif ip_adapter.is_ip_processor(current[key]):
+            made = ip_adapter.reproduce(made, current[key])
         changes[key] = made
     _set_processors(hosts, changes)
 

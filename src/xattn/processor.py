@@ -16,6 +16,10 @@ flags), and lets hooks see or change the attention on the way. Three paths:
   only where a ``scores`` or ``probs`` hook runs this call.
 - untouched: sites outside every selector keep their original processor.
 
+At an IP-Adapter site the text comes as ``(text, image tokens)``: the points
+see the text attention only, and :mod:`xattn.ip_adapter`'s subclass adds the
+image branch (:meth:`XattnProcessor.add_image_branch`) after it.
+
 Dimensions: b batch rows, h heads, i queries, j keys, d head dim, c channels.
 """
 
@@ -47,6 +51,9 @@ class XattnProcessor:
         if unknown:  # diffusers filters most extras before us; what still arrives must not be dropped
             raise UnsupportedProcessorError(f"xattn's processor at {self.site.name} takes no {sorted(unknown)}; "
                                             "close the xattn session to use them")
+        ip_states = None  # an IP-Adapter's image tokens ride with the text as (text, [per adapter])
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states, ip_states = self.split_image_tokens(encoder_hidden_states)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -90,6 +97,7 @@ class XattnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        own_query = query  # the image branch (IP-Adapter) always attends with the row's own queries
         if active is not None and active.has("map_rows"):
             query, key, attention_mask = _borrow_maps(active, query, key, attention_mask)
 
@@ -114,6 +122,8 @@ class XattnProcessor:
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # [b, i, h*d]
         hidden_states = hidden_states.to(query.dtype)
+        if ip_states is not None:
+            hidden_states = self.add_image_branch(attn, own_query, hidden_states, ip_states, active)
 
         hidden_states = attn.to_out[0](hidden_states)  # linear
         hidden_states = attn.to_out[1](hidden_states)  # dropout
@@ -123,6 +133,16 @@ class XattnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def split_image_tokens(self, states: tuple) -> tuple[torch.Tensor, list]:
+        """``(text, image tokens)`` from an IP-Adapter's UNet; only :mod:`xattn.ip_adapter`'s processor takes them."""
+        raise UnsupportedProcessorError(
+            f"site {self.site.name} receives IP-Adapter image tokens, but no IP-Adapter processor was there when "
+            "xattn was installed (diffusers' AttnProcessor2_0 cannot take them either); load the adapter with "
+            "pipe.load_ip_adapter(...) before opening the xattn session, or unload it (pipe.unload_ip_adapter())")
+
+    def add_image_branch(self, attn, query, hidden_states, ip_states, active):  # pragma: no cover - see split_image_tokens
+        raise NotImplementedError
 
 
 def _borrow_maps(active, query, key, attention_mask):
