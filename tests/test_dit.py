@@ -1,7 +1,7 @@
 """A diffusion transformer with cross-attention (PixArt-style): the processor is exact there too.
 
-Only the denoiser is exercised, with random text states: a PixArt pipeline
-needs a T5 tokenizer, which cannot be built offline. The checks are those of
+Only the denoiser is exercised here, with random text states (the whole
+PixArtSigmaPipeline, with a tiny offline T5, is in test_pixart_pipeline.py). The checks are those of
 tests/test_processor.py: stock parity, the explicit path, float64 maps, the
 text padding mask, and fused map injection.
 """
