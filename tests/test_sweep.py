@@ -263,6 +263,10 @@ def test_resuming_with_other_settings_is_refused(cli, sd1_path, tmp_path):
     assert result.exit_code == 2 and "steps 2 -> 3" in result.output
     assert (tmp_path / "run" / "results.jsonl").read_text() == before
     assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0  # same settings: resumes
+    other = write_config(tmp_path / "c.yaml", sd1_path, job="generate", grid={"prompts": ["a red circle"], "seeds": [0]},
+                         extra="syntax: compel")
+    result = cli("sweep", other, "--out", "run", "--no-progress")
+    assert result.exit_code == 2 and "syntax 'a1111' -> 'compel'" in result.output  # prompts would read differently
 
 
 def test_sweep_reads_prompts_in_its_syntax(cli, sd1_path, tmp_path):

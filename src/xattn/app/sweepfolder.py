@@ -22,7 +22,9 @@ RESULTS = "results.jsonl"
 CONTACT_SHEET = "contact-sheet.png"
 JOBS_DIR = "jobs"
 IMAGES_DIR = "images"
-PLAN_SETTINGS = ("model", "scheduler", "dtype", "steps", "guidance", "size", "negative_prompt", "sites")
+PLAN_SETTINGS = ("model", "scheduler", "dtype", "steps", "guidance", "size", "negative_prompt", "sites", "syntax")
+# What a plan written before a setting existed meant by it (sweeps made before `syntax:` read A1111 prompts).
+PLAN_DEFAULTS = {"syntax": "a1111"}
 
 
 def done_record(folder: Path, job) -> Path:
@@ -109,7 +111,7 @@ def check_existing_folder(folder: Path, jobs: Sequence, settings: Mapping[str, A
             f"--out {folder} holds a different sweep ({len(stored)} jobs, not these {len(jobs)}); "
             "pass a new folder, or the config that made it to resume")
     if settings is not None:
-        before, now = stored_plan.get("settings", {}), plan_settings(settings)
+        before, now = {**PLAN_DEFAULTS, **stored_plan.get("settings", {})}, plan_settings(settings)
         changed = {key: (before.get(key), now.get(key)) for key in now if before.get(key) != now.get(key)}
         if changed:
             detail = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
