@@ -131,3 +131,16 @@ def test_refusals_are_named(pipe, sd1_pipe):
         found.maps()
     with pytest.raises(xattn.ConceptError, match="not one of"):
         found.word("blue")
+
+
+def test_concept_grid_draws_one_panel_per_concept(pipe):
+    from PIL import Image
+
+    from xattn.capture.pictures import concept_grid
+
+    with xattn.concepts(pipe, CONCEPTS) as found:
+        call(pipe)
+    picture = concept_grid(Image.new("RGB", (32, 32), "white"), found)
+    one = concept_grid(Image.new("RGB", (32, 32), "white"), found, kind="cross")
+    assert picture.size == one.size and picture.width > 3 * picture.height  # image + 3 panels side by side
+    assert picture.tobytes() != one.tobytes()  # output-space and cross maps differ

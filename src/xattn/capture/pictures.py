@@ -112,6 +112,23 @@ def word_grid(image, maps: WordMaps, prompt: int = 0, image_index: int = 0, *, w
                    colorbar=_colour_bar(colour_range, scale, cmap))
 
 
+def concept_grid(image, found, row: int = -1, *, kind: str = "output", cmap: str = DEFAULT_CMAP,
+                 alpha: float = DEFAULT_ALPHA, title: str | None = None) -> Image.Image:
+    """The image, then one overlay per concept of an :func:`xattn.concepts` block.
+
+    Concept maps are a softmax over the concepts at each image token, so they
+    share one 0..1 colour scale: a panel is bright where its concept wins.
+
+    Args:
+        found: the :class:`~xattn.ConceptMaps` of the run.
+        row: the transformer's batch row (default: the last, the conditional row of one image).
+        kind: ``"output"`` (ConceptAttention's output space) or ``"cross"``.
+    """
+    maps = found.maps(kind)[row]  # [concepts, h, w]
+    panels = [(concept, overlay(image, maps[n], cmap=cmap, alpha=alpha)) for n, concept in enumerate(found.concepts)]
+    return _figure([("image", _as_pil(image))] + panels, title=title, colorbar=(0.0, 1.0, "concept share", cmap))
+
+
 def step_strip(image, maps: WordMaps, word: str, prompt: int = 0, image_index: int = 0, *,
                max_panels: int = MAX_STRIP_PANELS, scale: str = DEFAULT_SCALE, cmap: str = DEFAULT_CMAP,
                alpha: float = DEFAULT_ALPHA) -> Image.Image:
