@@ -268,13 +268,79 @@ def test_map_injection_keeps_each_rows_own_image_branch(ip_pipe):
 
 # -- masks and what is refused ----------------------------------------------------------------------
 
-def test_ip_adapter_masks_are_refused_by_name_in_a_session(ip_pipe):
-    masks = [torch.ones(1, 1, 32, 32)]
-    stock = _call(ip_pipe, cross_attention_kwargs={"ip_adapter_masks": masks})  # diffusers takes them
-    assert stock.isfinite().all()
+def _masks(*shapes):
+    """One mask per adapter through diffusers' IPAdapterMaskProcessor: left half, right half, ... (64 x 64)."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    made = []
+    for count in shapes:
+        pictures = []
+        for image in range(count):
+            pixels = torch.zeros(64, 64, dtype=torch.uint8)
+            pixels[:, (image % 2) * 32:(image % 2 + 1) * 32] = 255
+            pictures.append(Image.fromarray(pixels.numpy()))
+        made.append(IPAdapterMaskProcessor().preprocess(pictures, height=64, width=64).reshape(1, count, 64, 64))
+    return made
+
+
+def test_ip_adapter_masks_match_stock_fused_and_hooked(two_ip_pipe):
+    masks = _masks(1, 1)
+    kwargs = dict(ip_adapter_image=[IMAGE, IMAGE.rotate(90)], cross_attention_kwargs={"ip_adapter_masks": masks})
+    two_ip_pipe.set_ip_adapter_scale([0.7, 1.3])
+    unmasked = _call(two_ip_pipe, ip_adapter_image=kwargs["ip_adapter_image"])
+    stock = _call(two_ip_pipe, **kwargs)
+    assert (stock - unmasked).abs().max().item() > 1e-3  # the masks did something
+    capture = IPCapture()
+    with xattn.hooks(two_ip_pipe):
+        fused = _call(two_ip_pipe, **kwargs)
+    with xattn.hooks(two_ip_pipe, capture, Reweight({"red": 1.0})):  # explicit text and image branches
+        hooked = _call(two_ip_pipe, **kwargs)
+    torch.testing.assert_close(fused, stock, rtol=0, atol=TOLERANCE)
+    torch.testing.assert_close(hooked, stock, rtol=0, atol=10 * TOLERANCE)
+    assert {r.adapter for r in capture.records} == {0, 1}
+
+
+def test_masks_with_several_images_and_per_image_scales_match_stock(ip_pipe):
+    """Two images on one adapter, each its own mask and scale: each image attends on its own, as in diffusers."""
+    second = Image.new("RGB", (32, 32), (20, 200, 90))
+    ip_pipe.set_ip_adapter_scale(1.0)
+    for processor in ip_pipe.unet.attn_processors.values():
+        if isinstance(processor, IPAdapterAttnProcessor2_0):
+            processor.scale[0] = [0.4, 1.6]  # diffusers applies per-image scales with masks
+    kwargs = dict(ip_adapter_image=[[IMAGE, second]], cross_attention_kwargs={"ip_adapter_masks": _masks(2)})
+    stock = _call(ip_pipe, **kwargs)
+    seen = []
+
+    def look(x, ctx):
+        seen.append(x.clone())
+
     with xattn.hooks(ip_pipe):
+        fused = _call(ip_pipe, **kwargs)
+    with xattn.hooks(ip_pipe, IPHook("ip_probs", look)):
+        hooked = _call(ip_pipe, **kwargs)
+    torch.testing.assert_close(fused, stock, rtol=0, atol=TOLERANCE)
+    torch.testing.assert_close(hooked, stock, rtol=0, atol=10 * TOLERANCE)
+    # the two images side by side (4 tokens each), each image's softmax its own
+    assert seen and all(x.shape[-1] == 8 for x in seen)
+    for x in seen:
+        torch.testing.assert_close(x[..., :4].sum(-1), torch.ones_like(x[..., 0]))
+        torch.testing.assert_close(x[..., 4:].sum(-1), torch.ones_like(x[..., 0]))
+
+
+def test_bad_masks_fail_as_in_diffusers(two_ip_pipe):
+    kwargs = dict(ip_adapter_image=[IMAGE, IMAGE], cross_attention_kwargs={"ip_adapter_masks": _masks(1)})
+    with pytest.raises(ValueError, match="Length of ip_adapter_masks"):
+        _call(two_ip_pipe, **kwargs)
+    with xattn.hooks(two_ip_pipe):
+        with pytest.raises(ValueError, match="Length of ip_adapter_masks"):
+            _call(two_ip_pipe, **kwargs)
+
+
+def test_masks_without_an_ip_adapter_are_still_refused(sd1_pipe):
+    with xattn.hooks(sd1_pipe):
         with pytest.raises(xattn.UnsupportedProcessorError, match="ip_adapter_masks"):
-            _call(ip_pipe, cross_attention_kwargs={"ip_adapter_masks": masks})
+            sd1_pipe(PROMPT, num_inference_steps=1, height=32, width=32, output_type="latent",
+                     cross_attention_kwargs={"ip_adapter_masks": _masks(1)})
 
 
 def test_per_image_scales_are_refused_by_name(ip_pipe):

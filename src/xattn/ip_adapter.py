@@ -28,13 +28,21 @@ It shares the stock processor's ``to_k_ip`` / ``to_v_ip`` modules and its
 the weights stay in the UNet's module tree), and is an instance of
 ``IPAdapterAttnProcessor2_0`` so diffusers' own IP-Adapter code finds it.
 
-Refused by name: IP-Adapter masks (``cross_attention_kwargs={"ip_adapter_masks":
-...}``, refused by the runtime with every other processor keyword), per-image
-scale lists (which diffusers accepts only with masks), an IP processor on a
-model without the IP image projection (diffusers' deprecated path that reads
-the image tokens off the end of the text), and attention modules where the
-stock processor would differ from xattn's text attention (Q/K norms, a
-non-default softmax scale).
+IP-Adapter masks (``cross_attention_kwargs={"ip_adapter_masks": [...]}``, one
+``[1, n_images, H, W]`` mask per adapter, made by diffusers'
+``IPAdapterMaskProcessor``) are applied as the stock processor applies them:
+each image of a masked adapter attends on its own (its own softmax over its
+own tokens), its output is multiplied by the mask downsampled to the site
+(``IPAdapterMaskProcessor.downsample``) and by its scale (a per-image scale
+list is honoured there), and added. With masks, ``ip_scores`` / ``ip_probs``
+still see ``[b, h, i, n_a]`` with the images side by side, but each image's
+tokens sum to 1 on their own.
+
+Refused by name: per-image scale lists on an adapter without a mask (diffusers
+applies them only with masks), an IP processor on a model without the IP
+image projection (diffusers' deprecated path that reads the image tokens off
+the end of the text), and attention modules where the stock processor would
+differ from xattn's text attention (Q/K norms, a non-default softmax scale).
 """
 
 from __future__ import annotations
@@ -104,28 +112,41 @@ class XattnIPAdapterProcessor(XattnProcessor, _ip_base()):
         self.to_k_ip = stock.to_k_ip  # the same modules: the UNet's parameters, state dict keys unchanged
         self.to_v_ip = stock.to_v_ip
 
-    __call__ = XattnProcessor.__call__
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ip_adapter_masks=None, **unknown):
+        # The masks ride with the image tokens to add_image_branch (diffusers passes them by this name only).
+        if ip_adapter_masks is not None and isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states = (*encoder_hidden_states, ip_adapter_masks)
+        return XattnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                       **unknown)
 
-    def split_image_tokens(self, states: tuple) -> tuple[torch.Tensor, list]:
-        text, images = states
+    def split_image_tokens(self, states: tuple) -> tuple[torch.Tensor, tuple]:
+        text, images, *masks = states
         if not isinstance(images, (list, tuple)) or len(images) != len(self.to_k_ip):
             count = len(images) if isinstance(images, (list, tuple)) else type(images).__name__
             raise UnsupportedProcessorError(f"site {self.site.name} has {len(self.to_k_ip)} IP-Adapter(s) but got "
                                             f"image tokens for {count}")
-        return text, list(images)
+        images = list(images)
+        return text, (images, _check_masks(masks[0] if masks else None, self.scale, images))
 
     def add_image_branch(self, attn, query, hidden_states, ip_states, active):
         """``hidden_states + scale_a * softmax(Q K_a^T / sqrt(d)) V_a`` per adapter, as diffusers adds it."""
+        ip_states, masks = ip_states
         batch_size, heads, _, head_dim = query.shape  # [b, h, i, d]
         _check_module(attn, head_dim, self.site.name)
         hooked = active is not None and any(active.has(point) for point in IP_POINTS)
-        for index, (states, scale, to_k, to_v) in enumerate(zip(ip_states, self.scale, self.to_k_ip, self.to_v_ip)):
-            if isinstance(scale, (list, tuple)):
+        for index, (states, scale, to_k, to_v, mask) in enumerate(
+                zip(ip_states, self.scale, self.to_k_ip, self.to_v_ip, masks)):
+            if isinstance(scale, (list, tuple)) and mask is None:
                 raise UnsupportedProcessorError(
                     f"site {self.site.name}: IP-Adapter {index} has one scale per image ({scale}), which diffusers "
-                    "applies only with ip_adapter_masks; xattn refuses masks, so give one scale per adapter")
-            if scale == 0:
+                    "applies only with ip_adapter_masks; give it a mask, or one scale per adapter")
+            if all(s == 0 for s in scale) if isinstance(scale, (list, tuple)) else scale == 0:
                 continue  # diffusers skips the adapter here; so do its points
+            if mask is not None:
+                hidden_states = _masked_branch(attn, query, hidden_states, states, scale, to_k, to_v, mask,
+                                               active if hooked else None, index)
+                continue
             key = to_k(states).view(batch_size, -1, heads, head_dim).transpose(1, 2)  # [b, h, n_a, d]
             value = to_v(states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
             if hooked:
@@ -135,6 +156,73 @@ class XattnIPAdapterProcessor(XattnProcessor, _ip_base()):
             out = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)  # [b, i, h*d]
             hidden_states = hidden_states + scale * out
         return hidden_states
+
+
+def _check_masks(masks, scales, images: list) -> list:
+    """``ip_adapter_masks`` as one entry per adapter (None: unmasked), checked as diffusers checks them."""
+    if masks is None:
+        return [None] * len(scales)
+    if not isinstance(masks, list):
+        masks = list(masks.unsqueeze(1))  # diffusers' older form: [n_adapters, 1, H, W]
+    if not (len(masks) == len(scales) == len(images)):
+        raise ValueError(f"Length of ip_adapter_masks array ({len(masks)}) must match length of self.scale array "
+                         f"({len(scales)}) and number of ip_hidden_states ({len(images)})")
+    for index, (mask, scale, states) in enumerate(zip(masks, scales, images)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+            raise ValueError("Each element of the ip_adapter_masks array should be a tensor with shape "
+                             "[1, num_images_for_ip_adapter, height, width]. Please use `IPAdapterMaskProcessor` "
+                             "to preprocess your mask")
+        if mask.shape[1] != states.shape[1]:
+            raise ValueError(f"Number of masks ({mask.shape[1]}) does not match number of ip images "
+                             f"({states.shape[1]}) at index {index}")
+        if isinstance(scale, list) and not len(scale) == mask.shape[1]:
+            raise ValueError(f"Number of masks ({mask.shape[1]}) does not match number of scales ({len(scale)}) "
+                             f"at index {index}")
+    return masks
+
+
+def _masked_branch(attn, query, hidden_states, states, scale, to_k, to_v, mask, active, index: int):
+    """diffusers' masked image branch: each image on its own, times its downsampled mask and its scale.
+
+    With hooks (``active``), the images' scores and probs are put side by side
+    (``[b, h, i, n_images * tokens]``) for ``ip_scores`` / ``ip_probs``, each
+    image's softmax its own; without, each image is fused SDPA, as in diffusers.
+    """
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    batch_size, heads, _, head_dim = query.shape
+    count = mask.shape[1]
+    scales = scale if isinstance(scale, (list, tuple)) else [scale] * count
+    keys, values = [], []
+    for image in range(count):
+        keys.append(to_k(states[:, image]).view(batch_size, -1, heads, head_dim).transpose(1, 2))  # [b, h, t, d]
+        values.append(to_v(states[:, image]).view(batch_size, -1, heads, head_dim).transpose(1, 2))
+    if active is None:
+        outs = [F.scaled_dot_product_attention(query, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+                for k, v in zip(keys, values)]
+    else:
+        outs = _explicit_masked_attention(attn, query, keys, values, active, index)
+    for image, out in enumerate(outs):
+        out = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)  # [b, i, h*d]
+        down = IPAdapterMaskProcessor.downsample(mask[:, image, :, :], batch_size, out.shape[1], out.shape[2])
+        down = down.to(dtype=query.dtype, device=query.device)
+        hidden_states = hidden_states + scales[image] * (out * down)
+    return hidden_states
+
+
+def _explicit_masked_attention(attn, query, keys, values, active, index: int) -> list:
+    """Per-image softmax(Q K^T / sqrt(d)) with the points run on the images side by side; per-image outputs."""
+    dtype = query.dtype
+    widths = [k.shape[2] for k in keys]
+    scores = torch.cat([torch.matmul(query, k.transpose(-1, -2)) for k in keys], -1) * query.shape[-1] ** -0.5
+    scores = _run(active, "ip_scores", index, scores)
+    parts = scores.split(widths, dim=-1)
+    probs = torch.cat([(p.float().softmax(dim=-1) if attn.upcast_softmax else p.softmax(dim=-1)).to(dtype)
+                       for p in parts], -1)
+    probs = _run(active, "ip_probs", index, probs)
+    return [torch.matmul(p, v) for p, v in zip(probs.split(widths, dim=-1), values)]
 
 
 def _check_module(attn, head_dim: int, name: str) -> None:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 # Keyword groups a denoiser call may carry for its processors; only LoRA's ``scale`` is consumed before them.
 _PROCESSOR_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 _CONSUMED_KWARGS = {"scale"}
+# Keywords xattn's IP-Adapter processor takes as diffusers' does (``cross_attention_kwargs`` only).
+_IP_KWARGS = {"ip_adapter_masks"}
 
 
 @dataclass
@@ -227,11 +229,20 @@ class Runtime:
     def _check_processor_kwargs(self, bound: dict) -> None:
         for group in _PROCESSOR_KWARGS:
             given = bound.get(group) or {}
-            unknown = sorted(set(given) - _CONSUMED_KWARGS)
+            unknown = set(given) - _CONSUMED_KWARGS
+            if group == "cross_attention_kwargs" and unknown & _IP_KWARGS and self._has_ip_processor():
+                unknown -= _IP_KWARGS  # xattn's IP-Adapter processor applies them as diffusers' does
+            unknown = sorted(unknown)
             if unknown:
                 raise UnsupportedProcessorError(
                     f"{group} {unknown} would go to attention processors, and xattn's processor takes none "
                     "(diffusers would drop them silently); remove them or close the xattn session")
+
+    def _has_ip_processor(self) -> bool:
+        from .ip_adapter import XattnIPAdapterProcessor
+
+        processors = getattr(self.denoiser, "attn_processors", {})
+        return any(isinstance(p, XattnIPAdapterProcessor) for p in processors.values())
 
     @torch.compiler.disable  # Python bookkeeping: under torch.compile it runs eagerly, so steps never recompile
     def active_hooks(self, site: Site, query_length: int) -> ActiveHooks | None:
