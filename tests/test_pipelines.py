@@ -136,3 +136,82 @@ def test_torch_compile_with_xattn_installed_gives_the_same_images_and_compiles_o
     four_steps, _ = compiled_graphs(4)
     assert again == 0  # a second call compiles nothing
     assert four_steps == two_steps  # and more steps compile nothing more
+
+
+# -- memory settings: VAE slicing and tiling, model CPU offload; attention slicing and xformers refused ------
+
+MEMORY_CALL = dict(prompt=["a red circle", "a blue square"], num_inference_steps=2, guidance_scale=5.0,
+                   height=64, width=64, output_type="np")
+
+
+def _vae_memory_settings(pipe):
+    """VAE slicing (one image at a time) and tiling: the pipeline's methods where diffusers still has them."""
+    for pipe_method, vae_method in (("enable_vae_slicing", "enable_slicing"), ("enable_vae_tiling", "enable_tiling")):
+        getattr(pipe, pipe_method, getattr(pipe.vae, vae_method))()
+    assert pipe.vae.use_slicing and pipe.vae.use_tiling
+    return pipe
+
+
+def test_vae_slicing_and_tiling_give_stock_output_with_the_same_setting(sd1_path):
+    from tiny_models import load_sd
+
+    plain = load_sd(sd1_path)(**MEMORY_CALL, generator=torch.Generator().manual_seed(0)).images
+    pipe = _vae_memory_settings(load_sd(sd1_path))
+    stock = pipe(**MEMORY_CALL, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(stock - plain).max() > 0  # 64 px: latents of 32 > the tiny VAE's 16-latent tile, so tiles ran
+    capture = xattn.Capture()
+    with xattn.hooks(pipe, capture):
+        hooked = pipe(**MEMORY_CALL, generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(hooked, stock, rtol=0, atol=1e-5)
+    assert capture.maps().word("circle").isfinite().all()  # the maps were taken on the same run
+
+
+@pytest.mark.parametrize("session_first", [False, True])
+def test_model_cpu_offload_with_a_cpu_device_gives_stock_output(sd1_path, session_first):
+    """``enable_model_cpu_offload(device="cpu")`` runs here (accelerate's hooks move each model to the device
+    before its forward); the hooks xattn puts on the UNet and accelerate's live side by side, in either order.
+    What offload saves (GPU memory) needs an accelerator and is not measured here."""
+    from tiny_models import load_sd
+
+    plain = load_sd(sd1_path)(**MEMORY_CALL, generator=torch.Generator().manual_seed(0)).images
+    pipe = load_sd(sd1_path)
+    steps = []
+    hook = xattn.Hook("value_scale", lambda x, ctx: steps.append(ctx.step), "kind=cross")
+    session = xattn.hooks(pipe, hook)
+    if session_first:
+        session.__enter__()
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.unet, "_hf_hook") and pipe._execution_device.type == "cpu"
+    stock_offloaded = None
+    if not session_first:
+        stock_offloaded = pipe(**MEMORY_CALL, generator=torch.Generator().manual_seed(0)).images
+        session.__enter__()
+    try:
+        hooked = pipe(**MEMORY_CALL, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        session.__exit__(None, None, None)
+    np.testing.assert_allclose(hooked, plain, rtol=0, atol=1e-5)
+    if stock_offloaded is not None:
+        np.testing.assert_allclose(stock_offloaded, plain, rtol=0, atol=1e-5)
+    assert sorted(set(steps)) == [0, 1]
+    assert not any(type(p).__module__.startswith("xattn") for p in pipe.unet.attn_processors.values())
+
+
+def test_attention_slicing_and_xformers_are_refused_by_name_saying_what_to_undo(sd1_path):
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    from tiny_models import load_sd
+
+    pipe = load_sd(sd1_path)
+    pipe.enable_attention_slicing()
+    with pytest.raises(xattn.UnsupportedProcessorError, match=r"SlicedAttnProcessor.*disable_attention_slicing\(\)"):
+        xattn.hooks(pipe).__enter__()
+    pipe.disable_attention_slicing()
+    # enable_xformers_memory_efficient_attention needs the xformers package; the processor it installs:
+    pipe.unet.set_attn_processor(XFormersAttnProcessor())
+    with pytest.raises(xattn.UnsupportedProcessorError,
+                       match=r"XFormersAttnProcessor.*disable_xformers_memory_efficient_attention\(\)"):
+        xattn.hooks(pipe).__enter__()
+    pipe.unet.set_default_attn_processor()
+    with xattn.hooks(pipe):
+        pipe(**MEMORY_CALL)
