@@ -139,6 +139,51 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1 - decay)
 
 
+def optimiser_step(opt, loss: torch.Tensor, params, ema_pairs, ema: float, step: int) -> None:
+    """Backward, clip the gradient norm to 1, step; then each EMA copy follows its model (decay warms up)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(ema, (1 + step) / (10 + step))
+    for averaged, model in ema_pairs:
+        ema_update(averaged, model, decay)
+
+
+class Progress:
+    """The loop's bookkeeping: running means of the loss terms logged every ``every`` steps, and a
+    checkpoint (``save()``) every ``save_every`` seconds of wall time."""
+
+    def __init__(self, stage: str, total: int, names: tuple[str, ...], every: int, save_every: float, clock):
+        self.stage, self.total, self.names, self.every = stage, total, names, every
+        self.save_every, self.clock = save_every, clock
+        self.values: list[tuple[float, ...]] = []
+        self.last_save = self.last_log = time.time()
+
+    def step_done(self, step: int, losses: tuple[torch.Tensor, ...], lr: float, save) -> None:
+        self.values.append(tuple(x.item() for x in losses))
+        if step % self.every == 0:
+            means = np.mean(self.values, 0)
+            self.values = []
+            seconds = (time.time() - self.last_log) / self.every
+            self.last_log = time.time()
+            terms = " ".join(f"{name} {value:.4f}" for name, value in zip(self.names, means))
+            log(f"{self.stage} step {step}/{self.total} {terms} lr {lr:.2e} {seconds:.2f} s/step "
+                f"elapsed {self.clock() / 60:.1f} min")
+        if time.time() - self.last_save > self.save_every:
+            save()
+            self.last_save = time.time()
+            log(f"checkpoint at step {step}")
+
+
+def finish_stage(state: dict, done: bool, path: Path, stage: str, clock) -> None:
+    """Mark the stage done when its steps or the wall budget are spent, and save the state."""
+    if done:
+        state["stage"] = "done"
+    atomic_save(state, path)
+    log(f"{stage} stage stopped at step {state['step']} after {clock() / 60:.1f} min")
+
+
 def export(state: dict, folder: Path, use_ema: bool = True) -> None:
     vae = make_vae()
     vae.load_state_dict(state["vae"])
@@ -213,13 +258,18 @@ def train_unet(state: dict, args, clock) -> None:
     budget = args.minutes * 60 - 90  # leave time to export
     unet_t0 = state.get("unet_t0", clock())
     state["unet_t0"] = unet_t0
-    last_save = time.time()
-    run = []
-    t_step = time.time()
+    progress_log = Progress("unet", args.unet_steps, ("diff", "share", "bce", "inv"), args.log_every,
+                            args.save_every, clock)
 
     def snapshot():
         state.update(te=te.state_dict(), unet=unet.state_dict(), ema_te=ema_te.state_dict(),
                      ema_unet=ema_unet.state_dict(), opt=opt.state_dict(), elapsed=clock())
+
+    def save():
+        snapshot()
+        atomic_save(state, args.dir / "state.pt")
+        if args.export_latest:
+            export(state, args.dir / "latest")
 
     stop_at = state["step"] + args.stop_after if args.stop_after else args.unet_steps
     while state["step"] < min(args.unet_steps, stop_at) and clock() < budget:
@@ -253,34 +303,11 @@ def train_unet(state: dict, args, clock) -> None:
         if args.w_inv > 0 and step >= args.inv_from:
             l_inv = colour_invariance(lambda x: te(x).last_hidden_state, ids, enc, slots, color_ids, color_index, gen)
             loss = loss + args.w_inv * l_inv
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay)
-        ema_update(ema_te, te, decay)
+        optimiser_step(opt, loss, params, ((ema_unet, unet), (ema_te, te)), args.ema, step)
         state["step"] = step + 1
-        run.append((l_diff.item(), l_share.item(), l_bce.item(), l_inv.item()))
-        if state["step"] % args.log_every == 0:
-            a = np.mean(run, 0)
-            run = []
-            dt = (time.time() - t_step) / args.log_every
-            t_step = time.time()
-            log(f"unet step {state['step']}/{args.unet_steps} diff {a[0]:.4f} share {a[1]:.4f} "
-                f"bce {a[2]:.4f} inv {a[3]:.4f} lr {lr:.2e} {dt:.2f} s/step elapsed {clock() / 60:.1f} min")
-        if time.time() - last_save > args.save_every:
-            snapshot()
-            atomic_save(state, args.dir / "state.pt")
-            if args.export_latest:
-                export(state, args.dir / "latest")
-            last_save = time.time()
-            log(f"checkpoint at step {state['step']}")
+        progress_log.step_done(state["step"], (l_diff, l_share, l_bce, l_inv), lr, save)
     snapshot()
-    if state["step"] >= args.unet_steps or clock() >= budget:
-        state["stage"] = "done"
-    atomic_save(state, args.dir / "state.pt")
-    log(f"unet stage stopped at step {state['step']} after {clock() / 60:.1f} min")
+    finish_stage(state, state["step"] >= args.unet_steps or clock() >= budget, args.dir / "state.pt", "unet", clock)
 
 
 def main(argv=None) -> None:

@@ -33,11 +33,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train_world import atomic_save, build_pool, colour_invariance, cosine_lr, ema_update, log
+from train_world import (Progress, atomic_save, build_pool, colour_invariance, cosine_lr, finish_stage, log,
+                         optimiser_step)
 from xattn.world import model_path
 from xattn.world.data import grounding_targets
 from xattn.world.export import load_tokenizer, save_dit_pipeline
@@ -147,14 +147,18 @@ def train_dit(state: dict, args, clock) -> None:
     color_index[color_ids] = torch.arange(len(color_ids))
     budget = args.minutes * 60 - 90  # leave time to export
     t0 = state.setdefault("dit_t0", clock())
-    last_save = time.time()
-    run = []
-    t_step = time.time()
+    progress_log = Progress("dit", args.steps, ("flow", "share", "bce", "inv"), args.log_every, args.save_every, clock)
 
     def snapshot():
         state.update(dit=dit.state_dict(), ema_dit=ema_dit.state_dict(), opt=opt.state_dict(), elapsed=clock())
         for k in range(len(encoders)):
             state[f"te{k}"], state[f"ema_te{k}"] = encoders[k].state_dict(), ema_encoders[k].state_dict()
+
+    def save():
+        snapshot()
+        atomic_save(state, args.dir / "state.pt")
+        if args.export_latest:
+            export(state, args.dir / "latest")
 
     def encode_with_pooled(ids):  # [b, 78, 40]: the 77 CLIP rows and the pooled vector
         clip, pooled = encode_text(encoders, ids)
@@ -193,35 +197,11 @@ def train_dit(state: dict, args, clock) -> None:
             enc = torch.cat([clip, pooled[:, None]], 1)
             l_inv = colour_invariance(encode_with_pooled, ids, enc, slots, color_ids, color_index, gen)
             loss = loss + args.w_inv * l_inv
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_dit, dit, decay)
-        for e, m in zip(ema_encoders, encoders):
-            ema_update(e, m, decay)
+        optimiser_step(opt, loss, params, ((ema_dit, dit), *zip(ema_encoders, encoders)), args.ema, step)
         state["step"] = step + 1
-        run.append((l_diff.item(), l_share.item(), l_bce.item(), l_inv.item()))
-        if state["step"] % args.log_every == 0:
-            a = np.mean(run, 0)
-            run = []
-            dt = (time.time() - t_step) / args.log_every
-            t_step = time.time()
-            log(f"dit step {state['step']}/{args.steps} flow {a[0]:.4f} share {a[1]:.4f} bce {a[2]:.4f} "
-                f"inv {a[3]:.4f} lr {lr:.2e} {dt:.2f} s/step elapsed {clock() / 60:.1f} min")
-        if time.time() - last_save > args.save_every:
-            snapshot()
-            atomic_save(state, args.dir / "state.pt")
-            if args.export_latest:
-                export(state, args.dir / "latest")
-            last_save = time.time()
-            log(f"checkpoint at step {state['step']}")
+        progress_log.step_done(state["step"], (l_diff, l_share, l_bce, l_inv), lr, save)
     snapshot()
-    if state["step"] >= args.steps or clock() >= budget:
-        state["stage"] = "done"
-    atomic_save(state, args.dir / "state.pt")
-    log(f"dit stage stopped at step {state['step']} after {clock() / 60:.1f} min")
+    finish_stage(state, state["step"] >= args.steps or clock() >= budget, args.dir / "state.pt", "dit", clock)
 
 
 def main(argv=None) -> None:
