@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -176,6 +177,39 @@ class Progress:
             log(f"checkpoint at step {step}")
 
 
+def add_run_options(ap: argparse.ArgumentParser, *, folder: str, minutes: float, save_every: float,
+                    what: str) -> None:
+    """The options every training script shares: its folder, resuming, threads, wall budget, EMA, logs, checkpoints."""
+    ap.add_argument("--dir", type=Path, default=Path(folder))
+    ap.add_argument("--export", type=Path, default=None, help="pipeline folder to write at the end")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--minutes", type=float, default=minutes, help="wall budget over all runs")
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--save-every", type=float, default=save_every, help="seconds")
+    ap.add_argument("--export-latest", action="store_true",
+                    help="also export the EMA pipeline to DIR/latest at each checkpoint")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help=f"end this invocation after N more {what} steps (testing resume)")
+
+
+def open_run(args, fresh: Callable[[], dict]) -> tuple[dict, Callable[[], float]]:
+    """The run's state (resumed from DIR/state.pt, or ``fresh()``) and its clock: seconds over all invocations."""
+    torch.set_num_threads(args.threads)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    path = args.dir / "state.pt"
+    if args.resume and path.exists():
+        state = torch.load(path, weights_only=False)
+        log(f"resumed: stage {state['stage']} step {state['step']} elapsed {state['elapsed'] / 60:.1f} min")
+    else:
+        state = fresh()
+        log(f"fresh run: {' '.join(sys.argv)}")
+    started, before = time.time(), state["elapsed"]
+    return state, lambda: before + time.time() - started
+
+
 def finish_stage(state: dict, done: bool, path: Path, stage: str, clock) -> None:
     """Mark the stage done when its steps or the wall budget are spent, and save the state."""
     if done:
@@ -312,14 +346,9 @@ def train_unet(state: dict, args, clock) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", type=Path, default=Path("checkpoints/world"))
-    ap.add_argument("--export", type=Path, default=None, help="pipeline folder to write at the end")
-    ap.add_argument("--resume", action="store_true")
+    add_run_options(ap, folder="checkpoints/world", minutes=75.0, save_every=180.0, what="UNet")
     ap.add_argument("--stage", choices=["vae", "all"], default="all",
                     help="vae: stop after the VAE stage and pool")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--minutes", type=float, default=75.0, help="wall budget over all runs")
     ap.add_argument("--vae-steps", type=int, default=800)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
@@ -336,30 +365,13 @@ def main(argv=None) -> None:
     ap.add_argument("--w-inv", type=float, default=0.0,
                     help="weight of the colour-invariance loss on non-colour token encodings")
     ap.add_argument("--inv-from", type=int, default=0, help="UNet step where --w-inv starts")
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--save-every", type=float, default=180.0, help="seconds")
-    ap.add_argument("--export-latest", action="store_true",
-                    help="also export the EMA pipeline to DIR/latest at each checkpoint")
-    ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--stop-after", type=int, default=0,
-                    help="end this invocation after N more UNet steps (testing resume)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    args.dir.mkdir(parents=True, exist_ok=True)
-    path = args.dir / "state.pt"
-    if args.resume and path.exists():
-        state = torch.load(path, weights_only=False)
-        log(f"resumed: stage {state['stage']} step {state['step']} elapsed {state['elapsed'] / 60:.1f} min")
-    else:
+    def fresh() -> dict:
         torch.manual_seed(args.seed)
-        state = dict(stage="vae", step=0, elapsed=0.0, vae=make_vae().state_dict(), args=vars(args))
-        log(f"fresh run: {' '.join(sys.argv)}")
-    t0, e0 = time.time(), state["elapsed"]
+        return dict(stage="vae", step=0, elapsed=0.0, vae=make_vae().state_dict(), args=vars(args))
 
-    def clock() -> float:
-        return e0 + time.time() - t0
-
+    state, clock = open_run(args, fresh)
     if state["stage"] == "vae":
         train_vae(state, args, clock)
     if args.stage == "vae":

@@ -28,16 +28,14 @@ import copy
 import math
 import os
 import shutil
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from train_world import (Progress, atomic_save, build_pool, colour_invariance, cosine_lr, finish_stage, log,
-                         optimiser_step)
+from train_world import (Progress, add_run_options, atomic_save, build_pool, colour_invariance, cosine_lr,
+                         finish_stage, log, open_run, optimiser_step)
 from xattn.world import model_path
 from xattn.world.data import grounding_targets
 from xattn.world.export import load_tokenizer, save_dit_pipeline
@@ -206,12 +204,7 @@ def train_dit(state: dict, args, clock) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", type=Path, default=Path("checkpoints/dit"))
-    ap.add_argument("--export", type=Path, default=None, help="pipeline folder to write at the end")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--minutes", type=float, default=95.0, help="wall budget over all runs")
+    add_run_options(ap, folder="checkpoints/dit", minutes=95.0, save_every=240.0, what="transformer")
     ap.add_argument("--pool", type=int, default=32768)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -225,30 +218,14 @@ def main(argv=None) -> None:
     ap.add_argument("--w-bce", type=float, default=0.1)
     ap.add_argument("--w-inv", type=float, default=0.1,
                     help="weight of the colour-invariance loss (non-colour text rows and the pooled vector)")
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--save-every", type=float, default=240.0, help="seconds")
-    ap.add_argument("--export-latest", action="store_true",
-                    help="also export the EMA pipeline to DIR/latest at each checkpoint")
-    ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--stop-after", type=int, default=0,
-                    help="end this invocation after N more steps (testing resume)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    args.dir.mkdir(parents=True, exist_ok=True)
-    path = args.dir / "state.pt"
-    if args.resume and path.exists():
-        state = torch.load(path, weights_only=False)
-        log(f"resumed: stage {state['stage']} step {state['step']} elapsed {state['elapsed'] / 60:.1f} min")
-    else:
+    def fresh() -> dict:
         arch = dict(layers=args.layers, heads=args.heads, head_dim=args.head_dim)
-        state = dict(stage="pool", step=0, elapsed=0.0, arch=arch, args=vars(args))
-        log(f"fresh run: {' '.join(sys.argv)}")
-    t_start, e0 = time.time(), state["elapsed"]
+        return dict(stage="pool", step=0, elapsed=0.0, arch=arch, args=vars(args))
 
-    def clock() -> float:
-        return e0 + time.time() - t_start
-
+    state, clock = open_run(args, fresh)
+    path = args.dir / "state.pt"
     if state["stage"] == "pool":
         vae = shipped_vae()
         build_pool(state, vae, args)  # the VAE is fixed: keep its own scaling factor
