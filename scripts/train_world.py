@@ -210,6 +210,30 @@ def open_run(args, fresh: Callable[[], dict]) -> tuple[dict, Callable[[], float]
     return state, lambda: before + time.time() - started
 
 
+def scheduled_lr(opt, args, step: int, total: int, clock, t0: float, budget: float) -> float:
+    """Set and return the step's learning rate: warm-up, then cosine, driven by steps or wall time, whichever is further."""
+    progress = max(step / total, (clock() - t0) / max(1.0, budget - t0))
+    lr = cosine_lr(args.lr, progress, args.warmup / total)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def pool_batch(pool: dict, step: int, args, scaling: float):
+    """Step ``step``'s batch: (generator, latents [b, 4, 16, 16], token ids [b, 77], word slots [b, 2, 2], indices).
+
+    The generator is seeded by the step, so a resumed run draws what an unbroken
+    one would; ``cond_drop`` of the captions are emptied (classifier-free guidance).
+    """
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    idx = torch.randint(len(pool["lat"]), (args.batch,), generator=gen)
+    ids, slots = pool["ids"][idx].clone(), pool["slots"][idx].clone()
+    drop = torch.rand(args.batch, generator=gen) < args.cond_drop
+    ids[drop] = pool["empty"]
+    slots[drop] = -1
+    return gen, pool["lat"][idx] * scaling, ids, slots, idx
+
+
 def finish_stage(state: dict, done: bool, path: Path, stage: str, clock) -> None:
     """Mark the stage done when its steps or the wall budget are spent, and save the state."""
     if done:
@@ -268,7 +292,6 @@ def colour_invariance(encode, ids, enc, slots, color_ids, color_index, gen) -> t
 
 def train_unet(state: dict, args, clock) -> None:
     pool = torch.load(args.dir / "pool.pt")
-    n_pool = len(pool["lat"])
     sf = state["scaling_factor"]
     torch.manual_seed(args.seed)
     te, unet = make_text_encoder(), make_unet()
@@ -308,18 +331,8 @@ def train_unet(state: dict, args, clock) -> None:
     stop_at = state["step"] + args.stop_after if args.stop_after else args.unet_steps
     while state["step"] < min(args.unet_steps, stop_at) and clock() < budget:
         step = state["step"]
-        progress = max(step / args.unet_steps, (clock() - unet_t0) / max(1.0, budget - unet_t0))
-        lr = cosine_lr(args.lr, progress, args.warmup / args.unet_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(n_pool, (args.batch,), generator=gen)
-        lat = pool["lat"][idx] * sf  # [b, 4, 16, 16]
-        ids = pool["ids"][idx].clone()  # [b, 77]
-        slots = pool["slots"][idx].clone()  # [b, 2 objects, 2 words]
-        drop = torch.rand(args.batch, generator=gen) < args.cond_drop
-        ids[drop] = pool["empty"]
-        slots[drop] = -1
+        lr = scheduled_lr(opt, args, step, args.unet_steps, clock, unet_t0, budget)
+        gen, lat, ids, slots, idx = pool_batch(pool, step, args, sf)
         t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
         noise = torch.randn(lat.shape, generator=gen)
         noisy = sched.add_noise(lat, noise, t)

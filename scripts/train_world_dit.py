@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train_world import (Progress, add_run_options, atomic_save, build_pool, colour_invariance, cosine_lr,
-                         finish_stage, log, open_run, optimiser_step)
+from train_world import (Progress, add_run_options, atomic_save, build_pool, colour_invariance, finish_stage, log,
+                         open_run, optimiser_step, pool_batch, scheduled_lr)
 from xattn.world import model_path
 from xattn.world.data import grounding_targets
 from xattn.world.export import load_tokenizer, save_dit_pipeline
@@ -122,7 +122,6 @@ def export(state: dict, folder: Path, use_ema: bool = True) -> None:
 
 def train_dit(state: dict, args, clock) -> None:
     pool = torch.load(args.dir / "pool.pt")
-    n_pool = len(pool["lat"])
     sf = state["scaling_factor"]
     torch.manual_seed(args.seed)
     encoders, dit = make_dit_text_encoders(), make_dit(**state["arch"])
@@ -165,18 +164,8 @@ def train_dit(state: dict, args, clock) -> None:
     stop_at = state["step"] + args.stop_after if args.stop_after else args.steps
     while state["step"] < min(args.steps, stop_at) and clock() < budget:
         step = state["step"]
-        progress = max(step / args.steps, (clock() - t0) / max(1.0, budget - t0))
-        lr = cosine_lr(args.lr, progress, args.warmup / args.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(n_pool, (args.batch,), generator=gen)
-        lat = pool["lat"][idx] * sf  # [b, 4, 16, 16]
-        ids = pool["ids"][idx].clone()  # [b, 77]
-        slots = pool["slots"][idx].clone()  # [b, 2 objects, 2 words]
-        drop = torch.rand(args.batch, generator=gen) < args.cond_drop
-        ids[drop] = pool["empty"]
-        slots[drop] = -1
+        lr = scheduled_lr(opt, args, step, args.steps, clock, t0, budget)
+        gen, lat, ids, slots, idx = pool_batch(pool, step, args, sf)
         sigma = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal times, as SD3
         noise = torch.randn(lat.shape, generator=gen)
         s = sigma[:, None, None, None]
