@@ -148,7 +148,9 @@ def hooks(model, *controllers: Controller, scheduler=None, layout: BatchLayout |
     Args:
         model: a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` /
             ``PixArtSigmaPipeline`` (any pipeline with a ``unet`` or
-            ``transformer`` and an adapter in :mod:`xattn.adapters`), or the model itself.
+            ``transformer`` and an adapter in :mod:`xattn.adapters`), or the model itself;
+            or a transformers encoder–decoder model (T5, BART, Marian): then a
+            :class:`xattn.seq2seq.Seq2SeqSession` (``tokenizer=`` names source words).
         *controllers: what to do at the hook points (``Capture``, ``Reweight``, ``Hook``...).
         scheduler: where to read the timesteps when ``model`` is not a pipeline.
         layout: the batch layout, for calls whose rows xattn cannot identify.
@@ -166,4 +168,10 @@ def hooks(model, *controllers: Controller, scheduler=None, layout: BatchLayout |
         with xattn.hooks(pipe, xattn.Hook("probs", lambda p, ctx: print(ctx.name, ctx.step))):
             pipe("a red circle")
     """
+    from .seq2seq import Seq2SeqSession, is_transformers_model
+
+    # transformers models keep no `attn_processors` registry, so the diffusion Session cannot open on them;
+    # an encoder–decoder model gets its own session, hooked at transformers' attention interface (xattn.seq2seq).
+    if is_transformers_model(model):
+        return Seq2SeqSession(model, controllers, layout=layout, prompts=prompts, tokenizer=tokenizer)
     return Session(model, controllers, scheduler=scheduler, layout=layout, prompts=prompts, tokenizer=tokenizer)

@@ -165,8 +165,15 @@ def sites(model) -> list[Site]:
 
     Args:
         model: a pipeline (its ``unet`` or ``transformer``, then any
-            ControlNets) or a model exposing ``attn_processors``.
+            ControlNets) or a model exposing ``attn_processors``; or a
+            transformers encoder–decoder model, whose decoder attention
+            :mod:`xattn.seq2seq` lists (imported here lazily: that module
+            builds on this one).
     """
+    from .seq2seq import is_transformers_model, seq2seq_sites
+
+    if is_transformers_model(model):
+        return seq2seq_sites(model)
     found = []
     for prefix, host in attention_hosts(model).items():
         modules = dict(host.named_modules())
