@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         "xattn generate --from-png outputs/generate-.../image-0.png",
         'xattn generate "a red circle" --box "red circle=0,0,0.5,1" --seed 3',
         'xattn generate "a red++ circle" --syntax compel',
+        'xattn generate "a house" --model path/to/sd15 --controlnet path/to/canny --control-image edges.png',
+        'xattn generate "a cat" --model path/to/sd15 --ip-adapter path/to/ip-adapter --ip-image cat.png',
     ))
     def generate(
         prompt: Annotated[Optional[str], typer.Argument(show_default=False, help="The prompt.")] = None,
@@ -41,6 +43,9 @@ def register(app: typer.Typer) -> None:
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
         threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
         config: common.Config = None, progress: common.Progress = True,
+        controlnet: common.ControlNet = None, control_image: common.ControlImage = None,
+        control_scale: common.ControlScale = None, ip_adapter: common.IPAdapter = None,
+        ip_image: common.IPImage = None, ip_scale: common.IPScale = None,
         excite: Annotated[Optional[str], typer.Option(
             help="Guidance (Attend-and-Excite): words whose attention must peak somewhere, e.g. circle,square.")] = None,
         bind: Annotated[Optional[str], typer.Option(
@@ -61,6 +66,7 @@ def register(app: typer.Typer) -> None:
         options = dict(locals())
         options.pop("from_png")
         with common.user_errors():
+            common.runner.read_adapters(options)  # typed --controlnet / --ip-adapter: checked before loading
             pinned, controllers = _from_png(from_png, max_pixels) if from_png is not None else ({}, {})
             guide = _guide(excite, bind, box or [], guide_steps, guide_step_size)
             if guide is not None:
@@ -70,6 +76,7 @@ def register(app: typer.Typer) -> None:
                 raise OptionError("no prompt given; pass a PROMPT or --from-png FILE")
             with common.start("generate", options, slug=text, pinned=pinned, unused=("sites",)) as run:
                 settings = run.settings
+                extra = common.attach_adapters(run)  # --controlnet / --ip-adapter: the call's images and scales
                 if guide is None and "guide" in controllers:
                     guide = controllers["guide"]  # recorded in the PNG
                 if guide is not None:
@@ -79,7 +86,7 @@ def register(app: typer.Typer) -> None:
                 negative = settings.get("negative_prompt")
                 names = run.hook_names([settings["prompt"]], [negative] if negative else None) if controllers else {}
                 with _session(run.pipe, list(controllers.values()), names):
-                    pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"])
+                    pictures = run.generate(settings["prompt"], num_images_per_prompt=settings["images"], **extra)
                 for index, image in enumerate(pictures):
                     run.save_png(image, f"image-{index}.png", prompt=settings["prompt"],
                                  seed=settings["seed"] + index, xattn=in_png)  # --from-png reads the dialect

@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
         'xattn maps "a red square and a blue circle" --token red --token circle --res 16 --out outputs/maps-red',
         'xattn maps "a green triangle" --per-step --window 0:10 --site "up_blocks.*"',
         'xattn maps "a red++ circle" --syntax compel',
+        'xattn maps "a house" --model path/to/sd15 --controlnet path/to/canny --control-image edges.png',
     ))
     def maps(
         prompt: Annotated[str, typer.Argument(show_default=False, help="The prompt.")],
@@ -75,11 +76,15 @@ def register(app: typer.Typer) -> None:
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
         threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
         config: common.Config = None, progress: common.Progress = True,
+        controlnet: common.ControlNet = None, control_image: common.ControlImage = None,
+        control_scale: common.ControlScale = None, ip_adapter: common.IPAdapter = None,
+        ip_image: common.IPImage = None, ip_scale: common.IPScale = None,
     ):
         """Capture where each word of the prompt lands: images, word grid, HTML report, maps and manifest."""
         options = dict(locals())
         with common.user_errors():
             settings, _ = common.resolve(options)  # the config's `sites:` is part of the selector
+            common.runner.read_adapters(settings)  # --controlnet / --ip-adapter checked before loading
             capture = _capture(site, res, window, per_step, budget, settings.get("sites"))  # fails before loading
             selector = capture.selector
             if scale not in pictures.SCALES:
@@ -91,6 +96,7 @@ def register(app: typer.Typer) -> None:
 def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images: int, per_step: bool,
           budget: str, scale: str = pictures.DEFAULT_SCALE) -> None:
     """Everything after loading: check the words and map sizes, generate, write the files."""
+    extra = common.attach_adapters(run)  # --controlnet / --ip-adapter: maps from the pipeline they make
     negative = run.settings.get("negative_prompt")
     names = run.hook_names([prompt], [negative] * images if negative else None)  # weighted / long, in --syntax
     tokenizer = names.get("tokenizer", run.pipe.tokenizer)
@@ -102,7 +108,7 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
         token_map.indices(word)  # an unknown word fails before generating
     _check_selection(run, selector)
     with _hooks(run.pipe, capture, names):
-        pictures_made = run.generate(prompt, num_images_per_prompt=images)
+        pictures_made = run.generate(prompt, num_images_per_prompt=images, **extra)
     word_maps = capture.maps()
     first_seed = int(run.settings["seed"])
     for index, image in enumerate(pictures_made):

@@ -62,3 +62,34 @@ def examples(*lines: str) -> str:
     """An ``epilog`` for ``--help``: the given command lines under 'Examples'."""
     body = "\n".join(f"  $ {line}" for line in lines)
     return f"Examples:\n\n\b\n{body}"  # \b: click keeps the lines unwrapped
+
+
+# -- ControlNets and IP-Adapters (generate, maps, reweight) ----------------------------------------
+
+ControlNet = Annotated[Optional[str], typer.Option(
+    "--controlnet", help="ControlNet folder(s) saved with save_pretrained (safetensors), comma-separated for "
+                         "several; switches to the ControlNet pipeline of an SD 1.x/2.x or SDXL model.")]
+ControlImage = Annotated[Optional[str], typer.Option(
+    "--control-image", help="Control image(s), one per --controlnet, comma-separated, of the run's --size.")]
+ControlScale = Annotated[Optional[str], typer.Option(
+    "--control-scale", show_default="1.0", help="ControlNet conditioning scale: one, or one per ControlNet (0.5,1).")]
+IPAdapter = Annotated[Optional[str], typer.Option(
+    "--ip-adapter", help="IP-Adapter folder (one .safetensors of image_proj.*/ip_adapter.* keys and an "
+                         "image_encoder/ folder) or that .safetensors file; UNet models only.")]
+IPImage = Annotated[Optional[str], typer.Option(
+    "--ip-image", help="The image the IP-Adapter conditions on (comma-separated: several images).")]
+IPScale = Annotated[Optional[float], typer.Option(
+    "--ip-scale", show_default="1.0", help="IP-Adapter scale (pipe.set_ip_adapter_scale).")]
+
+
+def attach_adapters(run) -> dict:
+    """Load the run's --controlnet / --ip-adapter into ``run.pipe``; the pipeline-call arguments they need.
+
+    The pipeline becomes its ControlNet pipeline when ControlNets are given; the manifest's ``model``
+    records the folders, images and scales. Refused with a named error (exit code 2) before anything is written.
+    """
+    adapters = runner.read_adapters(run.settings)
+    if adapters is None:
+        return {}
+    run.pipe = runner.attach_adapters(run.pipe, adapters, run.settings.get("size"))
+    return runner.adapter_call_kwargs(adapters)

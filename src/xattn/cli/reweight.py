@@ -44,22 +44,28 @@ def register(app: typer.Typer) -> None:
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
         threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
         config: common.Config = None, progress: common.Progress = True,
+        controlnet: common.ControlNet = None, control_image: common.ControlImage = None,
+        control_scale: common.ControlScale = None, ip_adapter: common.IPAdapter = None,
+        ip_image: common.IPImage = None, ip_scale: common.IPScale = None,
     ):
         """Reweight words at the attention level; with --word and --weights, write a labelled grid."""
         options = dict(locals())
         with common.user_errors():
             # Read and check every reweighting option (command line > --config) before the model loads.
-            sweep = _Sweep.from_settings(common.resolve(options)[0])
+            settings = common.resolve(options)[0]
+            sweep = _Sweep.from_settings(settings)
+            common.runner.read_adapters(settings)  # --controlnet / --ip-adapter checked before loading
             with common.start("reweight", options, slug=sweep.prompt) as run:
                 _reweight(run, sweep)
 
 
 def _reweight(run: common.Run, sweep: "_Sweep") -> None:
     """Generate every cell, save the images and the grid, finish the run."""
+    extra = common.attach_adapters(run)  # --controlnet / --ip-adapter: every cell gets the same images
     seed_list = sweep.seeds if sweep.seeds is not None else [int(run.settings["seed"])]
 
     def generate(clean_prompt: str, first: int, count: int) -> list:
-        return run.generate(clean_prompt, seed=first, num_images_per_prompt=count, literal=True)
+        return run.generate(clean_prompt, seed=first, num_images_per_prompt=count, literal=True, **extra)
 
     cells = run_sweep(run.pipe, sweep.prompt, generate, word=sweep.word, weights=sweep.weights,
                       modes=sweep.modes, seeds=seed_list, **sweep.reweight_options)
