@@ -92,6 +92,8 @@ def check_folder(path: Path) -> dict[str, Any]:
 
 def weight_bytes(path: Path) -> int:
     """Bytes of the folder's denoiser weights (what decides a step's cost)."""
+    if Path(path).is_file():  # a single-file checkpoint: every part's weights in one file
+        return Path(path).stat().st_size
     total = 0
     for name in DENOISERS:
         folder = Path(path) / name

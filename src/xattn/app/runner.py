@@ -99,6 +99,11 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
             raise ModelNotFoundError(f"{'no --model given and ' if model is None else ''}{error}") from None
     reference = str(model)
     path = Path(reference).expanduser()
+    if path.is_file():  # a single-file checkpoint (A1111 / ComfyUI style)
+        if path.suffix.lower() != ".safetensors":
+            raise ModelError(f"{reference!r} is a {path.suffix or 'suffix-less'} file; xattn loads single-file "
+                             "checkpoints only as .safetensors (pickle checkpoints can run code)")
+        return path
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(
@@ -172,6 +177,64 @@ def model_identity(model: str | os.PathLike | None, path: Path) -> dict[str, Any
     if (path / "model_index.json").is_file():
         identity["pipeline_class"] = read_index(path).get("_class_name")
     return identity
+
+
+# -- single-file checkpoints -------------------------------------------------------------
+
+def _single_file_config(checkpoint: Path, config_folder: str | os.PathLike | None) -> Path:
+    """The diffusers pipeline folder whose configs and tokenizers describe ``checkpoint``, read offline.
+
+    ``config_folder`` when given; else the Hub repo diffusers infers from the checkpoint's keys, if it is
+    in the local cache. diffusers itself would download that repo's configs (even with
+    ``local_files_only=True``), so xattn never lets it look.
+    """
+    if config_folder is not None:
+        folder = Path(config_folder).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ModelNotFoundError(f"--config-folder {str(config_folder)!r} is not a diffusers pipeline folder "
+                                     "(no model_index.json in it)")
+        return folder
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+    from safetensors.torch import load_file
+
+    try:
+        repo = fetch_diffusers_config(load_file(str(checkpoint)))["pretrained_model_name_or_path"]
+    except Exception as error:  # a damaged file, or keys of no architecture diffusers knows
+        raise ModelError(f"{checkpoint}: diffusers cannot tell which architecture this checkpoint is ({error}); "
+                         "pass --config-folder FOLDER, a diffusers pipeline folder of the same architecture") from None
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # not in the cache (LocalEntryNotFoundError and friends)
+        raise ModelNotFoundError(
+            f"{checkpoint} is a single-file checkpoint of {repo}'s architecture; xattn loads it offline with that "
+            f"pipeline's configs and tokenizers, which are not in the local cache: pass --config-folder FOLDER, a "
+            f"diffusers pipeline folder of the same architecture (only its JSON configs and tokenizer files are "
+            f"read; get them with `hf download {repo} --include '*.json' '*.txt'` and pass the folder it prints)"
+        ) from None
+
+
+def _load_single_file(checkpoint: Path, config_folder, torch_dtype):
+    """``from_single_file`` with a local config folder, safetensors only, offline."""
+    import diffusers
+
+    config = _single_file_config(checkpoint, config_folder)
+    class_name = check_folder(config)["_class_name"]
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise ModelError(f"{config} holds a {class_name}, which diffusers cannot load from a single file")
+    extra = {name: None for name in ("safety_checker", "feature_extractor", "image_encoder")
+             if name in read_index(config)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+        try:
+            pipe = cls.from_single_file(str(checkpoint), config=str(config), local_files_only=True,
+                                        torch_dtype=torch_dtype, **extra)
+        except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelError(f"could not load {checkpoint} with the configs of {config} (another "
+                             f"architecture?): {first}") from None
+    return pipe, config
 
 
 # -- device, dtype, scheduler ------------------------------------------------------
@@ -259,7 +322,8 @@ def _absent_components(path: Path) -> dict[str, None]:
 
 
 def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto", dtype: str = "auto",
-                  scheduler: str | None = None, progress: bool = False):
+                  scheduler: str | None = None, progress: bool = False,
+                  config_folder: str | os.PathLike | None = None):
     """Load a diffusers pipeline, ready to generate.
 
     Args:
@@ -268,6 +332,9 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto
         dtype: ``auto`` (float16 on CUDA, float32 otherwise), ``float32``, ``float16``, ``bfloat16``.
         scheduler: a key of :data:`SCHEDULERS` (``ddim``, ``euler-a``...), or None to keep the model's.
         progress: show diffusers' per-step progress bar.
+        config_folder: for a single-file ``.safetensors`` checkpoint, a diffusers pipeline folder of the
+            same architecture whose configs and tokenizers are read (default: the architecture's Hub repo,
+            if it is in the local cache; never downloaded).
 
     Raises:
         ModelNotFoundError: the model is not there (no download attempt offline).
@@ -279,6 +346,14 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise OptionError(f"scheduler {scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
     path = resolve_model(model)
+    if path.is_file():
+        pipe, config = _load_single_file(path, config_folder, torch_dtype)
+        return _ready(pipe, scheduler, torch_device, progress,
+                      {**model_identity(model, path), "single_file": True, "config_folder": str(config),
+                       "pipeline_class": type(pipe).__name__})
+    if config_folder is not None:
+        raise OptionError(f"--config-folder is for a single-file .safetensors --model; {path} is a pipeline folder "
+                          "with its own configs")
     cls = _pipeline_class(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*")  # renamed `dtype` in new diffusers
@@ -289,11 +364,15 @@ def load_pipeline(model: str | os.PathLike | None = None, *, device: str = "auto
             )
         except (OSError, json.JSONDecodeError) as error:  # a missing or unreadable file in the folder
             raise ModelError(f"could not load the pipeline in {path}: {error}") from None
+    return _ready(pipe, scheduler, torch_device, progress, model_identity(model, path))
+
+
+def _ready(pipe, scheduler, torch_device, progress: bool, identity: dict):
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe = pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
-    pipe.xattn_identity = model_identity(model, path)  # what manifests and PNG metadata record
+    pipe.xattn_identity = identity  # what manifests and PNG metadata record
     return pipe
 
 
@@ -601,8 +680,10 @@ def generate(pipe, prompts: str | Sequence[str], *, seed: int, steps: int, guida
     # "np" then the pipeline's own numpy_to_pil: the same pixels as output_type="pil", but NaN is still visible.
     if "prompt_embeds" in kwargs:  # prompts encoded by xattn.prompts (weights, BREAK, past 75 tokens)
         prompt_list = None
-    arrays = pipe(
-        prompt=prompt_list, num_inference_steps=int(steps), guidance_scale=float(guidance),
+    from ..prompts.pipeline import call  # runs a prompt schedule (A1111's prompt editing) that prompt_kwargs made
+
+    arrays = call(
+        pipe, prompt=prompt_list, num_inference_steps=int(steps), guidance_scale=float(guidance),
         num_images_per_prompt=num_images_per_prompt, generator=generators, output_type="np", **kwargs,
     ).images
     check_finite(arrays, seed=int(seed), guidance=guidance)

@@ -301,7 +301,7 @@ def load(settings: Mapping[str, Any], *, device: str | None = None):
     return runner.load_pipeline(
         settings.get("model"), device=device or settings.get("device") or "auto",
         dtype=settings.get("dtype") or "auto", scheduler=settings.get("scheduler"),
-        progress=bool(settings.get("progress", False)),
+        progress=bool(settings.get("progress", False)), config_folder=settings.get("config_folder"),
     )
 
 

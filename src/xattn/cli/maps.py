@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
                  "(each panel from its own min to its max).")] = pictures.DEFAULT_SCALE,
         images: Annotated[int, typer.Option("--images", "-i", min=1, help="Images to make; image i uses seed + i.")] = 1,
         negative_prompt: common.NegativePrompt = None, syntax: common.Syntax = "a1111",
-        model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
+        model: common.Model = None, config_folder: common.ConfigFolder = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
         threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,

@@ -19,7 +19,10 @@ from ..validate import DEFAULT_MAX_PIXELS
 
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", show_default="the embedded shapes-world model",
-    help="Pipeline folder, or a Hub id already in the local Hugging Face cache.")]
+    help="Pipeline folder, a Hub id already in the local Hugging Face cache, or a single-file .safetensors checkpoint (with --config-folder).")]
+ConfigFolder = Annotated[Optional[Path], typer.Option(
+    "--config-folder", help="For a single-file .safetensors --model: a diffusers pipeline folder of the same "
+                            "architecture whose JSON configs and tokenizers are read (offline; its weights are not).")]
 DeviceName = Literal[tuple(runner.DEVICES)]
 DtypeName = Literal[("auto", *runner.DTYPES)]
 SchedulerName = Literal[tuple(runner.SCHEDULERS)]

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
                                                       show_default="every cross site")] = None,
         all_rows: Annotated[bool, typer.Option("--all-rows", help="Weight the unconditional rows too.")] = False,
         negative_prompt: common.NegativePrompt = None, syntax: common.Syntax = "a1111",
-        model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
+        model: common.Model = None, config_folder: common.ConfigFolder = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
         threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,
