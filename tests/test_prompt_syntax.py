@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from xattn.prompt_syntax import PromptSyntaxError, WeightedPrompt, WeightedSpan, parse_prompt
-from xattn.prompts import PromptWarning, UnsupportedSyntaxError, parse_attention
+from xattn.prompts import PromptWarning, ScheduledPromptError, UnsupportedSyntaxError, parse_attention
 
 UP = 1.1
 DOWN = 1 / 1.1
@@ -148,17 +148,16 @@ A1111_SCHEDULES = ["a [b:3]", "a [b: 3]", "a [[[b]]:2]", "[(a:2):3]", "a [b : c 
                    "a [b:.5] c", "a [{b|d{:.5] c", "((a][:b:c [d:3]"]
 
 
-@pytest.mark.parametrize("source", A1111_SCHEDULES)
-def test_prompt_editing_is_refused(source):
-    with pytest.raises(UnsupportedSyntaxError, match=r"prompt editing \[from:to:when\] is not supported yet"):
+@pytest.mark.parametrize("source", A1111_SCHEDULES + ["[a|(b:1.1)]", "[cat|dog] in a field"])
+def test_prompt_editing_and_alternation_are_schedules_not_one_prompt(source):
+    # run by xattn.prompts.PromptSchedule (tests/test_prompt_schedule.py)
+    with pytest.raises(ScheduledPromptError, match="step schedule"):
         parse_prompt(source)
 
 
-@pytest.mark.parametrize(("source", "name"), [("[a|(b:1.1)]", "alternation"), ("a cat AND a dog:0.5", "AND"),
-                                              ("[cat|dog] in a field", "alternation")])
-def test_alternation_and_composition_are_refused(source, name):
-    with pytest.raises(UnsupportedSyntaxError, match=f"{name}.*not supported yet"):
-        parse_prompt(source)
+def test_composition_is_refused_with_the_reason():
+    with pytest.raises(UnsupportedSyntaxError, match="AND .composable diffusion. is not supported: .*noise prediction"):
+        parse_prompt("a cat AND a dog:0.5")
 
 
 @pytest.mark.parametrize("source", ["test", "a [unbalanced", "salt and pepper", "ANDROID", r"\[a:b:3\]", "[a:b]"])

@@ -131,6 +131,12 @@ class TokenMap:
     _whole_words: tuple[str, ...] = ()  # tokens kept whole (special, textual inversion) when looking words up
     start_slots = 1  # slots before the first piece: CLIP's start token; 0 for T5
 
+    def __new__(cls, tokenizer=None, *args, **kwargs):
+        # A tokenizer may name the map class its prompts need (xattn.prompts.ScheduleTokenizer: prompts with
+        # A1111's prompt editing, whose words are looked up in every text of the schedule).
+        special = getattr(tokenizer, "token_map_class", None) if cls is TokenMap else None
+        return super().__new__(special if isinstance(special, type) and issubclass(special, TokenMap) else cls)
+
     def __init__(self, tokenizer, prompt: str, max_length: int | None = None):
         self.written = prompt
         self.chunks = None  # a ChunkLayout when the prompt is laid out in 77-slot chunks

@@ -4,15 +4,18 @@
 :class:`WeightedPrompt`: the clean text for the tokenizer, the spans that
 carry a weight, and the fragments (and ``BREAK`` chunk breaks) in the order
 the dialect's encoder tokenizes them. ``docs/prompts.md`` lists the rules of
-each dialect and how they differ.
+each dialect and how they differ. A1111's prompt editing and alternation make a
+step schedule instead (:func:`parse_schedule`), run by :class:`PromptSchedule`.
 """
 
 from __future__ import annotations
 
-from .a1111 import PromptWarning, parse_attention, read_a1111
+from .a1111 import PromptWarning, parse_attention, read_a1111, read_a1111_text
 from .compel import read_compel
+from .editing import ScheduleEntry, has_schedule, parse_schedule, text_at, texts_by_step
 from .encode import LongPromptTokenizer, PromptEmbeds, encode_prompt
-from .types import Fragment, PromptSyntaxError, UnsupportedSyntaxError, WeightedPrompt, WeightedSpan
+from .types import (Fragment, PromptSyntaxError, ScheduledPromptError, UnsupportedSyntaxError, WeightedPrompt,
+                    WeightedSpan)
 
 SYNTAXES = {"a1111": read_a1111, "compel": read_compel}
 
@@ -22,14 +25,32 @@ __all__ = [
     "LongPromptTokenizer",
     "PromptEmbeds",
     "PromptSyntaxError",
+    "PromptSchedule",
     "PromptWarning",
+    "ScheduleEntry",
+    "ScheduleTokenizer",
+    "ScheduledPromptError",
     "UnsupportedSyntaxError",
     "WeightedPrompt",
     "WeightedSpan",
     "encode_prompt",
+    "has_schedule",
     "parse_attention",
     "parse_prompt",
+    "parse_schedule",
+    "text_at",
+    "texts_by_step",
 ]
+
+_TEXT_SYNTAX = "a1111-text"  # internal: one text of a schedule, attention rules only (schedule.TEXT_SYNTAX)
+
+
+def __getattr__(name: str):
+    if name in ("PromptSchedule", "ScheduleTokenizer"):  # imported late: the controller needs the hook machinery
+        from . import schedule
+
+        return getattr(schedule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_prompt(text: str, syntax: str = "a1111", strict: bool = False) -> WeightedPrompt:
@@ -42,8 +63,12 @@ def parse_prompt(text: str, syntax: str = "a1111", strict: bool = False) -> Weig
             (unbalanced brackets, a stray backslash, a colon in a group that is no weight, ``()``).
 
     Raises :class:`UnsupportedSyntaxError` for syntax the dialect defines but
-    xattn does not run yet (A1111's ``AND`` and ``[from:to:when]``, compel's ``.blend()``...).
+    xattn does not run yet (A1111's ``AND``, compel's ``.blend()``...), and its
+    subclass :class:`ScheduledPromptError` for A1111's prompt editing and
+    alternation, which are a step schedule (:func:`parse_schedule`, :class:`PromptSchedule`).
     """
+    if syntax == _TEXT_SYNTAX:
+        return read_a1111_text(text, strict=strict)
     if syntax not in SYNTAXES:
         raise PromptSyntaxError(f"unknown prompt syntax {syntax!r}; use one of {', '.join(SYNTAXES)}", syntax, 0)
     return SYNTAXES[syntax](text, strict=strict)

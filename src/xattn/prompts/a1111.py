@@ -23,8 +23,10 @@ its ``parse_prompt_attention`` (this is an independent implementation):
 
 Weights multiply in the order A1111 applies them, so they are equal as
 floats, not only close. :func:`read_a1111` also recognises what A1111 reads
-*before* this step (``AND``, prompt editing ``[a:b:0.5]``, alternation
-``[a|b]``, extra networks ``<lora:name:0.8>``) and refuses or strips it.
+*before* this step: extra networks ``<lora:name:0.8>`` are stripped (with a
+warning), ``AND`` is refused, and prompt editing ``[a:b:0.5]`` / alternation
+``[a|b]`` raise :class:`ScheduledPromptError`: such a prompt is a step schedule
+(:mod:`xattn.prompts.editing`), run by :class:`xattn.prompts.PromptSchedule`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import re
 import warnings
 from typing import NamedTuple
 
-from .types import Fragment, PromptSyntaxError, UnsupportedSyntaxError, WeightedPrompt, weighted_prompt
+from .editing import has_schedule
+from .types import (Fragment, PromptSyntaxError, ScheduledPromptError, UnsupportedSyntaxError, WeightedPrompt,
+                    weighted_prompt)
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
@@ -44,8 +48,6 @@ _ESCAPABLE = "()[]\\"
 # What A1111 reads before the attention syntax (patterns of its documented syntax, not of its code).
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _AND = re.compile(r"\bAND\b")
-_SCHEDULE = re.compile(r":\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\]")
-_ALTERNATION = re.compile(r"\[[^\[\]]*\|[^\[\]]*\]")
 
 
 class PromptWarning(UserWarning):
@@ -62,13 +64,32 @@ class _Token(NamedTuple):
 def read_a1111(prompt: str, strict: bool = False) -> WeightedPrompt:
     """Read ``prompt`` as A1111 does; ``strict`` raises where A1111 silently repairs.
 
-    Raises :class:`UnsupportedSyntaxError` for ``AND``, prompt editing and
-    alternation, and warns (:class:`PromptWarning`) when it strips extra
-    network tags such as ``<lora:name:0.8>``.
+    Raises :class:`UnsupportedSyntaxError` for ``AND``, :class:`ScheduledPromptError`
+    for prompt editing and alternation (a step schedule: see :class:`xattn.prompts.PromptSchedule`),
+    and warns (:class:`PromptWarning`) when it strips extra network tags such as ``<lora:name:0.8>``.
     """
     prompt = _strip_extra_networks(prompt)
     _refuse_unsupported(prompt)
     return weighted_prompt(parse_attention(prompt, strict=strict), "a1111")
+
+
+def read_a1111_text(prompt: str, strict: bool = False) -> WeightedPrompt:
+    """One text of a schedule (no editing left to read) under A1111's attention rules."""
+    return weighted_prompt(parse_attention(prompt, strict=strict), "a1111")
+
+
+def strip_extra_networks(prompt: str) -> str:
+    """``prompt`` without ``<lora:...>`` tags (warned about), as A1111 reads it before anything else."""
+    return _strip_extra_networks(prompt)
+
+
+def refuse_composition(prompt: str) -> None:
+    """Raise :class:`UnsupportedSyntaxError` for ``AND`` (composable diffusion)."""
+    plain = re.sub(r"\\.", "__", prompt, flags=re.S)
+    if match := _AND.search(plain):
+        raise UnsupportedSyntaxError("AND (composable diffusion) is not supported: it needs one noise prediction "
+                                     "per AND-part at every step, which xattn's single conditional row per prompt "
+                                     "cannot give; generate the parts separately", prompt, match.start())
 
 
 def parse_attention(prompt: str, strict: bool = False) -> list[Fragment]:
@@ -240,12 +261,10 @@ def _strip_extra_networks(prompt: str) -> str:
 
 
 def _refuse_unsupported(prompt: str) -> None:
-    """Raise for the A1111 syntax that is read before attention and that xattn does not run yet."""
-    plain = re.sub(r"\\.", "__", prompt, flags=re.S)  # escaped characters never start syntax
-    if match := _AND.search(plain):
-        raise UnsupportedSyntaxError("AND (composable diffusion) is not supported yet", prompt, match.start())
-    if (match := _SCHEDULE.search(plain)) and "[" in plain[: match.start()]:
-        raise UnsupportedSyntaxError("prompt editing [from:to:when] is not supported yet", prompt,
-                                     plain.rfind("[", 0, match.start()))
-    if match := _ALTERNATION.search(plain):
-        raise UnsupportedSyntaxError("alternation [a|b] is not supported yet", prompt, match.start())
+    """Raise for AND, and for prompt editing / alternation (a schedule, not one weighted prompt)."""
+    refuse_composition(prompt)
+    if has_schedule(prompt):
+        raise ScheduledPromptError("prompt editing [from:to:when] / alternation [a|b] make a step schedule, not "
+                                   "one prompt: run it with xattn.prompts.PromptSchedule (xattn generate does), "
+                                   "or read its texts with xattn.prompts.parse_schedule", prompt,
+                                   max(prompt.find("["), 0))

@@ -5,6 +5,11 @@ cuts a prompt after 75 tokens. :func:`prompt_kwargs` passes a prompt through
 unchanged when the pipeline would read it as its dialect means it (no syntax,
 at most 75 tokens), so plain prompts make the same images as before, and
 otherwise encodes every prompt of the call with :func:`encode_prompt`.
+
+A prompt with A1111's prompt editing or alternation (``a [red:blue:0.5] circle``)
+needs a :class:`~xattn.prompts.PromptSchedule` running during the call:
+:func:`prompt_kwargs` then returns it under :data:`SCHEDULE_KEY` next to the
+embeddings, and :func:`call` (or ``xattn.app.runner.generate``) runs it.
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ from typing import Sequence
 import torch
 
 from .chunks import CHUNK_TOKENS
+from .editing import has_schedule
 from .encode import LongPromptTokenizer, encode_prompt, token_chunks
+
+SCHEDULE_KEY = "xattn_prompt_schedule"  # in prompt_kwargs(): a PromptSchedule to run during the call
 
 
 def reads_plainly(tokenizer, text: str, syntax: str = "a1111") -> bool:
     """True when a plain pipeline reads ``text`` as the dialect means it: no syntax, at most 75 tokens."""
     from . import parse_prompt
 
+    if syntax == "a1111" and has_schedule(text):
+        return False
     parsed = parse_prompt(text, syntax=syntax)
     plain = parsed.text == text and not parsed.breaks and all(f.weight == 1.0 for f in parsed.fragments)
     return plain and len(tokenizer.tokenize(text)) <= CHUNK_TOKENS
@@ -38,6 +48,11 @@ def prompt_kwargs(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
     """
     positives = list(prompts)
     negatives = list(negative_prompts) if negative_prompts is not None else None
+    if _scheduled(positives, syntax) and not literal:
+        from .schedule import PromptSchedule
+
+        schedule = PromptSchedule(pipe, positives, negatives)
+        return {**schedule.pipeline_kwargs(), SCHEDULE_KEY: schedule}
     keep_positive, keep_negative = _plain(pipe, positives, negatives, syntax)
     if literal and not keep_positive:
         keep_positive, keep_negative = True, False
@@ -61,9 +76,29 @@ def hook_names(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | N
                syntax: str = "a1111") -> dict:
     """``xattn.hooks`` arguments that name the rows of a :func:`prompt_kwargs` call made of embeddings."""
     negatives = list(negative_prompts) if negative_prompts is not None else None
+    if _scheduled(list(prompts), syntax):
+        from .schedule import ScheduleTokenizer
+
+        return {"prompts": list(prompts), "tokenizer": ScheduleTokenizer(pipe.tokenizer)}
     if _plain(pipe, list(prompts), negatives, syntax)[0]:
         return {}
     return {"prompts": list(prompts), "tokenizer": LongPromptTokenizer(pipe.tokenizer, syntax)}
+
+
+def call(pipe, **kwargs):
+    """``pipe(**kwargs)``, running the :class:`~xattn.prompts.PromptSchedule` that :func:`prompt_kwargs` put
+    under :data:`SCHEDULE_KEY` (in a session of its own, nested in any open one)."""
+    schedule = kwargs.pop(SCHEDULE_KEY, None)
+    if schedule is None:
+        return pipe(**kwargs)
+    from ..session import hooks
+
+    with hooks(pipe, schedule, **schedule.hook_kwargs()):
+        return pipe(**kwargs)
+
+
+def _scheduled(prompts: list[str], syntax: str) -> bool:
+    return syntax == "a1111" and any(has_schedule(text) for text in prompts)
 
 
 def _plain(pipe, prompts: list[str], negatives: list[str] | None, syntax: str) -> tuple[bool, bool]:

@@ -30,7 +30,15 @@ class PromptSyntaxError(XattnError, ValueError):
 
 
 class UnsupportedSyntaxError(PromptSyntaxError):
-    """Syntax the dialect defines but xattn does not run yet (AND, prompt editing, ``.blend()``...)."""
+    """Syntax the dialect defines but xattn does not run yet (AND, ``.blend()``...)."""
+
+
+class ScheduledPromptError(UnsupportedSyntaxError):
+    """A prompt with A1111's prompt editing or alternation: a step schedule, not one weighted prompt.
+
+    Run it with :class:`xattn.prompts.PromptSchedule` (the CLI's ``generate`` does);
+    :func:`xattn.prompts.parse_schedule` reads its texts.
+    """
 
 
 @dataclass(frozen=True)

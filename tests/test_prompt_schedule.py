@@ -1,0 +1,189 @@
+"""A1111's prompt editing and alternation: schedules by A1111's rules, and runs equal to switching embeddings by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xattn
+from xattn.capture import Capture
+from xattn.prompts import (PromptSchedule, ScheduledPromptError, UnsupportedSyntaxError, encode_prompt, parse_prompt,
+                           parse_schedule, texts_by_step)
+from xattn.prompts.pipeline import SCHEDULE_KEY, call, hook_names, prompt_kwargs
+from xattn.tokens import TokenError
+
+# -- the schedule: A1111's docstring examples (10 steps), as data -----------------------------------
+
+A1111_EXAMPLES = [
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("a [{b|d{:.5] c", [(5, "a  c"), (10, "a {b|d{ c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", [(step, "a" if step % 2 else "(b:1.1)") for step in range(1, 11)]),
+    ("[fe|]male", [(step, "female" if step % 2 else "male") for step in range(1, 11)]),
+    ("[fe|||]male", [(step, "female" if step % 4 == 1 else "male") for step in range(1, 11)]),
+]
+
+
+@pytest.mark.parametrize(("prompt", "expected"), A1111_EXAMPLES, ids=[case[0] for case in A1111_EXAMPLES])
+def test_schedules_of_a1111_examples(prompt, expected):
+    assert [tuple(entry) for entry in parse_schedule(prompt, 10)] == expected
+
+
+def test_the_wiki_example_over_100_steps():
+    prompt = ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75]"
+              "[ in foreground::0.6][ in background:0.25] [shoddy:masterful:0.5]")
+    assert [tuple(entry) for entry in parse_schedule(prompt, 100)] == [
+        (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+        (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+        (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+        (75, "fantasy landscape with a lake and an oak in background masterful"),
+        (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
+    ]
+
+
+def _edit_rule(when: str, steps: int) -> list[str]:
+    """Independent restatement for ``[from:to:when]`` alone: "from" or "to" at each 0-based step.
+
+    The boundary is min(steps, int(value)), value = float(when) * steps when written with a '.', else the
+    step number. A1111 compares its 0-based step counter with the schedule's entries (step <= until), and
+    the entries are the boundary (when >= 1) and the step count.
+    """
+    value = float(when) * steps if "." in when else float(when)
+    edge = min(steps, int(value))
+    entries = sorted({steps} | ({edge} if edge >= 1 else set()))
+    return ["from" if next(u for u in entries if step <= u) <= edge else "to" for step in range(steps)]
+
+
+# Hand-checked: (when, steps) -> the text at steps 0, 1, ...
+HAND_TABLE = [
+    ("0.5", 4, ["from", "from", "from", "to"]),
+    ("0.5", 10, ["from"] * 6 + ["to"] * 4),
+    ("0.25", 10, ["from"] * 3 + ["to"] * 7),       # int(2.5) = 2: steps 0, 1, 2
+    ("3", 10, ["from"] * 4 + ["to"] * 6),
+    ("0", 4, ["to"] * 4),
+    ("1", 4, ["from", "from", "to", "to"]),
+    ("0.1", 5, ["to"] * 5),                         # int(0.5) = 0: no boundary
+    ("1.5", 4, ["from"] * 4),                       # a fraction past 1: every step
+    ("10", 4, ["from"] * 4),
+    ("0.7", 10, ["from"] * 8 + ["to"] * 2),         # 0.7 * 10 = 7.000000000000001 -> 7
+]
+
+
+@pytest.mark.parametrize(("when", "steps", "expected"), HAND_TABLE, ids=[f"{w}-{s}" for w, s, _ in HAND_TABLE])
+def test_step_boundaries_follow_the_documented_rule(when, steps, expected):
+    assert _edit_rule(when, steps) == expected
+    assert texts_by_step(f"[from:to:{when}]", steps) == expected
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 20])
+@pytest.mark.parametrize("when", ["0.2", "0.5", ".75", "2", "5", "0.99"])
+def test_step_boundaries_for_many_step_counts(when, steps):
+    assert texts_by_step(f"[from:to:{when}]", steps) == _edit_rule(when, steps)
+
+
+def test_alternation_by_step():
+    # entries at 1..steps; the 0-based step i takes the entry max(i, 1); option (entry - 1) % n
+    assert texts_by_step("[red|blue]", 5) == ["red", "red", "blue", "red", "blue"]
+    assert texts_by_step("[a|b|c]", 6) == ["a", "a", "b", "c", "a", "b"]
+
+
+def test_scheduled_prompt_is_not_one_weighted_prompt():
+    with pytest.raises(ScheduledPromptError, match="PromptSchedule"):
+        parse_prompt("a [red:blue:0.5] circle")
+
+
+def test_and_stays_refused_with_the_reason():
+    with pytest.raises(UnsupportedSyntaxError, match="composable diffusion.*noise prediction"):
+        parse_prompt("a cat AND a dog")
+
+
+# -- runs: equal to switching the pipeline's prompt_embeds by hand -----------------------------------
+
+STEPS = 4
+
+
+def _reference(pipe, texts: list[str], negative: str = ""):
+    """Switch the pipeline's own prompt_embeds between steps with callback_on_step_end."""
+    rows = {text: encode_prompt(pipe, text).prompt_embeds for text in set(texts)}
+    uncond = encode_prompt(pipe, "", negative).negative_prompt_embeds
+
+    def switch(pipeline, step, timestep, tensors):
+        if step + 1 < len(texts):
+            tensors["prompt_embeds"] = torch.cat([uncond, rows[texts[step + 1]]])
+        return tensors
+
+    return pipe(prompt_embeds=rows[texts[0]], negative_prompt_embeds=uncond, num_inference_steps=STEPS,
+                guidance_scale=4.0, generator=torch.Generator().manual_seed(3), output_type="latent",
+                callback_on_step_end=switch, callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+
+
+def _scheduled(pipe, prompt: str, *controllers):
+    schedule = PromptSchedule(pipe, prompt)
+    with xattn.hooks(pipe, schedule, *controllers, **schedule.hook_kwargs()):
+        return pipe(**schedule.pipeline_kwargs(), num_inference_steps=STEPS, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(3), output_type="latent").images
+
+
+@pytest.mark.parametrize(("prompt", "texts"), [
+    ("a [red:blue:0.5] circle", ["a red circle"] * 3 + ["a blue circle"]),
+    ("a [red|blue] circle", ["a red circle", "a red circle", "a blue circle", "a red circle"]),
+    ("a [red square:blue:1] circle", ["a red square circle"] * 2 + ["a blue circle"] * 2),
+])
+def test_schedule_equals_switching_embeddings_by_hand(sd1_pipe, prompt, texts):
+    assert texts_by_step(prompt, STEPS) == texts
+    expected = _reference(sd1_pipe, texts)
+    got = _scheduled(sd1_pipe, prompt)
+    assert (got - expected).abs().max().item() <= 1e-5
+    constant = _reference(sd1_pipe, [texts[0]] * STEPS)
+    assert (got - constant).abs().max().item() > 1e-4  # the switch changes the result (tolerance: 1e-5)
+
+
+def test_capture_finds_words_every_text_has_and_refuses_the_others(sd1_pipe):
+    capture = Capture()
+    _scheduled(sd1_pipe, "a [red:blue:0.5] circle", capture)
+    assert torch.isfinite(capture.maps().word("circle")).all()
+    with pytest.raises(TokenError, match="not in every text.*'a blue circle'"):
+        capture.maps().word("red")
+
+
+def test_prompt_kwargs_and_runner_run_the_schedule(sd1_pipe):
+    prompt = "a [red:blue:0.5] circle"
+    kwargs = prompt_kwargs(sd1_pipe, [prompt])
+    assert isinstance(kwargs[SCHEDULE_KEY], PromptSchedule)
+    assert isinstance(hook_names(sd1_pipe, [prompt])["tokenizer"], xattn.prompts.ScheduleTokenizer)
+    got = call(sd1_pipe, **kwargs, num_inference_steps=STEPS, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(3), output_type="latent").images
+    expected = _reference(sd1_pipe, ["a red circle"] * 3 + ["a blue circle"])
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_runner_generate_runs_a_scheduled_prompt(sd1_pipe):
+    from xattn.app.runner import generate
+
+    def images(prompt):
+        kwargs = prompt_kwargs(sd1_pipe, [prompt])
+        kwargs.pop("prompt", None)  # as the CLI's Run.generate does
+        return generate(sd1_pipe, [prompt], seed=1, steps=STEPS, guidance=4.0, **kwargs)[0]
+
+    import numpy as np
+
+    edited, red = np.asarray(images("a [red:blue:0.5] circle")), np.asarray(images("a red circle"))
+    assert (edited != red).any()
+
+
+def test_scheduled_negative_prompt_is_refused(sd1_pipe):
+    with pytest.raises(ScheduledPromptError, match="negative prompt"):
+        PromptSchedule(sd1_pipe, "a [red:blue:0.5] circle", "[x|y]")
+
+
+def test_sdxl_is_refused_by_name(sdxl_pipe):
+    with pytest.raises(UnsupportedSyntaxError, match="SDXL.*pooled"):
+        PromptSchedule(sdxl_pipe, "a [red:blue:0.5] circle")
