@@ -282,3 +282,14 @@ def test_points_that_do_not_apply_and_other_implementations_are_refused():
     finally:
         model.set_attn_implementation("eager")
     assert _state(model)[1] == 0 and "generate" not in model.__dict__
+
+
+def test_a_capture_that_would_sum_target_positions_is_refused_not_changed():
+    """per_step=False / keep_heads=False are the user's explicit choices: refused by name, never overridden."""
+    model, tokenizer = tiny_t5("eager"), t5_tokenizer()
+    for asked in ({"per_step": False}, {"keep_heads": False}):
+        capture = xattn.Capture(**asked)
+        with pytest.raises(seq2seq.Seq2SeqError, match="=False"):
+            with xattn.hooks(model, capture, tokenizer=tokenizer):
+                pass
+        assert capture.asked == {"per_step": None, "keep_heads": None, **asked}

@@ -45,8 +45,8 @@ hook protocol; what the words mean:
   :class:`~xattn.tokens.TokenMap` is checked against its ids, so words resolve
   to source token slots (``Reweight({"cat": 0.5})``).
 - **Capture** keeps, at every decoding step and site, the selected heads'
-  map (``per_step=True, keep_heads=True`` are set on it when the session
-  binds: a sum over decoding steps would add target positions up). Read it
+  map (``per_step`` and ``keep_heads`` default to True here; passing False
+  is refused, since a sum over decoding steps would add target positions up). Read it
   with :func:`maps` (per site ``[rows, heads, target, source]``) and
   :meth:`Seq2SeqMaps.alignment` (target × source of one generated sequence,
   averaged over layers and heads; beams followed through ``beam_indices``).
@@ -450,8 +450,12 @@ class Seq2SeqSession:
         from .capture import Capture
 
         if isinstance(controller, Capture):  # one map per decoding step (= target position) and head
-            controller.per_step = True
-            controller.keep_heads = True
+            refused = [name for name, value in controller.asked.items() if value is False]
+            if refused:
+                raise Seq2SeqError(f"an encoder-decoder alignment needs one map per decoding step and head; "
+                                   f"{', '.join(f'{name}=False' for name in refused)} would sum target positions "
+                                   "(or heads) together: leave them unset or pass True")
+            controller.per_step = controller.keep_heads = True
         controller.bind(self)
 
     def _rebuild(self) -> None:

@@ -50,9 +50,11 @@ class Capture(Controller):
     Args:
         selector: which sites / res / steps / heads / tokens (a Selector, its
             string form or a dict). Default: every cross site at every step.
-        per_step: keep one map per (step, site) instead of running sums.
+        per_step: keep one map per (step, site) instead of running sums (default
+            off; on for encoder-decoder models, where a step is a target position).
         keep_heads: keep each selected head instead of their mean (aggregated
-            sums are then kept per site, since sites differ in head count).
+            sums are then kept per site, since sites differ in head count;
+            default off, on for encoder-decoder models).
         uncond: also keep classifier-free guidance's unconditional rows.
         self_attention: also capture self-attention (opt-in), at sites no
             larger than ``self_res``.
@@ -86,8 +88,8 @@ class Capture(Controller):
 
     slices = frozenset({"heads", "tokens"})  # Capture keeps only the heads and token slots its selector names
 
-    def __init__(self, selector: Selector | str | dict | None = None, *, per_step: bool = False,
-                 keep_heads: bool = False, uncond: bool = False, self_attention: bool = False,
+    def __init__(self, selector: Selector | str | dict | None = None, *, per_step: bool | None = None,
+                 keep_heads: bool | None = None, uncond: bool = False, self_attention: bool = False,
                  self_res: int = DEFAULT_SELF_RES, budget: int | str | None = DEFAULT_BUDGET,
                  storage_dtype: torch.dtype = torch.float16, stream_to: str | Path | None = None,
                  slots: str = "prompt", blocks: str | tuple[str, ...] | list[str] = ("image->text",)):
@@ -109,8 +111,9 @@ class Capture(Controller):
             raise ValueError(f"storage_dtype must be a float dtype (torch.float16, torch.float32), not {storage_dtype}")
         self.blocks = _blocks(blocks)
         self.selector = chosen
-        self.per_step = per_step
-        self.keep_heads = keep_heads
+        self.asked = {"per_step": per_step, "keep_heads": keep_heads}  # None: the model's default (see bind)
+        self.per_step = bool(per_step)
+        self.keep_heads = bool(keep_heads)
         self.uncond = uncond
         self.self_res = self_res
         self.budget = parse_bytes(budget)
