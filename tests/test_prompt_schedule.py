@@ -187,3 +187,14 @@ def test_scheduled_negative_prompt_is_refused(sd1_pipe):
 def test_sdxl_is_refused_by_name(sdxl_pipe):
     with pytest.raises(UnsupportedSyntaxError, match="SDXL.*pooled"):
         PromptSchedule(sdxl_pipe, "a [red:blue:0.5] circle")
+
+
+def test_the_words_of_a_scheduled_prompt_are_those_every_text_has(cli, sd1_path, tmp_path):
+    """`xattn maps` draws the words found at every step (``circle``), not the ones that change (``red``/``blue``)."""
+    import json
+
+    result = cli("maps", "a [red:blue:0.5] circle", "--model", sd1_path, "--steps", 2, "--size", 32, "--out", "run",
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    shown = json.loads((tmp_path / "run" / "manifest.json").read_text())["maps"]["shown_words"]
+    assert "circle" in shown and "red" not in shown and "blue" not in shown

@@ -191,8 +191,8 @@ class ScheduleTokenMap(TokenMap):
 
     ``a [red:blue:0.5] circle`` finds ``circle`` (and ``a``) at the slots both
     texts give it; ``red`` raises :class:`xattn.TokenError`, as it is not there
-    at every step. A prompt without editing is read as usual. The map's own
-    fields (``prompt``, ``words``...) are those of the first text.
+    at every step. A prompt without editing is read as usual. ``words`` lists
+    the words found that way; the other fields (``prompt``...) are the first text's.
     """
 
     def __init__(self, tokenizer, prompt: str, max_length: int | None = None):
@@ -205,6 +205,10 @@ class ScheduleTokenMap(TokenMap):
         self.__dict__.update({k: v for k, v in first.__dict__.items()})
         self._whole_words = first._whole_words
         self.written = prompt
+        # What word maps list: the first text's words that every text has at the same slots.
+        self.words = [word for word in first.words if all(
+            any((w.key, w.occurrence, w.slots) == (word.key, word.occurrence, word.slots) for w in other.words)
+            for _, other in self.sub_maps)]
 
     def indices(self, key: str | int) -> list[int]:
         found = []
