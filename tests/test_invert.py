@@ -234,6 +234,28 @@ def test_cli_edits_a_real_image(cli, tmp_path):
     assert alone.exit_code == 2 and "--invert needs --image" in alone.output
 
 
+def test_cli_maps_a_real_image_where_its_objects_are(cli, tmp_path):
+    """`xattn maps --image`: the words' maps of a real scene, read along its inversion, land on its objects."""
+    from xattn.capture.export import load_maps
+
+    scene = xattn.world.make_scene(10_005_000, n_objects=2)  # "a green square and a yellow square"
+    Image.fromarray(scene.image).save(tmp_path / "photo.png")
+    result = cli("maps", scene.caption, "--image", tmp_path / "photo.png", "--out", "m", "--no-progress")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "m"
+    assert np.array_equal(np.asarray(Image.open(folder / "input.png").convert("RGB")), scene.image)
+    maps = load_maps(folder)
+    for obj, rival in ((scene.objects[0], scene.objects[1]), (scene.objects[1], scene.objects[0])):
+        heat = maps.word(obj.color, size=(64, 64)).numpy()
+        assert heat[obj.mask].mean() > heat[rival.mask].mean()
+    for args, message in ((["--invert", "ddim"], "--invert needs --image"),
+                          (["--image", tmp_path / "photo.png", "--images", 2], "drop --images"),
+                          (["--image", tmp_path / "photo.png", "--negative-prompt", "blurry"], "plain text"),
+                          (["--concepts", "red,square"], "joint-attention transformer")):
+        bad = cli("maps", scene.caption, *args, "--no-progress")
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+
+
 # -- null-text inversion ---------------------------------------------------------------
 def test_null_text_embeddings_lower_the_error_step_by_step(sd1_pipe):
     from xattn.inversion import null_text_embeddings

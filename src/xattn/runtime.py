@@ -50,6 +50,16 @@ class _CallState:
     layout: BatchLayout
 
 
+def _without_concepts(text):
+    """The prompt's text rows: concept rows that :func:`xattn.concepts` appended are not the prompt's."""
+    from .concepts import live_stream
+
+    stream = live_stream()
+    if text is None or stream is None or text.shape[1] != stream.found.text_rows + stream.rows:
+        return text
+    return text[:, : stream.found.text_rows]
+
+
 class Runtime:
     """Per-denoiser state shared by nested sessions."""
 
@@ -175,7 +185,7 @@ class Runtime:
         self._check_processor_kwargs(bound)
         sample = bound.get("sample", bound.get("hidden_states"))
         timestep = bound.get("timestep")
-        text = bound.get("encoder_hidden_states")
+        text = _without_concepts(bound.get("encoder_hidden_states"))
         timestep_value = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0].item())
         if self._in_pipeline_call and self.run is None:
             self.clock.new_run(relative=True)  # step 0 is the first step this pipeline call takes

@@ -6,10 +6,19 @@ first ``--token``, else the most attended word, per resolution), ``steps.png``
 (with ``--per-step``: how it evolves), ``report.html`` (explore words, steps, resolutions in a browser),
 ``maps.safetensors`` and ``manifest.json`` (the run's settings with the maps'
 manifest under ``"maps"``; ``xattn.capture.export.load_maps(folder)`` reads it back).
+
+With ``--image``, the maps are those of a real image: it is inverted with the
+prompt (:func:`xattn.invert`, ``direct`` by default, which follows the inverted
+trajectory exactly) and the capture runs while it is regenerated; the folder
+also holds ``input.png``. With ``--concepts`` on a joint-attention transformer
+(SD3 family), ``concepts.png`` shows ConceptAttention maps of those words
+(:func:`xattn.concepts`), which need not be in the prompt.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -18,6 +27,8 @@ from ..capture import Capture, pictures
 from ..capture.controller import DEFAULT_BUDGET
 from ..capture.export import MAPS_FILE, maps_manifest, save_maps
 from ..capture.report import write_report
+from ..concepts import ConceptError, concepts as concept_maps
+from ..inversion import METHODS, InversionError, invert
 from ..selector import Selector
 from ..validate import OptionError, parse_size
 from ..tokens import TokenMap
@@ -27,6 +38,8 @@ WORD_GRID = "words.png"
 RESOLUTIONS = "resolutions.png"
 STEP_STRIP = "steps.png"
 REPORT = "report.html"
+CONCEPTS = "concepts.png"
+INPUT = "input.png"
 
 
 def capture_selector(sites: list[str] | None, res: list[str] | None, steps: str | None,
@@ -49,6 +62,8 @@ def register(app: typer.Typer) -> None:
         'xattn maps "a green triangle" --per-step --window 0:10 --site "up_blocks.*"',
         'xattn maps "a red++ circle" --syntax compel',
         'xattn maps "a house" --model path/to/sd15 --controlnet path/to/canny --control-image edges.png',
+        'xattn maps "a red square and a blue circle" --image photo.png',
+        'xattn maps "a red square and a blue circle" --model dit --concepts red,blue,circle,square,green',
     ))
     def maps(
         prompt: Annotated[str, typer.Argument(show_default=False, help="The prompt.")],
@@ -79,10 +94,29 @@ def register(app: typer.Typer) -> None:
         controlnet: common.ControlNet = None, control_image: common.ControlImage = None,
         control_scale: common.ControlScale = None, ip_adapter: common.IPAdapter = None,
         ip_image: common.IPImage = None, ip_scale: common.IPScale = None,
+        image: Annotated[Optional[Path], typer.Option(
+            help="Map this real image instead of a generated one: it is inverted with the prompt (its size must "
+                 "be the model's or --size; DDIM scheduler).", show_default=False)] = None,
+        invert_method: Annotated[Optional[str], typer.Option(
+            "--invert", help=f"Inversion method for --image: {', '.join(METHODS)}.", show_default="direct")] = None,
+        concepts: Annotated[Optional[str], typer.Option(
+            help="Also draw ConceptAttention maps of these comma-separated words (any words, in the prompt or "
+                 "not) on a joint-attention transformer (SD3 family): concepts.png.", show_default=False)] = None,
     ):
         """Capture where each word of the prompt lands: images, word grid, HTML report, maps and manifest."""
         options = dict(locals())
-        with common.user_errors():
+        real = {"image": options.pop("image"), "method": options.pop("invert_method")}  # the image is input.png
+        words = _concept_words(options.pop("concepts"))
+        with common.user_errors(InversionError, ConceptError):
+            if real["method"] is not None and real["image"] is None:
+                raise OptionError("--invert needs --image (the image to invert)")
+            if real["method"] is not None and real["method"] not in METHODS:
+                raise OptionError(f"--invert must be one of {', '.join(METHODS)}, not {real['method']!r}")
+            if real["image"] is not None and images != 1:
+                raise OptionError("--image maps one real image; drop --images")
+            if real["image"] is not None and (controlnet or ip_adapter):
+                raise OptionError("--image regenerates the image from its inversion alone; drop --controlnet / "
+                                  "--ip-adapter")
             settings, _ = common.resolve(options)  # the config's `sites:` is part of the selector
             common.runner.read_adapters(settings)  # --controlnet / --ip-adapter checked before loading
             capture = _capture(site, res, window, per_step, budget, settings.get("sites"))  # fails before loading
@@ -90,14 +124,28 @@ def register(app: typer.Typer) -> None:
             if scale not in pictures.SCALES:
                 raise OptionError(f"--scale must be one of {', '.join(pictures.SCALES)}, not {scale!r}")
             with common.start("maps", options, slug=prompt) as run:
-                _maps(run, prompt, token, capture, selector, images, per_step, budget, scale)
+                _maps(run, prompt, token, capture, selector, images, per_step, budget, scale, real, words)
+
+
+def _concept_words(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    words = [word.strip() for word in text.split(",")]
+    if not all(words):
+        raise typer.BadParameter(f"--concepts takes comma-separated words such as red,circle,background, not {text!r}")
+    return words
 
 
 def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images: int, per_step: bool,
-          budget: str, scale: str = pictures.DEFAULT_SCALE) -> None:
+          budget: str, scale: str = pictures.DEFAULT_SCALE, real: dict | None = None,
+          concepts: list[str] | None = None) -> None:
     """Everything after loading: check the words and map sizes, generate, write the files."""
+    real = real or {"image": None, "method": None}
     extra = common.attach_adapters(run)  # --controlnet / --ip-adapter: maps from the pipeline they make
     negative = run.settings.get("negative_prompt")
+    if real["image"] is not None and (negative or run.hook_names([prompt], None)):
+        raise OptionError("--image inverts the prompt as plain text: drop --negative-prompt and write the prompt "
+                          "without weights, BREAK or editing")
     names = run.hook_names([prompt], [negative] * images if negative else None)  # weighted / long, in --syntax
     tokenizer = names.get("tokenizer", run.pipe.tokenizer)
     token_map = TokenMap(tokenizer, prompt)
@@ -107,9 +155,18 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
     for word in shown or []:
         token_map.indices(word)  # an unknown word fails before generating
     _check_selection(run, selector)
-    with _hooks(run.pipe, capture, names):
-        pictures_made = run.generate(prompt, num_images_per_prompt=images, **extra)
+    found = None
+    with ExitStack() as stack:
+        if concepts is not None:
+            found = stack.enter_context(concept_maps(run.pipe, concepts))
+        if real["image"] is not None:
+            pictures_made = [_real_image(run, prompt, real, capture)]
+        else:
+            stack.enter_context(_hooks(run.pipe, capture, names))
+            pictures_made = run.generate(prompt, num_images_per_prompt=images, **extra)
     word_maps = capture.maps()
+    if found is not None:
+        run.save_image(pictures.concept_grid(pictures_made[0], found, title=prompt), CONCEPTS)
     first_seed = int(run.settings["seed"])
     for index, image in enumerate(pictures_made):
         run.save_png(image, f"image-{index}.png", prompt=prompt, seed=first_seed + index,
@@ -125,9 +182,23 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
     run.new_path(MAPS_FILE)
     save_maps(word_maps, run.folder, manifest=False)
     seeds = [first_seed + k for k in range(len(pictures_made))]
+    inverted = {} if real["image"] is None else {"image": str(real["image"]), "inversion": real["method"] or "direct"}
     run.finish(maps=maps_manifest(word_maps, seed=seeds, extra={
         "selector": str(selector), "per_step": per_step, "budget": budget, "shown_words": shown,
-        "focus_word": focus, "syntax": run.syntax}))
+        "focus_word": focus, "syntax": run.syntax, **inverted,
+        **({} if concepts is None else {"concepts": concepts})}))
+
+
+def _real_image(run, prompt: str, real: dict, capture: Capture):
+    """Invert the image with the prompt, save it as input.png, and regenerate it with the capture running."""
+    settings = run.settings
+    guidance = float(settings["guidance"])
+    with run.timings.phase("invert"):
+        inversion = invert(run.pipe, real["image"], prompt, method=real["method"] or "direct",
+                           steps=int(settings["steps"]), size=settings.get("size"), guidance=guidance)
+    run.save_png(inversion.image, INPUT, prompt=prompt, seed=int(settings["seed"]), xattn={"maps": "input"})
+    with run.timings.phase("generate"):
+        return inversion.reconstruct(guidance=guidance, also=[capture])
 
 
 def map_sizes(pipe, size: str | None) -> list[tuple[int, int]] | None:
