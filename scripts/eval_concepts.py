@@ -32,19 +32,21 @@ def scaled(m: np.ndarray) -> np.ndarray:
 
 
 def table(pipe, scenes, concepts) -> dict[str, dict]:
-    scores = {"raw": [], "concept": [], "cross": []}
+    last = [len(pipe.transformer.transformer_blocks) - 1]
+    scores = {"raw": [], "concept": [], "concept-last": [], "cross": []}
     mean_iou = {key: [] for key in scores}
     for k, scene in enumerate(scenes):
         slots = object_slots(scene)
         raw = scene_word_maps(pipe, scene, [s for pair in slots for s in pair], seed=k)
         ours = {"concept": scene_concept_maps(pipe, scene, concepts, seed=k),
+                "concept-last": scene_concept_maps(pipe, scene, concepts, seed=k, blocks=last),
                 "cross": scene_concept_maps(pipe, scene, concepts, seed=k, kind="cross")}
         words = scene.words
         for obj_idx, obj in enumerate(scene.objects):
             rival = scene.objects[1 - obj_idx]
             for which, slot in enumerate(slots[obj_idx]):
                 word = words[slot - 1]
-                maps = {"raw": raw[slot], "concept": ours["concept"][word], "cross": ours["cross"][word]}
+                maps = {"raw": raw[slot], **{key: ours[key][word] for key in ours}}
                 for key, m in maps.items():
                     unit = scaled(m)
                     scores[key].append(score_word(unit, m, obj.mask, rival.mask, word=word,
@@ -79,7 +81,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded transformer)")
     ap.add_argument("--scenes", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=20, help="timed calls for the cost column")
+    ap.add_argument("--repeats", type=int, default=20, help="timed calls for the cost line (0: no timing)")
+    ap.add_argument("--cost-only", action="store_true", help="only the cost line (time it on an idle machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from xattn.app.runner import load_pipeline
@@ -87,19 +90,25 @@ def main(argv=None) -> None:
     pipe = load_pipeline(args.model or "dit", device="cpu", dtype="float32")
     concepts = list(COLORS) + list(SHAPES)
     scenes = heldout_scenes(args.scenes)
-    rows = table(pipe, scenes, concepts)
+    if not args.cost_only:
+        print_table(table(pipe, scenes, concepts), scenes, concepts)
+    if args.repeats:
+        plain, extra = cost(pipe, scenes[0], concepts, args.repeats)
+        print(f"\none transformer call (1 row, {args.threads} thread): plain {plain * 1000:.1f} ms, "
+              f"with {len(concepts)} concepts {extra * 1000:.1f} ms (×{extra / plain:.2f})")
+
+
+def print_table(rows: dict, scenes, concepts) -> None:
     print(f"{len(scenes)} held-out two-object scenes, {rows['raw']['summary'].words} words; "
           f"concepts: {', '.join(concepts)}\n")
     print("| maps | own-object win | IoU at the map's mean | best IoU (threshold) |")
     print("|---|---|---|---|")
     names = {"raw": "raw image→text attention (Capture)", "concept": "concept maps, output space (ConceptAttention)",
+             "concept-last": "concept maps, output space, last block only",
              "cross": "concept maps, image queries × concept keys"}
     for key, row in rows.items():
         s = row["summary"]
         print(f"| {names[key]} | {s.win_rate:.3f} | {row['mean_iou']:.3f} | {s.best_iou:.3f} ({s.best_threshold:.2f}) |")
-    plain, extra = cost(pipe, scenes[0], concepts, args.repeats)
-    print(f"\none transformer call (3 timesteps → 1 row, {args.threads} thread): plain {plain * 1000:.1f} ms, "
-          f"with {len(concepts)} concepts {extra * 1000:.1f} ms (×{extra / plain:.2f})")
 
 
 if __name__ == "__main__":

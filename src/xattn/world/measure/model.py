@@ -115,7 +115,7 @@ def scene_word_maps(pipe, scene: Scene, slots: list[int], timesteps=(300, 500, 7
 
 @torch.no_grad()
 def scene_concept_maps(pipe, scene: Scene, concepts: list[str], timesteps=(300, 500, 700), seed: int = 0,
-                       size=(64, 64), kind: str = "output") -> dict[str, np.ndarray]:
+                       size=(64, 64), kind: str = "output", blocks: list[int] | None = None) -> dict[str, np.ndarray]:
     """ConceptAttention maps of ``concepts`` on a ground-truth scene: concept -> [64, 64].
 
     The same noised inputs as :func:`scene_word_maps` (same seeds), one
@@ -125,7 +125,7 @@ def scene_concept_maps(pipe, scene: Scene, concepts: list[str], timesteps=(300, 
     from ...concepts import concepts as concept_maps
 
     denoise = denoiser_call(pipe, scene, timesteps, seed)
-    with concept_maps(pipe, concepts) as found:
+    with concept_maps(pipe, concepts, blocks=blocks) as found:
         denoise()
     maps = found.maps(kind).mean(0)  # [k, h, w]: the rows are the timesteps
     up = torch.nn.functional.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
