@@ -388,3 +388,26 @@ def test_ip_hook_points_are_checked():
         IPHook("probs", lambda x, ctx: None)
     hook = IPHook("up_blocks.*.attn2.ip_scores", lambda x, ctx: None)
     assert hook.selector.sites == ("up_blocks.*.attn2",) and hook.points().keys() == {"ip_scores"}
+
+
+# -- the image prompt weighted like a word ----------------------------------------------------------
+def test_ip_weight_everywhere_equals_diffusers_scale_and_a_window_schedules_it(ip_pipe):
+    from xattn.ip_adapter import IPWeight
+
+    full = _call(ip_pipe)
+    ip_pipe.set_ip_adapter_scale(0.5)
+    half = _call(ip_pipe)  # diffusers' own scale: the reference
+    ip_pipe.set_ip_adapter_scale(1.0)
+    assert (half - full).abs().max().item() > 1e-2
+    with xattn.hooks(ip_pipe, IPWeight(0.5)):
+        torch.testing.assert_close(_call(ip_pipe), half, rtol=0, atol=10 * TOLERANCE)
+    with xattn.hooks(ip_pipe, IPWeight({0: 0.5}, steps="2:3")):  # a 2-step run has no step 2: nothing changes
+        torch.testing.assert_close(_call(ip_pipe), full, rtol=0, atol=10 * TOLERANCE)
+    with xattn.hooks(ip_pipe, IPWeight(0.5, steps="0:1")):  # the first step only: between the two
+        first = _call(ip_pipe)
+    assert (first - full).abs().max().item() > 1e-4 and (first - half).abs().max().item() > 1e-4
+    for bad in (float("nan"), float("inf"), 1e9, True):
+        with pytest.raises(xattn.HookError, match="finite"):
+            IPWeight(bad)
+    with pytest.raises(xattn.HookError, match="index"):
+        IPWeight({"a": 1.0})

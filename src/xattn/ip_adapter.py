@@ -47,6 +47,8 @@ differ from xattn's text attention (Q/K norms, a non-default softmax scale).
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, replace
 
@@ -287,6 +289,64 @@ class IPHook(Controller):
         return f"IPHook({self.point!r}, {getattr(self.fn, '__name__', self.fn)!r}, selector='{self.selector}')"
 
 
+class IPWeight(Controller):
+    """Weight an IP-Adapter's image prompt like a word: its branch times ``weight``, where and when selected.
+
+    The branch adds ``scale * softmax(Q K_ip^T) V_ip``; multiplying its
+    probabilities by ``w`` is diffusers' scale times ``w`` at those sites and
+    steps, so ``IPWeight(0.5)`` everywhere equals ``set_ip_adapter_scale(0.5 * scale)``,
+    and a step window or a site selector schedules it (``steps="0:0.5"``,
+    ``selector="sites=up_blocks.*"``). Every row is weighted, as diffusers' scale is.
+
+    Args:
+        weight: one finite number for every adapter, or ``{adapter index: weight}``.
+        steps: a step window (``xattn.steps``: ``0.5`` is the first half, ``"0:10"``); None: every step.
+        selector: which cross sites (``res=16``, ``sites=...``).
+    """
+
+    def __init__(self, weight: float | dict[int, float], *, steps=None,
+                 selector: Selector | str | dict | None = None):
+        from .steps import parse_window
+
+        weights = weight if isinstance(weight, dict) else {None: weight}
+        for key, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or abs(value) > 1e4:
+                raise HookError(f"IPWeight: the weight must be a finite number of at most 1e4, not {value!r}")
+            if key is not None and (not isinstance(key, int) or key < 0):
+                raise HookError(f"IPWeight: adapters are named by their index 0, 1, ..., not {key!r}")
+        self.weights = {key: float(value) for key, value in weights.items()}
+        self.selector = Selector.coerce(selector, kind="cross")
+        if self.selector.steps is not None:
+            raise HookError("IPWeight: give the step window as `steps=`, not in the selector")
+        self.window = None if steps is None else parse_window(steps, what="IPWeight steps")
+        self._steps: frozenset[int] | None = None
+
+    def begin_run(self, run) -> None:
+        from .steps import steps_in
+
+        self._steps = steps_in(self.window, run.num_steps, what="IPWeight steps")
+
+    def active(self, ctx: HookContext) -> bool:
+        return self._steps is None or ctx.step in self._steps
+
+    def points(self) -> dict[str, HookFn]:
+        return {"ip_probs": self.ip_probs}
+
+    def ip_probs(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor | None:
+        weight = self.weights.get(adapter_of(ctx), self.weights.get(None))
+        return None if weight is None or weight == 1.0 else x * weight
+
+    def to_dict(self) -> dict:
+        from .steps import describe
+
+        return {"ip_weight": {("all" if k is None else k): v for k, v in self.weights.items()},
+                "steps": describe(self.window), "selector": str(self.selector)}
+
+    def __repr__(self) -> str:
+        return f"IPWeight({self.to_dict()})"
+
+
 @dataclass(frozen=True)
 class IPRecord:
     """One adapter's image-token map at one attention call: ``probs`` ``[b, h, i, n_a]`` (float32, CPU)."""
@@ -335,5 +395,5 @@ class IPCapture(Controller):
         return f"IPCapture(selector='{self.selector}')"
 
 
-__all__ = ["IPCapture", "IPHook", "IPRecord", "IP_POINTS", "XattnIPAdapterProcessor", "adapter_of",
+__all__ = ["IPCapture", "IPHook", "IPRecord", "IPWeight", "IP_POINTS", "XattnIPAdapterProcessor", "adapter_of",
            "is_ip_processor", "projection_problem", "reproduce", "stock_classes"]
