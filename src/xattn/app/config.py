@@ -8,10 +8,16 @@ and an error names the file, the key and what would be right, so a typo
 
 Keys every command understands are in :data:`COMMON_KEYS`; a command adds its
 own (e.g. ``words`` for ``maps``) through ``extra_keys``.
+
+``guide:`` is a mapping, attention guidance as ``xattn generate``'s options
+give it (``excite``, ``bind``, ``box``, ``steps``, ``step_size``); it is checked
+by building its :class:`~xattn.guide.Guide`, and kept as that Guide's record
+(``Guide.to_dict()``), which :func:`guide_from_config` turns back into the Guide.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -74,6 +80,132 @@ def syntax_value(value: Any) -> str:
         raise ValueError(f"one of {', '.join(numbers.PROMPT_SYNTAXES)}") from None
 
 
+# -- guide: attention guidance, the mapping form of generate's --excite/--bind/--box/--guide-steps/--guide-step-size
+
+GUIDE_KEYS = ("excite", "bind", "box", "steps", "step_size")
+# Top-level keys a user may mean as guidance: they belong under ``guide:``.
+_GUIDE_OPTIONS = {"excite": "excite", "bind": "bind", "box": "box", "guide_steps": "steps",
+                  "guide_step_size": "step_size"}
+
+
+class _GuideKeyError(ValueError):
+    """A bad ``guide.<key>``: ``text`` follows the key's name in the message."""
+
+    def __init__(self, key: str, text: str, *, unknown: bool = False):
+        super().__init__(text)
+        self.key, self.text, self.unknown = key, text, unknown
+
+
+def _must_be(key: str, expected: str, value: Any) -> _GuideKeyError:
+    return _GuideKeyError(key, f" must be {expected}, not {value!r}")
+
+
+def _words_value(value: Any) -> Any:
+    """``excite``: a list of words, or the command line's comma string."""
+    from ..guide import Excite
+    from ..guide.spec import parse_excite
+
+    if isinstance(value, str):
+        return parse_excite(value)
+    if isinstance(value, list) and value and all(isinstance(word, str) and word.strip() for word in value):
+        return Excite(value)
+    raise _must_be("excite", 'a list of words such as [circle, square], or "circle,square"', value)
+
+
+def _bind_value(value: Any) -> Any:
+    """``bind``: a mapping of modifier -> noun, or the command line's ``red=circle,blue=square``."""
+    from ..guide import Bind
+    from ..guide.spec import parse_bind
+
+    if isinstance(value, str):
+        return parse_bind(value)
+    if isinstance(value, Mapping) and value and all(
+            isinstance(word, str) and word.strip() for pair in value.items() for word in pair):
+        return Bind(dict(value))
+    raise _must_be("bind", 'a mapping of modifier: noun such as {red: circle, blue: square}, '
+                           'or "red=circle,blue=square"', value)
+
+
+def _box_value(value: Any) -> Any:
+    """``box``: a mapping of phrase -> [x0, y0, x1, y1], or the command line's ``phrase=x0,y0,x1,y1`` (or a list of them)."""
+    from ..guide import Layout
+    from ..guide.spec import parse_box
+
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return Layout(dict(parse_box(item) for item in value))
+    if isinstance(value, Mapping) and value and all(isinstance(phrase, str) and phrase.strip() for phrase in value):
+        if all(isinstance(box, list) and len(box) == 4 for box in value.values()):
+            return Layout(dict(value))
+    raise _must_be("box", "a mapping of phrase: [x0, y0, x1, y1] (fractions of the image) such as "
+                          "{red circle: [0, 0, 0.5, 1]}", value)
+
+
+def _window_text(value: Any) -> str:
+    """``steps``: read as ``--guide-steps`` reads its text (``0.5``: the first half; ``"0:10"``: steps 0-9)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return str(value)
+    raise _must_be("steps", 'a step window such as 0.5 (the first half) or "0:10" (quoted: YAML reads '
+                            "2:10 as the number 130)", value)
+
+
+def guide_value(value: Any) -> dict | None:
+    """A config's ``guide:`` mapping, checked with the command line's rules: the record of its Guide.
+
+    Raises:
+        _GuideKeyError: naming the ``guide.<key>`` at fault (``validate`` turns it into a ConfigError).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a mapping with keys {', '.join(GUIDE_KEYS)} (docs/guidance.md)")
+    for key in value:
+        if key not in GUIDE_KEYS:
+            raise _GuideKeyError(str(key), f"; guide keys are {', '.join(GUIDE_KEYS)}", unknown=True)
+    from ..guide import Guide
+    from ..steps import StepWindowError
+
+    losses = []
+    for key, read in (("excite", _words_value), ("bind", _bind_value), ("box", _box_value)):  # the CLI's order
+        if value.get(key) is None:
+            continue
+        try:
+            losses.append(read(value[key]))
+        except (XattnError, ValueError) as error:
+            if isinstance(error, _GuideKeyError):
+                raise
+            raise _GuideKeyError(key, f": {error}") from None
+    if not losses:
+        for key in ("steps", "step_size"):
+            if value.get(key) is not None:
+                raise _GuideKeyError(key, " needs a loss: guide.excite, guide.bind or guide.box")
+        return None
+    options: dict[str, Any] = {}
+    for key, name in (("steps", "steps"), ("step_size", "step_size")):
+        if value.get(key) is None:
+            continue
+        given = _window_text(value[key]) if key == "steps" else value[key]
+        try:
+            Guide(*losses, **{name: given})  # each option checked alone, so the error names its key
+        except (XattnError, ValueError, StepWindowError) as error:
+            raise _GuideKeyError(key, f": {error}") from None
+        options[name] = given
+    guide = Guide(*losses, **{"steps": 0.5, **options})  # guide_from_text's default window
+    return json.loads(json.dumps(guide.to_dict()))  # the manifest's and PNG's form, JSON-equal on resume
+
+
+def guide_from_config(record: Mapping[str, Any] | None):
+    """The :class:`~xattn.guide.Guide` of a checked ``guide:`` value (:func:`guide_value`), or None."""
+    if not record:
+        return None
+    from ..guide import Guide
+
+    return Guide.from_dict(record)
+
+
 COMMON_CHECKS: dict[str, Validator] = {
     "model": optional_text,
     "device": one_of(DEVICES),
@@ -87,6 +219,7 @@ COMMON_CHECKS: dict[str, Validator] = {
     "max_pixels": lambda value: numbers.integer(value, "max_pixels", low=64),
     "negative_prompt": optional_text,
     "sites": selector_text,  # which sites to aggregate maps over
+    "guide": guide_value,  # attention guidance: generate and generate sweeps use it, other commands drop it
     "out": optional_text,
 }
 COMMON_KEYS: tuple[str, ...] = tuple(COMMON_CHECKS)
@@ -110,13 +243,18 @@ def validate(data: Mapping[str, Any], *, source: str = "config",
     cleaned: dict[str, Any] = {}
     for key, value in data.items():
         if key not in checks:
-            raise ConfigError(f"{source}: unknown key {key!r}; known keys are: {', '.join(sorted(checks))}")
+            hint = (f" (guidance goes under guide:, as guide: {{{_GUIDE_OPTIONS[key]}: ...}})"
+                    if key in _GUIDE_OPTIONS and "guide" in checks else "")
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}; known keys are: {', '.join(sorted(checks))}")
         check = checks[key]
         if check is None:
             cleaned[key] = value
             continue
         try:
             cleaned[key] = check(value)
+        except _GuideKeyError as error:
+            unknown = "unknown " if error.unknown else ""
+            raise ConfigError(f"{source}: {unknown}key '{key}.{error.key}'{error.text}") from None
         except OptionError as error:
             raise ConfigError(f"{source}: key {key!r}: {error}") from None
         except ValueError as error:

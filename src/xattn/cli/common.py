@@ -47,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "max_pixels": None,
 }
 # Parameters that are not settings a config file may hold (they are typed on the command line).
-NOT_CONFIG = ("config", "prompt", "source", "target", "from_png", "folder", "model_arg")
+NOT_CONFIG = ("config", "prompt", "source", "target", "from_png", "folder", "model_arg",
+              "excite", "bind", "box", "guide_steps", "guide_step_size")  # a config's guidance is its `guide:`
 
 # -- errors a user can fix ----------------------------------------------------------------
 
@@ -66,6 +67,7 @@ def user_errors(*more: type[BaseException]) -> Iterator[None]:
     Args:
         *more: further exception types the calling command treats as user errors.
     """
+    _NOTED.clear()
     try:
         yield
     except BaseException as error:
@@ -80,10 +82,19 @@ def user_errors(*more: type[BaseException]) -> Iterator[None]:
         raise
     finally:
         _ACTIVE.clear()
+        _NOTED.clear()
 
 
 # Runs started and not yet finished or failed, so that user_errors can mark them failed.
 _ACTIVE: list["Run"] = []
+# Notes already printed by this command (a command that resolves its settings twice says each once).
+_NOTED: set[str] = set()
+
+
+def _note(message: str) -> None:
+    if message not in _NOTED:
+        _NOTED.add(message)
+        typer.echo(message, err=True)
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -144,7 +155,7 @@ def _config_keys(options: Mapping[str, Any], unused: Sequence[str]) -> dict[str,
 
 def merge_settings(options: Mapping[str, Any], *, config_path: str | Path | None = None,
                    model_defaults: Mapping[str, Any] | None = None, pinned: Mapping[str, Any] | None = None,
-                   unused: Sequence[str] = ()) -> dict[str, Any]:
+                   unused: Sequence[str] = (), guided: bool = False) -> dict[str, Any]:
     """Merge, first match wins: typed options, ``pinned``, config file, model defaults,
     the options' own defaults, :data:`DEFAULTS`.
 
@@ -158,14 +169,16 @@ def merge_settings(options: Mapping[str, Any], *, config_path: str | Path | None
         pinned: values that beat the config but not typed options (a PNG's parameters).
         unused: common keys that mean nothing to this command (``sites`` for ``generate``): a preset
             may hold them for other commands, so they are dropped with a note, never recorded.
+        guided: the command guides sampling, so it keeps the config's ``guide:`` (checked, as
+            :func:`xattn.app.config.guide_value` records it); other commands drop it with a note.
     """
     options = command_options(options)
     typed = {k: v for k, v in options.items() if k != "config" and v is not None and not _is_default(k)}
     own_defaults = {k: v for k, v in options.items() if k != "config" and k not in typed}
     from_file = load_config(config_path, extra_keys=_config_keys(options, unused)) if config_path else {}
-    for key in unused:
+    for key in (*unused, *(() if guided else ("guide",))):
         if from_file.pop(key, None) is not None:
-            typer.echo(f"note: {config_path}: key {key!r} is for other commands; this one does not use it", err=True)
+            _note(f"note: {config_path}: key {key!r} is for other commands; this one does not use it")
     known_defaults = {k: v for k, v in (model_defaults or {}).items() if k in DEFAULTS}
     own_defaults = {k: v for k, v in own_defaults.items() if v is not None or k not in DEFAULTS}
     return {**DEFAULTS, **own_defaults, **known_defaults, **from_file, **dict(pinned or {}), **typed}
@@ -306,19 +319,19 @@ def load(settings: Mapping[str, Any], *, device: str | None = None):
 
 
 def resolve(command_options_: Mapping[str, Any], *, pinned: Mapping[str, Any] | None = None,
-            unused: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
+            unused: Sequence[str] = (), guided: bool = False) -> tuple[dict[str, Any], Path]:
     """The merged, checked settings of a command and its model's folder, before anything loads."""
     options = command_options(command_options_)
     config_path = options.get("config")
-    preliminary = merge_settings(options, config_path=config_path, pinned=pinned)
+    preliminary = merge_settings(options, config_path=config_path, pinned=pinned, guided=True)  # for the model
     model_path = runner.resolve_model(preliminary.get("model"))  # fails fast, before any folder is made
     settings = merge_settings(options, config_path=config_path, model_defaults=runner.model_defaults(model_path),
-                              pinned=pinned, unused=unused)
+                              pinned=pinned, unused=unused, guided=guided)
     return check_settings(settings), model_path
 
 
 def start(command: str, options: Mapping[str, Any], *, slug: str = "", device: str | None = None,
-          pinned: Mapping[str, Any] | None = None, unused: Sequence[str] = ()) -> Run:
+          pinned: Mapping[str, Any] | None = None, unused: Sequence[str] = (), guided: bool = False) -> Run:
     """Merge and check settings, choose threads, load the pipeline: a :class:`Run` that writes nothing yet.
 
     Args:
@@ -328,8 +341,9 @@ def start(command: str, options: Mapping[str, Any], *, slug: str = "", device: s
         device: override the device (e.g. accelerate's process device).
         pinned: values above the config and below typed options (see :func:`merge_settings`).
         unused: common config keys this command does not use (dropped with a note).
+        guided: the command uses the config's ``guide:`` (``settings["guide"]``); others drop it with a note.
     """
-    settings, model_path = resolve(options, pinned=pinned, unused=unused)
+    settings, model_path = resolve(options, pinned=pinned, unused=unused, guided=guided)
     if settings.get("out") is not None:  # before the slow load, so it fails at once
         check_out_folder(settings["out"], overwrite_failed=bool(settings.get("overwrite_failed")))
     torch_device = runner.resolve_device(device or settings.get("device") or "auto")

@@ -62,6 +62,8 @@ def register(app: typer.Typer) -> None:
 
         With --excite, --bind or --box, attention guidance steers the latents
         during sampling (docs/guidance.md); the PNG records it for --from-png.
+        A --config's `guide:` mapping is used when no guidance option is typed;
+        a typed one replaces it whole.
         """
         options = dict(locals())
         options.pop("from_png")
@@ -69,18 +71,24 @@ def register(app: typer.Typer) -> None:
             common.runner.read_adapters(options)  # typed --controlnet / --ip-adapter: checked before loading
             pinned, controllers = _from_png(from_png, max_pixels) if from_png is not None else ({}, {})
             guide = _guide(excite, bind, box or [], guide_steps, guide_step_size)
+            window_name = "--guide-steps"
             if guide is not None:
                 controllers["guide"] = guide
             text = prompt or pinned.get("prompt")
             if not text:
                 raise OptionError("no prompt given; pass a PROMPT or --from-png FILE")
-            with common.start("generate", options, slug=text, pinned=pinned, unused=("sites",)) as run:
+            with common.start("generate", options, slug=text, pinned=pinned, unused=("sites",),
+                              guided=True) as run:
                 settings = run.settings
+                configured = settings.pop("guide", None)  # the config's guide:; the manifest records the one used
                 extra = common.attach_adapters(run)  # --controlnet / --ip-adapter: the call's images and scales
                 if guide is None and "guide" in controllers:
                     guide = controllers["guide"]  # recorded in the PNG
+                elif guide is None and configured is not None:
+                    guide = controllers["guide"] = _configured_guide(configured)  # no guidance option typed
+                    window_name = f"{config}: guide.steps"
                 if guide is not None:
-                    _check_guided_steps(guide, settings["steps"])
+                    _check_guided_steps(guide, settings["steps"], window_name)
                 record = {name: controller.to_dict() for name, controller in controllers.items()} or None
                 in_png = {**(record or {}), **({"syntax": run.syntax} if run.syntax != "a1111" else {})} or None
                 negative = settings.get("negative_prompt")
@@ -99,13 +107,19 @@ def _guide(excite, bind, boxes, steps, step_size):
     return guide_from_text(excite=excite, bind=bind, boxes=boxes, steps=steps, step_size=step_size)
 
 
-def _check_guided_steps(guide, num_steps: int) -> None:
+def _configured_guide(record):
+    from ..app.config import guide_from_config
+
+    return guide_from_config(record)
+
+
+def _check_guided_steps(guide, num_steps: int, name: str = "--guide-steps") -> None:
     """Refuse guidance whose window holds no step of this run: it would be recorded yet change nothing."""
     from ..errors import NothingSelectedError
     from ..steps import describe
 
     if not guide.guided_steps(num_steps):
-        raise NothingSelectedError(f"--guide-steps {describe(guide.window)} holds no step of this {num_steps}-step "
+        raise NothingSelectedError(f"{name} {describe(guide.window)} holds no step of this {num_steps}-step "
                                    "run, so the guidance would do nothing; give a window inside the run "
                                    "(0.5: the first half, or 0:N with N <= --steps)")
 
