@@ -21,6 +21,11 @@ every rerun sees the same list. :func:`run_sweep` then
 
 A job kind is a small function ``(pipe, job, settings) -> (image, info)``,
 registered in :data:`JOB_KINDS`.
+
+``settings["guide"]`` (a config's ``guide:``, as :func:`.config.guide_value`
+records it) guides every generate job the way ``xattn generate`` does; the
+job's PNG and done-record hold the Guide's record, so ``xattn generate
+--from-png`` repeats the image.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .. import validate
 from ..files import save_image_atomic, write_json_atomic, write_text_atomic
 from . import runner
-from .config import ConfigError
+from .config import ConfigError, guide_from_config
 from .pngmeta import image_parameters, png_info
 from .runfolder import Timings, build_manifest, create_run_folder, write_manifest
 from .sweepfolder import (
@@ -214,8 +219,18 @@ def _prompted_kwargs(pipe, prompt: str, settings: Mapping[str, Any], literal: bo
 
 
 def generate_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict]:
-    """A plain image of the job's prompt and seed."""
-    return runner.generate(pipe, job.prompt, seed=job.seed, **_prompted_kwargs(pipe, job.prompt, settings))[0], {}
+    """An image of the job's prompt and seed: plain, or guided by the sweep's ``guide:`` as ``xattn generate`` guides."""
+    guide = guide_from_config(settings.get("guide"))
+    if guide is None:
+        return runner.generate(pipe, job.prompt, seed=job.seed, **_prompted_kwargs(pipe, job.prompt, settings))[0], {}
+    from ..prompts.pipeline import hook_names
+    from ..session import hooks
+
+    negative = settings.get("negative_prompt")
+    names = hook_names(pipe, [job.prompt], [negative] if negative else None, syntax=_syntax(settings))
+    with hooks(pipe, guide, **names):  # the rows of weighted or long prompts named, as generate names them
+        image = runner.generate(pipe, job.prompt, seed=job.seed, **_prompted_kwargs(pipe, job.prompt, settings))[0]
+    return image, {"guide": guide.to_dict()}
 
 
 def reweight_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict]:
@@ -246,6 +261,36 @@ def check_words(pipe, jobs: Sequence[Job], syntax: str = "a1111") -> None:
         return
     for prompt, word in sorted(pairs):
         TokenMap(tokenizer, parse_prompt(prompt, syntax=syntax).text).indices(word)
+
+
+def check_guide(pipe, jobs: Sequence[Job], settings: Mapping[str, Any]) -> None:
+    """Fail before any job runs if the sweep's guidance would do nothing or names a word missing from a prompt.
+
+    Raises:
+        NothingSelectedError: ``guide.steps`` holds no step of the run.
+        TokenError: a guided word is not in a job's prompt as the sweep's syntax reads it.
+    """
+    guide = guide_from_config(settings.get("guide"))
+    if guide is None:
+        return
+    from ..errors import NothingSelectedError
+    from ..prompts import parse_prompt
+    from ..steps import describe
+    from ..tokens import TokenMap
+
+    steps = settings.get("steps")
+    if not guide.guided_steps(steps):
+        raise NothingSelectedError(f"guide.steps {describe(guide.window)} holds no step of this {steps}-step sweep, "
+                                   "so the guidance would do nothing; give a window inside the run "
+                                   "(0.5: the first half, or \"0:N\" with N <= steps)")
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None:
+        return
+    words = list(dict.fromkeys(word for loss in guide.losses for word in loss.words()))
+    for prompt in dict.fromkeys(job.prompt for job in jobs):
+        token_map = TokenMap(tokenizer, parse_prompt(prompt, syntax=_syntax(settings)).text)
+        for word in words:
+            token_map.indices(word)
 
 
 def _parameters_text(pipe, job: Job, settings: Mapping[str, Any], image, info: Mapping[str, Any]) -> str:
@@ -349,6 +394,7 @@ def run_sweep(settings: Mapping[str, Any], jobs: Sequence[Job], *, out: str | Pa
         pipe = runner.load_pipeline(settings.get("model"), device=device, dtype=settings.get("dtype") or "auto",
                                     scheduler=settings.get("scheduler"))
     check_words(pipe, jobs, _syntax(settings))
+    check_guide(pipe, jobs, settings)
 
     folder_box: list[Any] = [None]
     if state.is_main_process:

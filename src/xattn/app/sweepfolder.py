@@ -22,7 +22,8 @@ RESULTS = "results.jsonl"
 CONTACT_SHEET = "contact-sheet.png"
 JOBS_DIR = "jobs"
 IMAGES_DIR = "images"
-PLAN_SETTINGS = ("model", "scheduler", "dtype", "steps", "guidance", "size", "negative_prompt", "sites", "syntax")
+PLAN_SETTINGS = ("model", "scheduler", "dtype", "steps", "guidance", "size", "negative_prompt", "sites", "syntax",
+                 "guide")  # guide: the config's attention guidance (its Guide's record), None without
 # What a plan written before a setting existed meant by it (sweeps made before `syntax:` read A1111 prompts).
 PLAN_DEFAULTS = {"syntax": "a1111"}
 

@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
     ))
     def sweep(
         config: Annotated[Path, typer.Argument(show_default=False,
-                                               help="Sweep YAML: settings, `job:` kind and a `grid:` (see configs/).")],
+                                               help="Sweep YAML: settings, `job:` kind, a `grid:` and, for generate jobs, "
+                                                    "`guide:` (see configs/ and docs/cli.md).")],
         out: Annotated[Path | None, typer.Option(
             show_default="a new outputs/sweep-<time>-<name>",
             help="Run folder; an existing folder of the same sweep is resumed (finished jobs are skipped).")] = None,
@@ -64,6 +65,9 @@ def sweep_settings(config: Path, given: dict[str, Any]) -> tuple[dict[str, Any],
     grid = check_grid(data.pop("grid"), kind, source=str(config))
     if kind == "generate" and data.get("sites") is not None:
         raise common.ConfigError(f"{config}: key 'sites' has no meaning for job: generate (nothing is hooked)")
+    if kind != "generate" and data.get("guide") is not None:
+        raise common.ConfigError(f"{config}: key 'guide' guides job: generate only; a job: {kind} sweep cannot "
+                                 "guide its cells (run the guidance as a generate sweep)")
     cli = {k: v for k, v in given.items() if v is not None}
     model = cli.get("model", data.get("model"))
     defaults = {k: v for k, v in model_defaults(resolve_model(model)).items() if k in common.DEFAULTS}
