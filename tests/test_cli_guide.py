@@ -100,3 +100,120 @@ def test_a_documented_guidance_command_puts_the_object_in_its_box(command, cli, 
     y, x = measure.centroid(mask)
     height, width = mask.shape
     assert x0 * width <= x < x1 * width and y0 * height <= y < y1 * height
+
+
+# -- guidance in a YAML config (`guide:`), on the tiny SD1 pipeline ---------------------------------
+
+FAST = ["--steps", "2", "--size", "32", "--seed", "3", "--no-progress"]
+TYPED = ["--excite", "red,circle", "--box", "red circle=0,0,0.5,1", "--guide-steps", "0:1", "--guide-step-size", "5"]
+CONFIG_GUIDE = """guide:
+  excite: [red, circle]
+  box: {red circle: [0, 0, 0.5, 1]}
+  steps: "0:1"
+  step_size: 5
+"""
+
+
+def _manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_config_guidance_makes_the_image_the_typed_options_make(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text(CONFIG_GUIDE)
+    result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--out", "config", *FAST)
+    assert result.exit_code == 0, result.output
+    result = cli("generate", "a red circle", "--model", sd1_path, *TYPED, "--out", "typed", *FAST)
+    assert result.exit_code == 0, result.output
+    result = cli("generate", "a red circle", "--model", sd1_path, "--out", "plain", *FAST)
+    assert result.exit_code == 0, result.output
+    image = _pixels(tmp_path / "config" / "image-0.png")
+    assert np.array_equal(image, _pixels(tmp_path / "typed" / "image-0.png"))
+    assert not np.array_equal(image, _pixels(tmp_path / "plain" / "image-0.png"))  # the guidance did something
+    manifest = _manifest(tmp_path / "config")
+    assert manifest["guide"] == _manifest(tmp_path / "typed")["guide"]
+    assert "guide" not in manifest["settings"]  # the manifest's guide is the one used, recorded once
+    from xattn.app import pngmeta
+
+    assert pngmeta.read_parameters(tmp_path / "config" / "image-0.png")["xattn"]["guide"] == manifest["guide"]
+    again = cli("generate", "--from-png", tmp_path / "config" / "image-0.png", "--out", "again", "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(image, _pixels(tmp_path / "again" / "image-0.png"))
+
+
+def test_the_command_lines_spellings_work_in_a_config(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text('guide: {excite: "red,circle", box: "red circle=0,0,0.5,1", steps: "0:1", '
+                                     "step_size: 5.0}\n")
+    result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--out", "text", *FAST)
+    assert result.exit_code == 0, result.output
+    result = cli("generate", "a red circle", "--model", sd1_path, *TYPED, "--out", "typed", *FAST)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(_pixels(tmp_path / "text" / "image-0.png"), _pixels(tmp_path / "typed" / "image-0.png"))
+
+
+def test_a_typed_guidance_option_replaces_the_configs_guidance(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text(CONFIG_GUIDE)
+    result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--bind", "red=circle",
+                 "--out", "replaced", *FAST)
+    assert result.exit_code == 0, result.output
+    result = cli("generate", "a red circle", "--model", sd1_path, "--bind", "red=circle", "--out", "typed", *FAST)
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(_pixels(tmp_path / "replaced" / "image-0.png"), _pixels(tmp_path / "typed" / "image-0.png"))
+    (loss,) = _manifest(tmp_path / "replaced")["guide"]["guide"]  # not merged with the config's excite and box
+    assert loss == {"loss": "bind", "pairs": {"red": "circle"}, "weight": 1.0}
+    # a window alone replaces it too, and alone names no loss: refused as on the command line
+    result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--guide-steps", "0:1",
+                 "--out", "window", *FAST)
+    assert result.exit_code == 2 and "need a loss" in result.output
+
+
+@pytest.mark.parametrize("guide, key, message", [
+    ("{excite: circle, step_size: .nan}", "guide.step_size", "step_size must be a finite number, not nan"),
+    ("{excite: circle, step_size: .inf}", "guide.step_size", "step_size must be a finite number, not inf"),
+    ("{excite: circle, step_size: 1e39}", "guide.step_size", "out of float32 range"),
+    ("{excite: circle, step_size: 0}", "guide.step_size", "step_size must be a positive"),
+    ("{box: {red circle: [0, 0, .nan, 1]}}", "guide.box", "must be a finite number, not nan"),
+    ("{box: {red circle: [0, 0, 2, 1]}}", "guide.box", "fractions in 0..1"),
+    ("{box: {red circle: [0, 0, 1]}}", "guide.box", "[x0, y0, x1, y1]"),
+    ("{bind: red}", "guide.bind", "modifier=noun"),
+    ("{bind: {red: 3}}", "guide.bind", "modifier: noun"),
+    ("{excite: []}", "guide.excite", "a list of words"),
+    ("{steps: 0.5}", "guide.steps", "needs a loss"),
+    ("{excite: circle, steps: 2:10}", "guide.steps", "quoted"),
+    ("{excite: circle, steps: nan}", "guide.steps", "Guide"),
+    ("{exite: circle}", "guide.exite", "guide keys are excite, bind, box, steps, step_size"),
+    ("circle", "guide", "must be a mapping"),
+])
+def test_bad_config_guidance_is_one_error_line_naming_the_key(cli, sd1_path, tmp_path, guide, key, message):
+    (tmp_path / "c.yaml").write_text(f"guide: {guide}\n")
+    result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--out", "bad", *FAST)
+    assert result.exit_code == 2, result.output
+    assert "Error:" in result.output and "Traceback" not in result.output
+    assert f"c.yaml: " in result.output and f"key '{key}'" in result.output and message in result.output
+    assert not (tmp_path / "bad").exists()  # refused when the file is read, before the model loads
+
+
+def test_config_guidance_whose_window_holds_no_step_is_refused(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text('guide: {excite: circle, steps: "3:4"}\n')
+    result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--out", "bad", *FAST)
+    assert result.exit_code == 2 and "guide.steps" in result.output and "holds no step of this 2-step run" in result.output
+
+
+def test_guidance_options_at_the_top_of_a_config_point_to_guide(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text("excite: circle\n")
+    result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--out", "bad", *FAST)
+    assert result.exit_code == 2 and "unknown key 'excite'" in result.output and "guide:" in result.output
+
+
+def test_commands_that_do_not_guide_drop_the_configs_guidance_with_a_note(cli, sd1_path, tmp_path):
+    (tmp_path / "c.yaml").write_text(CONFIG_GUIDE)
+    result = cli("reweight", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--word", "red",
+                 "--weights", "2", "--out", "r", *FAST)
+    assert result.exit_code == 0, result.output
+    note = "key 'guide' is for other commands"
+    assert result.output.count(note) == 1  # reweight reads its settings twice, and says it once
+    manifest = _manifest(tmp_path / "r")
+    assert "guide" not in manifest["settings"] and "guide" not in manifest
+    (tmp_path / "bad.yaml").write_text("guide: {excite: circle, step_size: .nan}\n")  # still checked when read
+    result = cli("reweight", "a red circle", "--model", sd1_path, "--config", "bad.yaml", "--word", "red",
+                 "--weights", "2", "--out", "r2", *FAST)
+    assert result.exit_code == 2 and "key 'guide.step_size'" in result.output

@@ -90,3 +90,61 @@ def test_extra_keys_of_a_command(tmp_path):
 
 def test_values_are_cleaned():
     assert validate({"size": 64, "steps": 3, "guidance": 7}) == {"size": "64x64", "steps": 3, "guidance": 7.0}
+
+
+# -- guide: attention guidance ------------------------------------------------------------------
+
+def _record(guide):
+    import json
+
+    return json.loads(json.dumps(guide.to_dict()))
+
+
+def test_guide_is_kept_as_the_record_of_the_guide_the_command_line_builds():
+    from xattn.app.config import guide_from_config
+    from xattn.guide import guide_from_text
+
+    typed = _record(guide_from_text(excite="circle,square", bind="red=circle,blue=square",
+                                    boxes=["red circle=0,0,0.5,1", "blue square=0.5,0,1,1"], steps="0:10",
+                                    step_size=5.0))
+    mappings = {"excite": ["circle", "square"], "bind": {"red": "circle", "blue": "square"},
+                "box": {"red circle": [0, 0, 0.5, 1], "blue square": [0.5, 0, 1, 1]}, "steps": "0:10", "step_size": 5}
+    texts = {"excite": "circle,square", "bind": "red=circle,blue=square",
+             "box": ["red circle=0,0,0.5,1", "blue square=0.5,0,1,1"], "steps": "0:10", "step_size": 5.0}
+    for spelled in (mappings, texts, dict(reversed(list(mappings.items())))):  # key order does not matter
+        cleaned = validate({"guide": spelled})["guide"]
+        assert cleaned == typed
+        assert _record(guide_from_config(cleaned)) == typed
+    # the default window is the command line's (the first half), and a fraction reads as --guide-steps reads it
+    assert validate({"guide": {"excite": "circle"}})["guide"] == _record(guide_from_text(excite="circle"))
+    assert validate({"guide": {"excite": "circle", "steps": 0.25}})["guide"]["steps"] == \
+        _record(guide_from_text(excite="circle", steps="0.25"))["steps"]
+    assert validate({"guide": None}) == validate({"guide": {}}) == {"guide": None}
+    assert guide_from_config(None) is None
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ("guide: {exite: circle}\n", "guide.exite", "guide keys are"),
+    ("guide: {excite: circle, step_size: .nan}\n", "guide.step_size", "must be a finite number, not nan"),
+    ("guide: {excite: circle, step_size: 1e39}\n", "guide.step_size", "out of float32 range"),
+    ("guide: {excite: circle, step_size: -1}\n", "guide.step_size", "positive"),
+    ("guide: {excite: circle, step_size: true}\n", "guide.step_size", "must be a number"),
+    ("guide: {excite: circle, steps: 2:10}\n", "guide.steps", "quoted"),
+    ("guide: {excite: circle, steps: 1.5}\n", "guide.steps", "fraction"),
+    ("guide: {box: {red circle: [0, 0, .inf, 1]}}\n", "guide.box", "must be a finite number, not inf"),
+    ("guide: {box: {red circle: [0.5, 0, 0.5, 1]}}\n", "guide.box", "x0 < x1"),
+    ("guide: {box: [red circle]}\n", "guide.box", "phrase=x0,y0,x1,y1"),
+    ("guide: {bind: {red: [circle]}}\n", "guide.bind", "modifier: noun"),
+    ("guide: {excite: [circle, 3]}\n", "guide.excite", "a list of words"),
+    ("guide: {step_size: 5}\n", "guide.step_size", "needs a loss"),
+    ("guide: [excite]\n", "guide", "must be a mapping"),
+])
+def test_bad_guide_values_name_the_key(tmp_path, text, key, message):
+    with pytest.raises(ConfigError, match=rf"c\.yaml: (unknown )?key '{key}'") as error:
+        load_config(write(tmp_path, text))
+    assert message in str(error.value)
+
+
+def test_guidance_options_spelled_at_the_top_level_point_to_guide():
+    with pytest.raises(ConfigError, match=r"unknown key 'guide_steps' \(guidance goes under guide:, as guide: \{steps"):
+        validate({"guide_steps": "0:10"})

@@ -306,3 +306,69 @@ def test_sweep_syntax_is_checked_with_the_config(cli, sd1_path, tmp_path):
     config = write_config(tmp_path / "s.yaml", sd1_path, extra="syntax: klingon")
     result = cli("sweep", config, "--no-progress")
     assert result.exit_code == 2 and "'syntax' must be one of a1111, compel" in result.output
+
+
+# -- guidance (`guide:`) in a generate sweep ---------------------------------------------------------
+
+GUIDE = 'guide: {excite: [red, circle], box: {red circle: [0, 0, 0.5, 1]}, steps: "0:1", step_size: 5}'
+GUIDE_OPTIONS = ["--excite", "red,circle", "--box", "red circle=0,0,0.5,1", "--guide-steps", "0:1",
+                 "--guide-step-size", "5"]
+
+
+def test_a_guided_sweep_cell_equals_generate_with_the_same_guidance(cli, sd1_path, tmp_path):
+    config = write_config(tmp_path / "s.yaml", sd1_path, job="generate", extra=GUIDE,
+                          grid={"prompts": ["a red circle"], "seeds": [3]})
+    result = cli("sweep", config, "--out", "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    (record,) = read_results(tmp_path / "run")
+    swept = tmp_path / "run" / record["image"]
+    result = cli("generate", "a red circle", "--model", sd1_path, "--steps", 2, "--size", 32, "--seed", 3,
+                 *GUIDE_OPTIONS, "--out", "gen", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(swept), pixels(tmp_path / "gen" / "image-0.png"))
+    pipe = runner.load_pipeline(sd1_path, device="cpu")
+    plain = np.asarray(runner.generate(pipe, "a red circle", seed=3, steps=2, guidance=5.0, size=32)[0])
+    assert not np.array_equal(pixels(swept), plain)  # the guidance was applied
+    generated = json.loads((tmp_path / "gen" / "manifest.json").read_text())["guide"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert manifest["settings"]["guide"] == plan["settings"]["guide"] == record["guide"] == generated
+    assert pngmeta.read_parameters(swept)["xattn"]["guide"] == generated
+    # the PNG alone makes the image again
+    result = cli("generate", "--from-png", swept, "--out", "again", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(swept), pixels(tmp_path / "again" / "image-0.png"))
+
+
+def test_resuming_with_other_guidance_is_refused(cli, sd1_path, tmp_path):
+    grid = {"prompts": ["a red circle"], "seeds": [0]}
+    config = write_config(tmp_path / "s.yaml", sd1_path, job="generate", grid=grid, extra=GUIDE)
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0
+    before = (tmp_path / "run" / "results.jsonl").read_text()
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0  # the same guidance resumes
+    for name, extra in [("other", GUIDE.replace("step_size: 5", "step_size: 6")), ("none", "")]:
+        changed = write_config(tmp_path / f"{name}.yaml", sd1_path, job="generate", grid=grid, extra=extra)
+        result = cli("sweep", changed, "--out", "run", "--no-progress")
+        assert result.exit_code == 2 and "other settings (guide " in result.output, result.output
+    assert (tmp_path / "run" / "results.jsonl").read_text() == before
+    unguided = write_config(tmp_path / "u.yaml", sd1_path, job="generate", grid=grid)
+    assert cli("sweep", unguided, "--out", "plain", "--no-progress").exit_code == 0
+    result = cli("sweep", config, "--out", "plain", "--no-progress")  # guidance added to an unguided sweep
+    assert result.exit_code == 2 and "guide None -> " in result.output
+
+
+def test_guidance_in_a_sweep_is_checked_before_any_job(cli, sd1_path, tmp_path):
+    grid = {"prompts": ["a red circle"], "seeds": [0]}
+    cases = [
+        (write_config(tmp_path / "r.yaml", sd1_path, extra=GUIDE), "key 'guide' guides job: generate only"),
+        (write_config(tmp_path / "n.yaml", sd1_path, job="generate", grid=grid,
+                      extra="guide: {excite: circle, step_size: .nan}"), "key 'guide.step_size'"),
+        (write_config(tmp_path / "w.yaml", sd1_path, job="generate", grid=grid,
+                      extra='guide: {excite: circle, steps: "3:4"}'), "holds no step of this 2-step sweep"),
+        (write_config(tmp_path / "h.yaml", sd1_path, job="generate", grid=grid,
+                      extra="guide: {excite: hat}"), "hat"),
+    ]
+    for index, (config, message) in enumerate(cases):
+        result = cli("sweep", config, "--out", f"bad{index}", "--no-progress")
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / f"bad{index}" / "jobs").exists() or not any((tmp_path / f"bad{index}" / "jobs").iterdir())
