@@ -155,8 +155,9 @@ def test_prompt_editing_and_alternation_are_schedules_not_one_prompt(source):
         parse_prompt(source)
 
 
-def test_composition_is_refused_with_the_reason():
-    with pytest.raises(UnsupportedSyntaxError, match="AND .composable diffusion. is not supported: .*noise prediction"):
+def test_composition_is_not_one_prompt_and_names_its_runner():
+    # run by xattn.prompts.ComposedPrompt (tests/test_prompt_compose.py)
+    with pytest.raises(UnsupportedSyntaxError, match="AND .composable diffusion. is not one weighted prompt.*ComposedPrompt"):
         parse_prompt("a cat AND a dog:0.5")
 
 

@@ -5,7 +5,9 @@
 carry a weight, and the fragments (and ``BREAK`` chunk breaks) in the order
 the dialect's encoder tokenizes them. ``docs/prompts.md`` lists the rules of
 each dialect and how they differ. A1111's prompt editing and alternation make a
-step schedule instead (:func:`parse_schedule`), run by :class:`PromptSchedule`.
+step schedule instead (:func:`parse_schedule`), run by :class:`PromptSchedule`; its ``AND``
+(composable diffusion) splits a prompt into weighted sub-prompts (:func:`split_composition`),
+run by :class:`ComposedPrompt`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ SYNTAXES = {"a1111": read_a1111, "compel": read_compel}
 
 __all__ = [
     "SYNTAXES",
+    "ComposedPrompt",
     "Fragment",
     "LongPromptTokenizer",
     "PromptEmbeds",
@@ -34,6 +37,8 @@ __all__ = [
     "WeightedPrompt",
     "WeightedSpan",
     "encode_prompt",
+    "is_composed",
+    "split_composition",
     "has_schedule",
     "parse_attention",
     "parse_prompt",
@@ -46,6 +51,10 @@ _TEXT_SYNTAX = "a1111-text"  # internal: one text of a schedule, attention rules
 
 
 def __getattr__(name: str):
+    if name in ("ComposedPrompt", "SubPrompt", "is_composed", "split_composition"):  # late, as PromptSchedule
+        from . import compose
+
+        return getattr(compose, name)
     if name in ("PromptSchedule", "ScheduleTokenizer"):  # imported late: the controller needs the hook machinery
         from . import schedule
 

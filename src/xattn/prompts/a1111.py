@@ -24,7 +24,7 @@ its ``parse_prompt_attention`` (this is an independent implementation):
 Weights multiply in the order A1111 applies them, so they are equal as
 floats, not only close. :func:`read_a1111` also recognises what A1111 reads
 *before* this step: extra networks ``<lora:name:0.8>`` are stripped (with a
-warning), ``AND`` is refused, and prompt editing ``[a:b:0.5]`` / alternation
+warning), ``AND`` is refused (run by :class:`xattn.prompts.ComposedPrompt`), and prompt editing ``[a:b:0.5]`` / alternation
 ``[a|b]`` raise :class:`ScheduledPromptError`: such a prompt is a step schedule
 (:mod:`xattn.prompts.editing`), run by :class:`xattn.prompts.PromptSchedule`.
 """
@@ -84,12 +84,12 @@ def strip_extra_networks(prompt: str) -> str:
 
 
 def refuse_composition(prompt: str) -> None:
-    """Raise :class:`UnsupportedSyntaxError` for ``AND`` (composable diffusion)."""
-    plain = re.sub(r"\\.", "__", prompt, flags=re.S)
-    if match := _AND.search(plain):
-        raise UnsupportedSyntaxError("AND (composable diffusion) is not supported: it needs one noise prediction "
-                                     "per AND-part at every step, which xattn's single conditional row per prompt "
-                                     "cannot give; generate the parts separately", prompt, match.start())
+    """Raise :class:`UnsupportedSyntaxError` for ``AND`` (composable diffusion; A1111 splits before escapes)."""
+    if match := _AND.search(prompt):
+        raise UnsupportedSyntaxError("AND (composable diffusion) is not one weighted prompt: it combines one noise "
+                                     "prediction per sub-prompt; run it with xattn.prompts.ComposedPrompt (xattn "
+                                     "generate does), or read its parts with xattn.prompts.split_composition",
+                                     prompt, match.start())
 
 
 def parse_attention(prompt: str, strict: bool = False) -> list[Fragment]:

@@ -9,7 +9,9 @@ otherwise encodes every prompt of the call with :func:`encode_prompt`.
 A prompt with A1111's prompt editing or alternation (``a [red:blue:0.5] circle``)
 needs a :class:`~xattn.prompts.PromptSchedule` running during the call:
 :func:`prompt_kwargs` then returns it under :data:`SCHEDULE_KEY` next to the
-embeddings, and :func:`call` (or ``xattn.app.runner.generate``) runs it.
+embeddings, and :func:`call` (or ``xattn.app.runner.generate``) runs it. A prompt
+with ``AND`` or a trailing ``:weight`` (composable diffusion) needs a
+:class:`~xattn.prompts.ComposedPrompt` the same way, under the same key.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Sequence
 import torch
 
 from .chunks import CHUNK_TOKENS
+from .compose import is_composed
 from .editing import has_schedule
 from .encode import LongPromptTokenizer, encode_prompt, token_chunks
 
@@ -29,7 +32,7 @@ def reads_plainly(tokenizer, text: str, syntax: str = "a1111") -> bool:
     """True when a plain pipeline reads ``text`` as the dialect means it: no syntax, at most 75 tokens."""
     from . import parse_prompt
 
-    if syntax == "a1111" and has_schedule(text):
+    if syntax == "a1111" and (has_schedule(text) or is_composed(text)):
         return False
     parsed = parse_prompt(text, syntax=syntax)
     plain = parsed.text == text and not parsed.breaks and all(f.weight == 1.0 for f in parsed.fragments)
@@ -48,6 +51,11 @@ def prompt_kwargs(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
     """
     positives = list(prompts)
     negatives = list(negative_prompts) if negative_prompts is not None else None
+    if _composed(positives, syntax) and not literal:
+        from .compose import ComposedPrompt
+
+        composed = ComposedPrompt(pipe, *_one_composed(positives, negatives))
+        return {**composed.pipeline_kwargs(), SCHEDULE_KEY: composed}
     if _scheduled(positives, syntax) and not literal:
         from .schedule import PromptSchedule
 
@@ -76,6 +84,12 @@ def hook_names(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | N
                syntax: str = "a1111") -> dict:
     """``xattn.hooks`` arguments that name the rows of a :func:`prompt_kwargs` call made of embeddings."""
     negatives = list(negative_prompts) if negative_prompts is not None else None
+    if _composed(list(prompts), syntax):
+        from .schedule import ScheduleTokenizer
+        from .compose import split_composition
+
+        texts = [part.text for part in split_composition(_one_composed(list(prompts), negatives)[0])]
+        return {"prompts": texts, "tokenizer": ScheduleTokenizer(pipe.tokenizer)}
     if _scheduled(list(prompts), syntax):
         from .schedule import ScheduleTokenizer
 
@@ -86,15 +100,34 @@ def hook_names(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | N
 
 
 def call(pipe, **kwargs):
-    """``pipe(**kwargs)``, running the :class:`~xattn.prompts.PromptSchedule` that :func:`prompt_kwargs` put
-    under :data:`SCHEDULE_KEY` (in a session of its own, nested in any open one)."""
+    """``pipe(**kwargs)``, running the :class:`~xattn.prompts.PromptSchedule` (or
+    :class:`~xattn.prompts.ComposedPrompt`) that :func:`prompt_kwargs` put under :data:`SCHEDULE_KEY`
+    (in a session of its own, nested in any open one)."""
     schedule = kwargs.pop(SCHEDULE_KEY, None)
     if schedule is None:
         return pipe(**kwargs)
+    if hasattr(schedule, "hooks"):  # a ComposedPrompt: its session also wraps the denoiser
+        with schedule.hooks():
+            return pipe(**kwargs)
     from ..session import hooks
 
     with hooks(pipe, schedule, **schedule.hook_kwargs()):
         return pipe(**kwargs)
+
+
+def _composed(prompts: list[str], syntax: str) -> bool:
+    return syntax == "a1111" and any(is_composed(text) for text in prompts)
+
+
+def _one_composed(prompts: list[str], negatives: list[str] | None) -> tuple[str, str]:
+    """The one prompt (and negative prompt) of a call with AND; several prompts are refused by name."""
+    from .types import UnsupportedSyntaxError
+
+    if len(prompts) != 1 or (negatives is not None and len(negatives) != 1):
+        text = next(t for t in prompts if is_composed(t))
+        raise UnsupportedSyntaxError(f"AND (composable diffusion) runs one prompt per call, not {len(prompts)}: "
+                                     "generate the prompts one by one", text, 0)
+    return prompts[0], (negatives[0] if negatives else "") or ""
 
 
 def _scheduled(prompts: list[str], syntax: str) -> bool:
