@@ -640,6 +640,55 @@ def adapter_call_kwargs(adapters: Adapters | None) -> dict[str, Any]:
     return kwargs
 
 
+# -- LoRA tags ------------------------------------------------------------------------
+
+def apply_loras(pipe, prompts: Sequence[str], folder: str | os.PathLike | None) -> list[dict]:
+    """Load the ``<lora:name:weight>`` tags of ``prompts`` from ``folder`` and set their weights, as A1111 does.
+
+    ``name`` is the file ``folder/name.safetensors`` (safetensors only). Every
+    prompt of one call must name the same LoRAs at the same weights (they apply
+    to the whole model). LoRAs loaded by an earlier call and not named now are
+    switched off. Returns what was applied, for the manifest.
+
+    Raises:
+        OptionError: tags without ``folder``'s file, other extra networks, prompts that disagree.
+    """
+    from ..prompts.networks import network_tags
+
+    tags = [[t for t in network_tags(p)] for p in prompts]
+    for tag in (t for listed in tags for t in listed):
+        if tag.kind != "lora":
+            raise OptionError(f"<{tag.kind}:{tag.name}> is an extra network xattn does not load; only <lora:...> "
+                              "tags are loaded (with --lora-dir)")
+    wanted = [{t.name: t.weight for t in listed} for listed in tags]
+    if any(w != wanted[0] for w in wanted):
+        raise OptionError("the prompts of one call name different LoRAs or weights; a LoRA applies to the whole "
+                          "model, so give every prompt of the call the same <lora:...> tags")
+    loras = wanted[0] if wanted else {}
+    loaded = set(getattr(pipe, "xattn_loras", ()))
+    if not loras and not loaded:
+        return []
+    if loras and folder is None:
+        return []  # the prompt parser removes the tags and warns
+    for name in loras:
+        if name in loaded:
+            continue
+        file = Path(folder).expanduser() / f"{name}.safetensors"
+        if not file.is_file():
+            raise OptionError(f"<lora:{name}> names {file}, which does not exist; xattn loads LoRAs from "
+                              "NAME.safetensors in --lora-dir (safetensors only)")
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        loaded.add(name)
+    pipe.xattn_loras = sorted(loaded)
+    if loras:
+        pipe.enable_lora()
+        pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
+    else:
+        pipe.disable_lora()
+    return [{"name": name, "weight": weight, "file": str(Path(folder).expanduser() / f"{name}.safetensors")}
+            for name, weight in loras.items()]
+
+
 # -- generating -----------------------------------------------------------------------
 
 def image_seeds(seed: int, count: int) -> list[int]:

@@ -21,6 +21,8 @@ with the same ``--out`` reuses the folder.
 
 from __future__ import annotations
 
+import warnings
+
 import errno
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -200,6 +202,7 @@ class Run:
     slug: str = ""
     timings: Timings = field(default_factory=Timings)
     outputs: list[str] = field(default_factory=list)
+    loras: list[dict] = field(default_factory=list)  # <lora:...> tags loaded from --lora-dir
     _folder: Path | None = None
 
     @property
@@ -241,14 +244,24 @@ class Run:
             count = 1 if isinstance(prompts, str) else len(prompts)
             overrides["negative_prompt"] = [self.settings["negative_prompt"]] * count
         with self.timings.phase("generate"):
+            listed = [prompts] if isinstance(prompts, str) else list(prompts)
+            self._loras(listed)
             if "prompt_embeds" not in overrides:  # A1111 syntax and long prompts, positive and negative
                 from ..prompts.pipeline import prompt_kwargs
 
-                listed = [prompts] if isinstance(prompts, str) else list(prompts)
-                overrides.update(prompt_kwargs(self.pipe, listed, overrides.pop("negative_prompt", None),
-                                               syntax=self.syntax, literal=literal))
+                with warnings.catch_warnings():
+                    if self.settings.get("lora_dir") is not None:  # the tags are loaded, not just removed
+                        warnings.filterwarnings("ignore", message=".*<lora:")
+                    overrides.update(prompt_kwargs(self.pipe, listed, overrides.pop("negative_prompt", None),
+                                                   syntax=self.syntax, literal=literal))
                 overrides.pop("prompt", None)
             return runner.generate(self.pipe, prompts, **s, **overrides)
+
+    def _loras(self, prompts: list[str]) -> None:
+        """``<lora:name:weight>`` tags: loaded from ``--lora-dir`` and recorded in the manifest."""
+        applied = runner.apply_loras(self.pipe, prompts, self.settings.get("lora_dir"))
+        if applied:
+            self.loras = applied
 
     def new_path(self, name: str) -> Path:
         """``folder / name``, listed among the outputs; an existing file is never overwritten."""
@@ -279,7 +292,8 @@ class Run:
     def manifest(self, status: str, **extra: Any) -> dict[str, Any]:
         return build_manifest(self.command, _jsonable(self.settings), model=self.model_identity,
                               timings=self.timings.as_dict(), status=status,
-                              extra={"outputs": list(self.outputs), **extra})
+                              extra={"outputs": list(self.outputs), **({"loras": self.loras} if self.loras else {}),
+                                     **extra})
 
     def __enter__(self) -> "Run":
         return self

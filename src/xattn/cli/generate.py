@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         from_png: Annotated[Optional[Path], typer.Option(
             "--from-png", help="Make a PNG's image again from its 'parameters' chunk (typed options override it).")] = None,
         negative_prompt: common.NegativePrompt = None, syntax: common.Syntax = "a1111",
-        model: common.Model = None, config_folder: common.ConfigFolder = None, device: common.Device = None, dtype: common.Dtype = None,
+        model: common.Model = None, config_folder: common.ConfigFolder = None, lora_dir: common.LoraDir = None,
+        device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, seed: common.Seed = None, steps: common.Steps = None,
         guidance: common.Guidance = None, size: common.Size = None, max_pixels: common.MaxPixels = None,
         threads: common.Threads = None, out: common.Out = None, overwrite_failed: common.OverwriteFailed = False,

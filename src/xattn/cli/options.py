@@ -23,6 +23,9 @@ Model = Annotated[Optional[str], typer.Option(
 ConfigFolder = Annotated[Optional[Path], typer.Option(
     "--config-folder", help="For a single-file .safetensors --model: a diffusers pipeline folder of the same "
                             "architecture whose JSON configs and tokenizers are read (offline; its weights are not).")]
+LoraDir = Annotated[Optional[Path], typer.Option(
+    "--lora-dir", help="Folder of LoRA files: a <lora:NAME:WEIGHT> tag in the prompt loads NAME.safetensors from it "
+                       "at that weight, as A1111 does (without it the tags are removed, with a warning).")]
 DeviceName = Literal[tuple(runner.DEVICES)]
 DtypeName = Literal[("auto", *runner.DTYPES)]
 SchedulerName = Literal[tuple(runner.SCHEDULERS)]

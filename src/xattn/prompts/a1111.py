@@ -255,7 +255,8 @@ def _fail(reason: str, prompt: str, column: int):
 def _strip_extra_networks(prompt: str) -> str:
     tags = [match.group(0) for match in _EXTRA_NETWORK.finditer(prompt)]
     if tags:
-        warnings.warn(f"xattn does not load extra networks yet; removed {', '.join(tags)} from the prompt",
+        warnings.warn(f"removed {', '.join(tags)} from the prompt: the CLI loads <lora:...> tags with --lora-dir; "
+                      "in Python, load them yourself (pipe.load_lora_weights, pipe.set_adapters)",
                       PromptWarning, stacklevel=3)
     return _EXTRA_NETWORK.sub("", prompt)
 
