@@ -9,11 +9,14 @@ and ``input.png`` and ``reconstruction.png`` are written too.
 Prompts are read in ``--syntax`` (A1111's by default): the edit runs on their
 clean text, and a target prompt's weights (``a (green:1.5) circle``,
 compel's ``a green++ circle``) weight those words as ``--reweight`` does
-(a typed ``--reweight`` wins); the source prompt takes no weights.
+(a typed ``--reweight`` wins); the source prompt takes no weights. Prompts
+over 75 tokens and ``BREAK`` are laid out in 77-slot chunks as ``xattn generate``
+lays them out (a target may not fill more chunks than the source).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Optional
 
@@ -95,17 +98,23 @@ def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None
     }
 
 
+def unweighted(parsed) -> str:
+    """A parsed prompt's clean text written in A1111's dialect without weights: brackets and backslashes
+    escaped, each chunk break kept as ``BREAK`` (what :func:`xattn.edit.edit` reads, ``syntax="a1111"``)."""
+    parts = []
+    for fragment in parsed.fragments:
+        parts.append(" BREAK " if fragment.is_break else re.sub(r"([\\()\[\]])", r"\\\1", fragment.text))
+    return "".join(parts)
+
+
 def prompt_weights(source: str, targets: list[str], syntax: str) -> tuple[str, list[str], dict[str, float]]:
-    """The source and targets as clean text in ``syntax``, and the target words' weights (``--reweight``'s form)."""
+    """The source and targets unweighted (:func:`unweighted`: clean text, BREAK kept), and the target
+    words' weights (``--reweight``'s form). Long prompts and BREAK are the edit's to lay out in chunks."""
     from ..prompts import parse_prompt
     from ..tokens import split_words
 
     def read(text: str, what: str):
-        parsed = parse_prompt(text, syntax=syntax)
-        if parsed.breaks:
-            raise EditError(f"the {what} prompt {text!r} has a chunk break (BREAK): an edit's prompts are one "
-                            "77-token window each")
-        return parsed
+        return parse_prompt(text, syntax=syntax)
 
     parsed_source = read(source, "source")
     if parsed_source.spans:
@@ -116,13 +125,13 @@ def prompt_weights(source: str, targets: list[str], syntax: str) -> tuple[str, l
     texts = []
     for target in targets:
         parsed = read(target, "target")
-        texts.append(parsed.text)
+        texts.append(unweighted(parsed))
         for span in parsed.spans:
             for word, _, _ in split_words(span.text):
                 if weights.setdefault(word, span.weight) != span.weight:
                     raise EditError(f"the target prompts weight {word!r} both {weights[word]:g} and {span.weight:g}; "
                                     "an edit weights a word once for every target")
-    return parsed_source.text, texts, weights
+    return unweighted(parsed_source), texts, weights
 
 
 def register(app: typer.Typer) -> None:
@@ -134,6 +143,7 @@ def register(app: typer.Typer) -> None:
         '--word-steps square=0:0.3',
         'xattn edit --source "a red circle" --target "a big red circle" --mode refine --reweight big=2',
         'xattn edit --source "a red circle" --target "a green++ circle" --syntax compel',
+        'xattn edit --source "a red circle BREAK a blue square" --target "a (green:1.5) circle BREAK a blue square"',
     ))
     def edit_command(
         source: Annotated[str, typer.Option(help="The source prompt.", show_default=False)],

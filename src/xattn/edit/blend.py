@@ -117,7 +117,10 @@ class LocalBlend(Controller):
             self._sums, self._calls, self._step = {}, 0, ctx.step
         rows = x[plan.rows.to(x.device)].float()  # [n, h, i, j]
         # words summed, heads averaged: [n, i]
-        maps = torch.einsum("nhij,nj->ni", rows, plan.slots.to(x.device)) / rows.shape[1]
+        slots = plan.slots.to(x.device)
+        if slots.shape[1] < x.shape[-1]:  # text columns past the prompts' slots (padding chunks): no blend word
+            slots = F.pad(slots, (0, x.shape[-1] - slots.shape[1]))
+        maps = torch.einsum("nhij,nj->ni", rows, slots) / rows.shape[1]
         height, width = ctx.res
         maps = maps.view(len(plan.rows), height, width)  # [n, h, w]
         total = self._sums.get(ctx.res)
@@ -157,7 +160,7 @@ class LocalBlend(Controller):
                 if not found:
                     raise EditError(f"LocalBlend found no conditional row for prompt {prompt}, image {image}")
                 rows.append(found[0])
-                mask = torch.zeros(token_maps[prompt].max_length)
+                mask = torch.zeros(max(token_map.max_length for token_map in token_maps))  # long prompts: padded
                 mask[word_slots[prompt]] = 1.0
                 slots.append(mask)
         return _BlendPlan(torch.tensor(rows, dtype=torch.long), torch.stack(slots), layout.num_prompts, images,

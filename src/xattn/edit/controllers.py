@@ -36,7 +36,7 @@ import torch
 from ..hookpoints import BatchLayout, Controller, HookContext, Run
 from ..selector import Selector, SelectorError
 from ..tokens import TokenError, TokenMap
-from .align import Mapper, build_mapper
+from .align import Mapper, build_mapper, check_chunks
 from .errors import EditError
 from .pairs import RowPairs, check_rows, row_pairs
 from .windows import CROSS_STEPS, DEFAULT_KEY, SELF_STEPS, WindowSpec, describe, parse_window, parse_word_windows, steps_in
@@ -127,13 +127,18 @@ class CrossAttentionEdit(Controller):
 
     # -- per run -----------------------------------------------------------------
     def mappers(self, token_maps: list[TokenMap]) -> list[Mapper]:
-        """The mapper of each target prompt (``token_maps[1:]``) from the source (``token_maps[0]``)."""
+        """The mapper of each target prompt (``token_maps[1:]``) from the source (``token_maps[0]``).
+
+        Long prompts (77-slot chunks) are mapped over the batch's length: every
+        prompt padded with empty chunks to the longest (:func:`~xattn.edit.align.check_chunks`).
+        """
         source = token_maps[0]
+        length = check_chunks(token_maps) if source.chunks is not None else None
         out = []
         for target in token_maps[1:]:
-            key = (source.prompt, target.prompt)
+            key = (source.prompt, target.prompt, length)
             if key not in self._mappers:
-                self._mappers[key] = build_mapper(self.mode, source, target)
+                self._mappers[key] = build_mapper(self.mode, source, target, length)
             out.append(self._mappers[key])
         return out
 
@@ -142,8 +147,9 @@ class CrossAttentionEdit(Controller):
         named = {word: window for word, window in self.windows.items() if word != DEFAULT_KEY}
         found = {word: False for word in named}
         per_target = []
+        length = max(token_map.max_length for token_map in token_maps)  # long prompts: padded to the longest
         for target in token_maps[1:]:
-            windows = [self.windows[DEFAULT_KEY]] * target.max_length
+            windows = [self.windows[DEFAULT_KEY]] * length
             for word, window in named.items():
                 try:
                     slots = target.indices(word)
@@ -169,7 +175,7 @@ class CrossAttentionEdit(Controller):
         name = f"{type(self).__name__} steps"
         step_sets = {describe(w): steps_in(w, num_steps, name) for ws in windows for w in ws}
         horizon = num_steps if num_steps is not None else 1 + max((max(s) for s in step_sets.values() if s), default=0)
-        length = token_maps[0].max_length
+        length = mappers[0].matrix.shape[0] if mappers else token_maps[0].max_length
         weight = torch.zeros(horizon, len(pairs), length, dtype=torch.float64)  # [steps, n, j]
         for n, prompt in enumerate(pairs.prompt):
             mapper, slot_window = mappers[prompt - 1], windows[prompt - 1]

@@ -24,7 +24,7 @@ from ..grid import labelled_grid
 from ..files import OverwriteError, save_image_atomic, write_json_atomic
 from ..session import hooks
 from ..tokens import TokenMap
-from .align import choose_mode
+from .align import choose_mode, chunk_count
 from .blend import BLEND_THRESHOLD, LocalBlend
 from .controllers import SELF_RES, AutoEdit, Refine, Replace, SelfInject
 from .errors import EditError
@@ -99,7 +99,8 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
     replaced maps), self-attention injection.
 
     Args:
-        tokenizer: the pipeline's (first) tokenizer.
+        tokenizer: the pipeline's (first) tokenizer, or the :class:`~xattn.prompts.LongPromptTokenizer`
+            that names the slots of long prompts (:func:`prompt_tokenizer` says which).
         source: the source prompt.
         targets: one or more target prompts.
         mode: ``"replace"`` (word swap), ``"refine"`` (added words) or ``"auto"``.
@@ -115,7 +116,8 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
             where the source's whole joint map (image and text queries) is injected.
 
     Raises:
-        EditError: no targets, unknown mode, prompts a word swap cannot align,
+        EditError: no targets, unknown mode, prompts a word swap cannot align, a target
+            filling more 75-token chunks than the source,
             words (blend, reweight, per-word windows) that are not in the prompts.
     """
     if isinstance(targets, str):
@@ -190,15 +192,59 @@ def _image_size(pipe, size) -> tuple[int, int]:
     return side, side
 
 
+def _reads_long_prompts(pipe) -> bool:
+    """Whether the pipeline's prompts go through the long-prompt encoder (SD 1.x/2.x, SDXL: a UNet and CLIP)."""
+    return getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder", None) is not None \
+        and "CLIP" in type(getattr(pipe, "tokenizer", None)).__name__
+
+
+def prompt_tokenizer(pipe, prompts: Sequence[str], negative_prompt: str | None = None, syntax: str = "a1111"):
+    """The tokenizer that names the slots of an edit batch of ``prompts``: the pipeline's for plain prompts,
+    a :class:`~xattn.prompts.LongPromptTokenizer` for prompts the long-prompt encoder encodes.
+
+    Raises:
+        EditError: prompts with prompt editing, alternation or ``AND`` (a schedule or a
+            composition runs its own rows), or long prompts on a pipeline without the encoder.
+    """
+    if not _reads_long_prompts(pipe):
+        return pipe.tokenizer
+    from ..prompts import LongPromptTokenizer, UnsupportedSyntaxError
+    from ..prompts.pipeline import hook_names
+
+    negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    try:
+        tokenizer = hook_names(pipe, list(prompts), negatives, syntax=syntax).get("tokenizer", pipe.tokenizer)
+    except UnsupportedSyntaxError as error:
+        raise EditError(f"an edit's prompts cannot hold AND (composable diffusion): {error}") from None
+    if tokenizer is not pipe.tokenizer and not isinstance(tokenizer, LongPromptTokenizer):
+        raise EditError("an edit's prompts cannot hold prompt editing or alternation ([a:b:0.5], [a|b]); "
+                        "edit from the text of one step instead")
+    return tokenizer
+
+
+def _prompt_kwargs(pipe, prompts: list[str], negative_prompt: str | None, syntax: str) -> dict:
+    """``prompt=`` strings, or the long-prompt encoder's embeddings (every prompt padded with empty chunks
+    to the longest, the negative prompts too), as ``xattn generate`` hands them to the pipeline."""
+    negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    if not _reads_long_prompts(pipe):
+        return {"prompt": prompts, **({"negative_prompt": negatives} if negatives is not None else {})}
+    from ..prompts.pipeline import SCHEDULE_KEY, prompt_kwargs
+
+    kwargs = prompt_kwargs(pipe, prompts, negatives, syntax=syntax)
+    if SCHEDULE_KEY in kwargs:  # prompt_tokenizer refused these first
+        raise EditError("an edit's prompts cannot hold prompt editing, alternation or AND")
+    return kwargs
+
+
 def _sample(pipe, prompts: list[str], latents: torch.Tensor, seeds: list[int], *, steps: int, guidance: float,
-            width: int, height: int, negative_prompt: str | None, output_type: str, **kwargs) -> list:
+            width: int, height: int, negative_prompt: str | None, output_type: str, syntax: str = "a1111",
+            **kwargs) -> list:
     """Sample every prompt from every latent in one call; images come back prompt-major (``p * K + k``)."""
     count = len(seeds)
     # Image k of every prompt starts from latent k and draws the sampler's noise from seed k.
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts for seed in seeds]
-    if negative_prompt is not None:
-        kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
-    result = pipe(prompt=prompts, num_images_per_prompt=count, latents=latents.repeat(len(prompts), 1, 1, 1),
+    kwargs.update(_prompt_kwargs(pipe, prompts, negative_prompt, syntax))
+    result = pipe(num_images_per_prompt=count, latents=latents.repeat(len(prompts), 1, 1, 1),
                   generator=generators, num_inference_steps=int(steps), guidance_scale=float(guidance),
                   width=width, height=height, output_type=output_type, **kwargs)
     return list(result.images)  # PIL images, or [C, h, w] latents for output_type="latent"
@@ -209,7 +255,8 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
                self_res: str | None = SELF_RES, blend: str | Sequence[str] | None = None, threshold: float = 0.3,
                blend_res: str | None = None, reweight: Mapping[str, float] | None = None, rows: str = "cond",
                steps: int | None = None, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
-               reprompt: bool = True, output_type: str = "pil", inversion=None) -> list[EditResult]:
+               reprompt: bool = True, output_type: str = "pil", inversion=None,
+               syntax: str = "a1111") -> list[EditResult]:
     """Edit the source prompt's image into each target prompt's (prompt-to-prompt), for several seeds at once.
 
     All seeds, the source and every target go through one pipeline call
@@ -233,6 +280,16 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         inversion: an :class:`xattn.invert.Inversion` of a real image: the
             source row starts from its noise and follows it (one seed only;
             steps and size are the inversion's).
+        syntax: the dialect the prompts are written in (``"a1111"`` or ``"compel"``).
+
+    Prompts are handed to the pipeline as ``xattn generate`` hands them
+    (:func:`xattn.prompts.pipeline.prompt_kwargs`): plain prompts as text, and on
+    SD 1.x/2.x and SDXL prompts over 75 tokens, with ``BREAK`` or with weights as the
+    long-prompt encoder's embeddings (A1111's 75-token chunks and emphasis),
+    every prompt of the batch padded with empty chunks to the longest. Their
+    words are looked up over all chunks (a word of chunk 2 at slots 77 and up),
+    so a word swapped in chunk 2 takes the source's chunk-2 maps. A target may
+    not fill more chunks than the source (:func:`xattn.edit.align.check_chunks`).
 
     Returns:
         One :class:`EditResult` per seed, in the order of ``seeds``.
@@ -244,7 +301,11 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         raise EditError("an edit needs at least one seed")
     _denoiser(pipe)  # refuses pipelines whose latents an edit cannot share
     targets = [targets] if isinstance(targets, str) else list(targets)
-    controllers = build_controllers(pipe.tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
+    tokenizer = prompt_tokenizer(pipe, [source, *targets], negative_prompt, syntax)
+    if inversion is not None and tokenizer is not pipe.tokenizer:
+        raise EditError("an inverted image is edited with plain prompts of one 77-token window (no weights, "
+                        "BREAK or long prompts): the inversion encodes the source as plain text")
+    controllers = build_controllers(tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
                                     self_kind=_self_kind(pipe),
                                     self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
                                     blend_res=blend_res, reweight=reweight, rows=rows)
@@ -258,15 +319,18 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
                                                                          negative_prompt)
         followers = inversion.controllers()  # before LocalBlend, which blends with the followed source
     common = dict(steps=steps, guidance=guidance, width=width, height=height, negative_prompt=negative_prompt,
-                  output_type=output_type)
-    with hooks(pipe, *followers, *controllers):
+                  output_type=output_type, syntax=syntax)
+    names = {} if tokenizer is pipe.tokenizer else {"prompts": [source, *targets], "tokenizer": tokenizer}
+    with hooks(pipe, *followers, *controllers, **names):
         images = _sample(pipe, [source, *targets], latents, seeds, **common)
     reprompts = _sample(pipe, targets, latents, seeds, **common) if reprompt else []
-    token_maps = [TokenMap(pipe.tokenizer, p) for p in (source, *targets)]
+    token_maps = [TokenMap(tokenizer, p) for p in (source, *targets)]
     settings = {
         "source": source, "targets": targets, "steps": int(steps), "guidance": float(guidance),
         "size": f"{width}x{height}", "negative_prompt": negative_prompt,
         "modes": [choose_mode(token_maps[0], t) if mode == "auto" else mode for t in token_maps[1:]],
+        **({"syntax": syntax} if syntax != "a1111" else {}),
+        **({"chunks": [chunk_count(t) for t in token_maps]} if token_maps[0].chunks is not None else {}),
         "controllers": [c.to_dict() for c in controllers],
     }
     if inversion is not None:
@@ -314,4 +378,4 @@ def edit(pipe, source: str, targets: str | Sequence[str], *, seed: int = 0, **op
     return edit_seeds(pipe, source, targets, [seed], **options)[0]
 
 
-__all__ = ["EditResult", "MODES", "build_controllers", "edit", "edit_seeds", "initial_latent"]
+__all__ = ["EditResult", "MODES", "build_controllers", "edit", "edit_seeds", "initial_latent", "prompt_tokenizer"]
