@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import tiny_models
@@ -21,18 +20,8 @@ CALL = ("--steps", 2, "--size", 32, "--seed", 3, "--no-progress")
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory, sd1_path):
-    import peft
-    from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = tiny_models.load_sd(sd1_path)
-    torch.manual_seed(0)
-    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     folder = tmp_path_factory.mktemp("loras")
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                              safe_serialization=True)
-    shutil.move(folder / "pytorch_lora_weights.safetensors", folder / "style.safetensors")
+    shutil.move(tiny_models.save_unet_lora(tiny_models.load_sd(sd1_path), folder), folder / "style.safetensors")
     return folder
 
 

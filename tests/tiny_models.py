@@ -169,3 +169,16 @@ def add_ip_adapter(pipe, adapters: int = 1, seed: int = 0):
     pipe.unet._load_ip_adapter_weights([ip_adapter_state_dict(pipe.unet, seed + a) for a in range(adapters)],
                                        low_cpu_mem_usage=False)
     return pipe
+
+
+def save_unet_lora(pipe, folder: Path, seed: int = 0) -> Path:
+    """A random rank-4 LoRA on ``pipe``'s UNet attention projections, saved in diffusers' layout (safetensors)."""
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
