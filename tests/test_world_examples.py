@@ -69,14 +69,15 @@ def test_a_documented_command_draws_what_it_says(command, monkeypatch, tmp_path)
         assert case.kept, f"{command}: the {before} object lost its mask (IoU {case.iou:.2f}) or kept its colour"
 
 
-def test_the_model_cards_python_example_runs_verbatim(tmp_path):
+@pytest.mark.parametrize("name", ["unet", "dit"])
+def test_the_model_cards_python_example_runs_verbatim(tmp_path, name):
     import os
     import subprocess
     import sys
 
     from xattn.world import model_path
 
-    blocks = re.findall(r"```python\n(.*?)```", (model_path() / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (model_path(name) / "README.md").read_text(), flags=re.S)
     assert blocks
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for block in blocks:

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         'xattn maps "a red++ circle" --syntax compel',
         'xattn maps "a house" --model path/to/sd15 --controlnet path/to/canny --control-image edges.png',
         'xattn maps "a red square and a blue circle" --image photo.png',
-        'xattn maps "a red square and a blue circle" --model dit --concepts red,blue,circle,square,green',
+        'xattn maps "a blue triangle and a yellow circle" --model dit --concepts blue,yellow,triangle,circle,green',
     ))
     def maps(
         prompt: Annotated[str, typer.Argument(show_default=False, help="The prompt.")],
