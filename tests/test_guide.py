@@ -114,6 +114,27 @@ def test_refinement_lowers_the_loss_at_each_repeat(sd1_pipe):
     assert all(later < earlier for earlier, later in zip(at_zero, at_zero[1:]))
 
 
+def test_refinement_is_per_image_so_a_batch_equals_its_images_one_by_one(sd1_pipe):
+    """Attend-and-Excite refines each image until its own loss reaches the target: batching must not change that."""
+    call = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
+                output_type="latent")
+
+    def run(seeds, target):
+        guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=0.5, refine={0: target}, max_refine=3,
+                      res=None)
+        with xattn.hooks(sd1_pipe, guide):
+            out = sd1_pipe(**call, num_images_per_prompt=len(seeds),
+                           generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        return out, [loss for _, loss in guide.losses_seen]
+
+    firsts = [run([seed], 0.0)[1][0] for seed in (0, 1)]
+    target = sum(firsts) / 2  # one image starts above the target and refines, the other stops after one step
+    alone = [run([seed], target) for seed in (0, 1)]
+    assert sorted(len(seen) for _, seen in alone)[0] == 1 and max(len(seen) for _, seen in alone) > 1
+    batch, _ = run([0, 1], target)
+    torch.testing.assert_close(batch, torch.cat([out for out, _ in alone]), rtol=1e-4, atol=1e-4)
+
+
 def test_guidance_outside_its_window_leaves_sampling_unchanged(sd1_pipe):
     call = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
                 output_type="latent")

@@ -114,18 +114,22 @@ class Guide(Controller):
             return None
         latents = steer.latents
         target = self.refine.get(steer.step)
+        moving = None  # rows still above the refinement target (all rows at the first pass)
         for attempt in range(1 + (self.max_refine if target is not None else 0)):
             z = latents.detach().clone().requires_grad_(True)
-            loss = self._loss(steer, z)
-            value = float(loss.detach())
+            per_row = self._loss(steer, z)  # [n]: each image's own loss
+            value = float(per_row.detach().sum())
             if not math.isfinite(value):
                 raise GuidanceError(f"Guide: the guidance loss is {value} at step {steer.step}"
                                     f"{f' (refinement {attempt})' if attempt else ''}; the latents are left "
                                     "as they were. Lower step_size or the losses' weights, or guide fewer steps")
             self.losses_seen.append((steer.step, value))
-            if target is not None and attempt > 0 and value <= target:
-                break
-            (grad,) = torch.autograd.grad(loss, z)
+            if target is not None and attempt > 0:
+                moving = moving & (per_row.detach() > target)  # an image that reached the target stops moving
+                if not bool(moving.any()):
+                    break
+            chosen = per_row if moving is None else per_row * moving
+            (grad,) = torch.autograd.grad(chosen.sum(), z)  # rows are independent: row i moves on its own loss
             if not bool(torch.isfinite(grad).all()):
                 raise GuidanceError(f"Guide: the guidance loss's gradient is not finite at step {steer.step}; "
                                     "the latents are left as they were")
@@ -134,11 +138,16 @@ class Guide(Controller):
             if not bool(torch.isfinite(latents).all()):
                 raise GuidanceError(f"Guide: a guidance step of size {self.step_size} made the latents "
                                     f"non-finite at step {steer.step}; lower step_size")
-            if target is None or value <= target:
+            if target is None:
                 break
+            if moving is None:
+                moving = per_row.detach() > target  # Attend-and-Excite refines an image whose loss is above it
+                if not bool(moving.any()):
+                    break
         return latents
 
     def _loss(self, steer, z: torch.Tensor) -> torch.Tensor:
+        """Each conditional row's guidance loss, ``[n]``, with its graph back to ``z``."""
         self._sums, self._collecting = {}, True
         try:
             steer.denoise(z)
@@ -148,12 +157,11 @@ class Guide(Controller):
             raise GuidanceError(f"Guide read no cross-attention map: its selector '{self.selector}' matched no "
                                 "site at this latent size")
         text = self._text_maps()  # [n, H, W, j]
-        total = 0.0
+        rows = []
         for row, layout_row in enumerate(steer.layout.rows):
             word_maps = self._slots_of(steer, layout_row.prompt).word_maps(text[row])
-            for loss in self.losses:
-                total = total + loss.weight * loss(word_maps)
-        return total  # a sum over rows: each image gets its own gradient, whatever the batch
+            rows.append(sum(loss.weight * loss(word_maps) for loss in self.losses))
+        return torch.stack(rows)
 
     def _slots_of(self, steer, prompt: int) -> "_Slots":
         """The slots ``begin_run`` resolved for ``prompt``; resolved again only if this call's token map differs."""
