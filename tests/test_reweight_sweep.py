@@ -59,3 +59,77 @@ def test_sheet_rows_are_weights_and_columns_mode_by_seed():
     grey = np.all(sheet == np.array(EMPTY_CELL, dtype=np.uint8), axis=-1)
     for column in (cyan[1], magenta[1]):  # the two skipped bias cells, in the w=0 row
         assert grey[red[0]:red[0] + 64, column:column + 64].all()
+
+
+# -- guidance (`guide:`) in a reweight sweep ----------------------------------------------------------
+
+GUIDE = 'guide: {excite: [red, circle], box: {red circle: [0, 0, 0.5, 1]}, steps: "0:1", step_size: 5}'
+GUIDE_OPTIONS = ["--excite", "red,circle", "--box", "red circle=0,0,0.5,1", "--guide-steps", "0:1",
+                 "--guide-step-size", "5"]
+
+
+def test_a_guided_reweight_sweep_guides_every_cell_and_records_it(cli, sd1_path, tmp_path):
+    """Independent reference: at weight 1 (scale mode changes nothing) a guided cell is `xattn generate` with the
+    same guidance options; at weight 8 it is neither the unguided cell nor the weight-1 one."""
+    import json
+
+    from test_sweep import pixels, read_results, write_config
+
+    from xattn.app import pngmeta
+
+    grid = {"prompts": ["a red circle"], "seeds": [3], "words": ["red"], "weights": [1.0, 8.0], "modes": ["scale"]}
+    guided = write_config(tmp_path / "g.yaml", sd1_path, grid=grid, extra=GUIDE)
+    result = cli("sweep", guided, "--out", "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    unit, strong = read_results(tmp_path / "run")
+    result = cli("generate", "a red circle", "--model", sd1_path, "--steps", 2, "--size", 32, "--seed", 3,
+                 *GUIDE_OPTIONS, "--out", "gen", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(tmp_path / "run" / unit["image"]), pixels(tmp_path / "gen" / "image-0.png"))
+    assert cli("sweep", write_config(tmp_path / "u.yaml", sd1_path, grid=grid), "--out", "plain",
+               "--no-progress").exit_code == 0
+    _, unguided = read_results(tmp_path / "plain")
+    strong_pixels = pixels(tmp_path / "run" / strong["image"])
+    assert not np.array_equal(strong_pixels, pixels(tmp_path / "plain" / unguided["image"]))  # guided
+    assert not np.array_equal(strong_pixels, pixels(tmp_path / "run" / unit["image"]))  # and reweighted
+    # recorded in the plan, the manifest, each record and each PNG; the PNG alone repeats the cell
+    generated = json.loads((tmp_path / "gen" / "manifest.json").read_text())["guide"]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert plan["settings"]["guide"] == manifest["settings"]["guide"] == generated
+    for record in (unit, strong):
+        assert record["guide"] == generated and record["reweight"]["weights"] == {"red": record["weight"]}
+        png = pngmeta.read_parameters(tmp_path / "run" / record["image"])["xattn"]
+        assert png["guide"] == generated and png["reweight"] == record["reweight"]
+    result = cli("generate", "--from-png", tmp_path / "run" / strong["image"], "--out", "again", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(strong_pixels, pixels(tmp_path / "again" / "image-0.png"))
+
+
+def test_a_reweight_sweep_resumes_only_with_the_same_guidance(cli, sd1_path, tmp_path):
+    from test_sweep import write_config
+
+    grid = {"prompts": ["a red circle"], "seeds": [0], "words": ["red"], "weights": [2.0]}
+    config = write_config(tmp_path / "s.yaml", sd1_path, grid=grid, extra=GUIDE)
+    assert cli("sweep", config, "--out", "run", "--no-progress").exit_code == 0
+    before = (tmp_path / "run" / "results.jsonl").read_text()
+    result = cli("sweep", config, "--out", "run", "--no-progress")
+    assert result.exit_code == 0 and "1 were already done" in result.output, result.output
+    for name, extra in [("other", GUIDE.replace("step_size: 5", "step_size: 6")), ("none", "")]:
+        changed = write_config(tmp_path / f"{name}.yaml", sd1_path, grid=grid, extra=extra)
+        result = cli("sweep", changed, "--out", "run", "--no-progress")
+        assert result.exit_code == 2 and "other settings (guide " in result.output, result.output
+    assert (tmp_path / "run" / "results.jsonl").read_text() == before
+
+
+def test_a_reweight_sweep_checks_its_guidance_before_any_job(cli, sd1_path, tmp_path):
+    from test_sweep import write_config
+
+    grid = {"prompts": ["a red circle"], "seeds": [0], "words": ["red"], "weights": [2.0]}
+    for index, (extra, message) in enumerate([('guide: {excite: circle, steps: "3:4"}', "holds no step"),
+                                              ("guide: {excite: hat}", "hat")]):
+        config = write_config(tmp_path / f"c{index}.yaml", sd1_path, grid=grid, extra=extra)
+        result = cli("sweep", config, "--out", f"bad{index}", "--no-progress")
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+        jobs = tmp_path / f"bad{index}" / "jobs"
+        assert not jobs.exists() or not any(jobs.iterdir())

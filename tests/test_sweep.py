@@ -360,7 +360,6 @@ def test_resuming_with_other_guidance_is_refused(cli, sd1_path, tmp_path):
 def test_guidance_in_a_sweep_is_checked_before_any_job(cli, sd1_path, tmp_path):
     grid = {"prompts": ["a red circle"], "seeds": [0]}
     cases = [
-        (write_config(tmp_path / "r.yaml", sd1_path, extra=GUIDE), "key 'guide' guides job: generate only"),
         (write_config(tmp_path / "n.yaml", sd1_path, job="generate", grid=grid,
                       extra="guide: {excite: circle, step_size: .nan}"), "key 'guide.step_size'"),
         (write_config(tmp_path / "w.yaml", sd1_path, job="generate", grid=grid,

@@ -73,7 +73,7 @@ def _runs_of_consecutive(seeds: Sequence[int]) -> list[tuple[int, int]]:
 
 def run_sweep(pipe, prompt: str, generate: GenerateFn, *, word: str | None = None,
               weights: Sequence[float] | None = None, modes: Sequence[str] = ("scale",),
-              seeds: Sequence[int] = (0,), **options) -> list[Cell]:
+              seeds: Sequence[int] = (0,), guide=None, **options) -> list[Cell]:
     """Generate every (mode, weight, seed) cell.
 
     Args:
@@ -84,6 +84,8 @@ def run_sweep(pipe, prompt: str, generate: GenerateFn, *, word: str | None = Non
         weights: the weights of ``word``, one row each.
         modes: reweight modes, compared side by side.
         seeds: one column per seed and mode.
+        guide: a :class:`~xattn.guide.Guide` that steers every cell (it reads the model's own maps, the
+            reweighting does not enter its pass; each step then denoises reweighted), or None.
         **options: further :class:`Reweight` options (``steps``, ``selector``, ``rows``, ``syntax``).
     """
     if (word is None) != (weights is None):
@@ -106,7 +108,7 @@ def run_sweep(pipe, prompt: str, generate: GenerateFn, *, word: str | None = Non
                 continue
             made: dict[int, Image.Image] = {}
             try:
-                with hooks(pipe, controller):
+                with hooks(pipe, controller, *([guide] if guide is not None else [])):
                     for first, count in _runs_of_consecutive(seeds):
                         for index, image in enumerate(generate(controller.prompt, first, count)):
                             made[first + index] = image

@@ -23,9 +23,9 @@ A job kind is a small function ``(pipe, job, settings) -> (image, info)``,
 registered in :data:`JOB_KINDS`.
 
 ``settings["guide"]`` (a config's ``guide:``, as :func:`.config.guide_value`
-records it) guides every generate job the way ``xattn generate`` does; the
-job's PNG and done-record hold the Guide's record, so ``xattn generate
---from-png`` repeats the image.
+records it) guides every job the way ``xattn generate`` does (a reweight job:
+its Reweight and the Guide together); the job's PNG and done-record hold the
+Guide's record, so ``xattn generate --from-png`` repeats the image.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .. import validate
 from ..files import save_image_atomic, write_json_atomic, write_text_atomic
 from . import runner
-from .config import ConfigError, guide_from_config
+from .config import ConfigError
 from .pngmeta import image_parameters, png_info
 from .runfolder import Timings, build_manifest, create_run_folder, write_manifest
 from .sweepfolder import (
@@ -58,6 +58,7 @@ from .sweepfolder import (
     print_warning,
     valid_records,
 )
+from .sweepjobs import JOB_KINDS, JobFn, _syntax, check_guide, check_words  # noqa: F401 (re-exported)
 from .threads import apply_threads, choose_threads
 
 GRID_KEYS = ("prompts", "seeds", "words", "weights", "modes", "step_windows")
@@ -187,110 +188,6 @@ def plan_jobs(grid: Mapping[str, list], kind: str) -> list[Job]:
         Job(index, kind, prompt, seed, word, weight, mode, window)
         for index, (prompt, seed, word, weight, mode, window) in enumerate(itertools.product(*axes))
     ]
-
-
-# -- job kinds --------------------------------------------------------------------------------
-
-JobFn = Callable[[Any, Job, Mapping[str, Any]], tuple[Any, dict]]
-
-
-def _generate_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
-    kwargs = {k: settings.get(k) for k in ("steps", "guidance", "size")}
-    if settings.get("negative_prompt"):
-        kwargs["negative_prompt"] = settings["negative_prompt"]
-    return kwargs
-
-
-def _syntax(settings: Mapping[str, Any]) -> str:
-    """The dialect the sweep's prompts are written in (the config's ``syntax:``, A1111's by default)."""
-    return settings.get("syntax") or "a1111"
-
-
-def _prompted_kwargs(pipe, prompt: str, settings: Mapping[str, Any], literal: bool = False) -> dict[str, Any]:
-    """:func:`_generate_kwargs` with the prompts read in the sweep's syntax (weights, BREAK, long prompts)."""
-    from ..prompts.pipeline import prompt_kwargs
-
-    kwargs = _generate_kwargs(settings)
-    negative = kwargs.pop("negative_prompt", None)
-    kwargs.update(prompt_kwargs(pipe, [prompt], [negative] if negative else None, syntax=_syntax(settings),
-                                literal=literal))
-    kwargs.pop("prompt", None)
-    return kwargs
-
-
-def generate_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict]:
-    """An image of the job's prompt and seed: plain, or guided by the sweep's ``guide:`` as ``xattn generate`` guides."""
-    guide = guide_from_config(settings.get("guide"))
-    if guide is None:
-        return runner.generate(pipe, job.prompt, seed=job.seed, **_prompted_kwargs(pipe, job.prompt, settings))[0], {}
-    from ..prompts.pipeline import hook_names
-    from ..session import hooks
-
-    negative = settings.get("negative_prompt")
-    names = hook_names(pipe, [job.prompt], [negative] if negative else None, syntax=_syntax(settings))
-    with hooks(pipe, guide, **names):  # the rows of weighted or long prompts named, as generate names them
-        image = runner.generate(pipe, job.prompt, seed=job.seed, **_prompted_kwargs(pipe, job.prompt, settings))[0]
-    return image, {"guide": guide.to_dict()}
-
-
-def reweight_job(pipe, job: Job, settings: Mapping[str, Any]) -> tuple[Any, dict]:
-    """The job's word reweighted by its weight, mode and step window: one cell of ``xattn reweight``'s grid."""
-    from .reweight_sweep import run_sweep as reweight_cells
-
-    def generate(clean_prompt: str, first: int, count: int) -> list:
-        return runner.generate(pipe, clean_prompt, seed=first, num_images_per_prompt=count,
-                               **_prompted_kwargs(pipe, clean_prompt, settings, literal=True))
-
-    (cell,) = reweight_cells(pipe, job.prompt, generate, word=job.word, weights=[job.weight],
-                             modes=[job.mode or "scale"], seeds=[job.seed], steps=job.window,
-                             selector=settings.get("sites"), syntax=_syntax(settings))
-    return cell.image, {"reweight": cell.reweight}
-
-
-JOB_KINDS: dict[str, JobFn] = {"generate": generate_job, "reweight": reweight_job}
-
-
-def check_words(pipe, jobs: Sequence[Job], syntax: str = "a1111") -> None:
-    """Fail before any job runs if a job's word is not in its prompt as ``syntax`` reads it (raises TokenError)."""
-    from ..prompts import parse_prompt
-    from ..tokens import TokenMap
-
-    tokenizer = getattr(pipe, "tokenizer", None)
-    pairs = {(job.prompt, job.word) for job in jobs if job.word is not None}
-    if tokenizer is None:
-        return
-    for prompt, word in sorted(pairs):
-        TokenMap(tokenizer, parse_prompt(prompt, syntax=syntax).text).indices(word)
-
-
-def check_guide(pipe, jobs: Sequence[Job], settings: Mapping[str, Any]) -> None:
-    """Fail before any job runs if the sweep's guidance would do nothing or names a word missing from a prompt.
-
-    Raises:
-        NothingSelectedError: ``guide.steps`` holds no step of the run.
-        TokenError: a guided word is not in a job's prompt as the sweep's syntax reads it.
-    """
-    guide = guide_from_config(settings.get("guide"))
-    if guide is None:
-        return
-    from ..errors import NothingSelectedError
-    from ..prompts import parse_prompt
-    from ..steps import describe
-    from ..tokens import TokenMap
-
-    steps = settings.get("steps")
-    if not guide.guided_steps(steps):
-        raise NothingSelectedError(f"guide.steps {describe(guide.window)} holds no step of this {steps}-step sweep, "
-                                   "so the guidance would do nothing; give a window inside the run "
-                                   "(0.5: the first half, or \"0:N\" with N <= steps)")
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is None:
-        return
-    words = list(dict.fromkeys(word for loss in guide.losses for word in loss.words()))
-    for prompt in dict.fromkeys(job.prompt for job in jobs):
-        token_map = TokenMap(tokenizer, parse_prompt(prompt, syntax=_syntax(settings)).text)
-        for word in words:
-            token_map.indices(word)
 
 
 def _parameters_text(pipe, job: Job, settings: Mapping[str, Any], image, info: Mapping[str, Any]) -> str:

@@ -65,9 +65,6 @@ def sweep_settings(config: Path, given: dict[str, Any]) -> tuple[dict[str, Any],
     grid = check_grid(data.pop("grid"), kind, source=str(config))
     if kind == "generate" and data.get("sites") is not None:
         raise common.ConfigError(f"{config}: key 'sites' has no meaning for job: generate (nothing is hooked)")
-    if kind != "generate" and data.get("guide") is not None:
-        raise common.ConfigError(f"{config}: key 'guide' guides job: generate only; a job: {kind} sweep cannot "
-                                 "guide its cells (run the guidance as a generate sweep)")
     cli = {k: v for k, v in given.items() if v is not None}
     model = cli.get("model", data.get("model"))
     defaults = {k: v for k, v in model_defaults(resolve_model(model)).items() if k in common.DEFAULTS}
