@@ -182,3 +182,70 @@ def save_unet_lora(pipe, folder: Path, seed: int = 0) -> Path:
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
                                               safe_serialization=True)
     return folder / "pytorch_lora_weights.safetensors"
+
+
+# -- Sana: a tiny Gemma tokenizer and encoder, built offline, in a SanaPipeline ---------------------
+
+GEMMA_WORDS = ("a an the red blue green circle square triangle and on of photo cat cats dog in with big small "
+               "painting picture house tree sky user prompt given draw it").split()
+SANA_TEXT_DIM = 16
+
+
+def gemma_tokenizer(vocab_size: int = 160):
+    """Gemma's tokenizer (transformers' ``GemmaTokenizer``: BPE, spaces as ``▁``, ``<bos>`` first, no end token)
+    with a vocabulary and merges trained by ``tokenizers`` on a short word list: most words are one piece
+    (``▁circle``), some several (``red``: ``▁``, ``re``, ``d``), unknown ones letter by letter."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    corpus = [" ".join(GEMMA_WORDS[i:i + 5]) for i in range(len(GEMMA_WORDS))] + [" ".join(GEMMA_WORDS)] * 3
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.normalizer = normalizers.Replace(" ", "\u2581")
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'-\n\u2581")
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
+        initial_alphabet=alphabet, show_progress=False))
+    state = json.loads(core.to_str())["model"]
+    return GemmaTokenizer(vocab=state["vocab"], merges=[tuple(m) for m in state["merges"]], add_bos_token=True)
+
+
+def gemma_encoder(vocab_size: int = 160, seed: int = 3):
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=vocab_size, hidden_size=SANA_TEXT_DIM, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return Gemma2Model(config).eval()
+
+
+def build_sana(path: Path, seed: int = 0, qk_norm: str | None = None) -> Path:
+    """A SanaPipeline: 2 blocks (linear self-attention, cross-attention), a 4x DC-AE, flow-matching DPM++."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=SANA_TEXT_DIM, sample_size=16, patch_size=1, qk_norm=qk_norm)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types="ResBlock",
+                        decoder_block_types="ResBlock", encoder_block_out_channels=(8, 8, 8),
+                        decoder_block_out_channels=(8, 8, 8), encoder_layers_per_block=(1, 1, 1),
+                        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), ()),
+                        decoder_qkv_multiscales=((), (), ()), downsample_block_type="conv",
+                        upsample_block_type="interpolate", scaling_factor=0.41407)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    SanaPipeline(tokenizer=gemma_tokenizer(), text_encoder=gemma_encoder(), vae=vae, transformer=transformer,
+                 scheduler=scheduler).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_sana(path: Path):
+    from diffusers import SanaPipeline
+
+    pipe = SanaPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

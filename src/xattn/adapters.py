@@ -33,6 +33,7 @@ class Encoded:
     cond: torch.Tensor | None  # [n_prompts * n_images, j, d]
     uncond: torch.Tensor | None  # same shape, or None without classifier-free guidance
     other_prompts: dict | None = None  # prompt_2 / prompt_3 as given (SD3, Flux: the text of other encoders)
+    options: dict | None = None  # encode_prompt options a token map needs (Sana: its instruction, clean_caption)
 
 
 Unpack = Callable[[tuple], tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -72,7 +73,11 @@ class Adapter:
             cond=cond,
             uncond=uncond,
             other_prompts={k: arguments[k] for k in ("prompt_2", "prompt_3") if arguments.get(k) is not None},
+            options={k: arguments[k] for k in _TOKEN_OPTIONS if k in arguments},
         )
+
+
+_TOKEN_OPTIONS = ("complex_human_instruction", "clean_caption")  # Sana: what its encode_prompt puts before a prompt
 
 
 def _first_two(result: tuple):
@@ -104,13 +109,22 @@ def _sd3_token_map(pipe, prompt: str, length: int, encoded: Encoded):
     return PartsTokenMap([(0, clip), (clip.max_length, TokenMap(t5, prompt, max_length=length - clip.max_length))])
 
 
+def _sana_token_map(pipe, prompt: str, length: int, encoded: Encoded):
+    """Sana's Gemma text: ``<bos>`` then the prompt's pieces, after an instruction the pipeline cuts off again."""
+    from .sana import sana_token_map
+
+    return sana_token_map(pipe, prompt, length, encoded.options or {})
+
+
 # Most specific first: a class is matched by the first adapter one of its bases' names starts with.
 ADAPTERS: tuple[Adapter, ...] = (
     # SD3: (embeds, negative, pooled, negative pooled); the text is CLIP-L+G's 77 slots, then T5's
     Adapter("sd3", ("StableDiffusion3",), _first_two, ("tokenizer", "tokenizer_2"), _sd3_token_map),
     Adapter("sdxl", ("StableDiffusionXL",), _first_two, ("tokenizer", "tokenizer_2")),
     Adapter("sd", ("StableDiffusion", "AltDiffusion"), _first_two),
-    Adapter("pixart", ("PixArt", "Sana"), _masked_pairs),
+    Adapter("pixart", ("PixArt",), _masked_pairs),
+    # Sana: (embeds, mask, negative embeds, negative mask); Gemma text behind an instruction (xattn.sana)
+    Adapter("sana", ("Sana",), _masked_pairs, ("tokenizer",), _sana_token_map),
     # Flux: text-to-image only (its img2img, fill, control and Kontext pipelines add image tokens or inputs)
     Adapter("flux", ("FluxPipeline",), _embeds_only, ("tokenizer_2",), _flux_token_map),
 )
@@ -118,7 +132,34 @@ UNSUPPORTED_PREFIXES = ("Flux",)  # the other Flux pipelines: not adapted yet
 
 
 class TrueCFGError(LayoutError):
-    """Flux's true CFG (a negative prompt with ``true_cfg_scale > 1``): two encodings, two transformer calls a step."""
+    """What Flux's true CFG (a negative prompt, ``true_cfg_scale > 1``) does not support: it calls the
+    transformer twice a step, once on the prompts' rows and once on the negative prompts' rows."""
+
+
+def combine(previous: Encoded | None, new: Encoded, adapter: Adapter | None, controllers=(),
+            pipeline_name: str = "the pipeline") -> Encoded:
+    """What one pipeline call has encoded, after another ``encode_prompt`` call returned ``new``.
+
+    Flux's true CFG encodes the negative prompt in a second call and runs the
+    transformer once on each text a step: the second encoding becomes the
+    unconditional embeddings, so each call's rows are told apart by equality as
+    usual (the first call's rows are all conditional, the second's all
+    unconditional). Controllers that need a row and its partner in one call
+    (edits, guidance) or keep the unconditional rows (``Capture(uncond=True)``)
+    are refused by name. Any other second call replaces the first.
+    """
+    if previous is None or adapter is None or adapter.family != "flux" or previous.uncond is not None:
+        return new
+    refused = [c for c in controllers if type(c).__module__.startswith(("xattn.edit", "xattn.guide"))
+               or c.wants_before_step() or getattr(c, "uncond", False) is True]
+    if refused:
+        raise TrueCFGError(f"{pipeline_name} with true CFG (a negative prompt and true_cfg_scale > 1) runs the "
+                           "transformer twice a step, on the prompts' and on the negative prompts' rows; xattn "
+                           f"does not run {', '.join(type(c).__name__ for c in refused)} across those two calls "
+                           "(edits, guidance, Capture(uncond=True)): drop negative_prompt or set true_cfg_scale=1")
+    negatives = new.prompts if new.prompts is not None else [None] * len(previous.prompts or ())
+    return Encoded(previous.prompts, list(negatives), previous.images_per_prompt, previous.cond, new.cond,
+                   previous.other_prompts, previous.options)
 
 
 def adapter_for(pipe) -> Adapter | None:
@@ -197,19 +238,12 @@ def layout_of_pipeline_call(text: torch.Tensor, encoded: Encoded, adapter: Adapt
         if encoded.prompts is not None and len(encoded.prompts) != len(prompts):
             raise LayoutError(f"prompts= names {len(prompts)} prompts, the {name} call has {len(encoded.prompts)}")
         encoded = Encoded(list(prompts), encoded.negative_prompts or [None] * len(prompts),
-                          encoded.images_per_prompt, encoded.cond, encoded.uncond)
+                          encoded.images_per_prompt, encoded.cond, encoded.uncond, options=encoded.options)
     make_map = None
     if adapter.token_map is not None and (tokenizer is None or tokenizer is getattr(pipe, "tokenizer", None)):
         make_map = lambda prompt: adapter.token_map(pipe, prompt, text.shape[1], encoded)  # noqa: E731
-    try:
-        return match_rows(text, encoded, tokenizer or adapter.tokenizer(pipe), name, make_map)
-    except LayoutError as error:
-        if adapter.family != "flux":
-            raise
-        raise TrueCFGError(f"{error}. The usual cause: true CFG (a negative prompt with true_cfg_scale > 1) encodes "
-                           "the negative prompt last and calls the transformer once for each; xattn does not support "
-                           f"it on {name} yet: drop negative_prompt or set true_cfg_scale=1") from None
+    return match_rows(text, encoded, tokenizer or adapter.tokenizer(pipe), name, make_map)
 
 
-__all__ = ["ADAPTERS", "Adapter", "Encoded", "TrueCFGError", "adapter_for", "layout_of_pipeline_call",
+__all__ = ["ADAPTERS", "Adapter", "Encoded", "TrueCFGError", "adapter_for", "combine", "layout_of_pipeline_call",
            "layout_without_encoding", "match_rows"]

@@ -36,6 +36,7 @@ TESTED = {
     "UNet2DConditionModel": "test_pipelines.py, test_processor.py (SD 1.x / 2.x / SDXL)",
     "Transformer2DModel": "inside UNet2DConditionModel (test_session.py)",
     "PixArtTransformer2DModel": "test_dit.py",
+    "SanaTransformer2DModel": "test_sana_model.py, test_sana_pipeline.py",
     "SD3Transformer2DModel": "test_joint.py, test_joint_maps.py, test_sd3_t5.py",
     "FluxTransformer2DModel": "test_joint.py, test_joint_maps.py, test_flux_pipeline.py",
     "ChromaTransformer2DModel": "test_audit.py (parity with stock, single-stream probs vs float64)",
@@ -77,7 +78,7 @@ def build(name: str):
 def audit(name: str) -> tuple[str, str]:
     """(status, detail) of the diffusers class ``name``."""
     from .install import hookable
-    from .sites import sites
+    from .sites import NOT_A_SITE, sites
 
     try:
         model = build(name)
@@ -92,8 +93,11 @@ def audit(name: str) -> tuple[str, str]:
         return "crashes", f"xattn.sites raises {type(error).__name__}: {_first_line(error)[:90]}"
     if not found or not processors:
         return "refused", "no attention sites xattn can see"
-    refused = sorted({cls for cls in processors.values() if cls is not None})
+    skipped = sum(1 for reason in processors.values() if reason and reason.startswith(NOT_A_SITE))
+    refused = sorted({cls for cls in processors.values() if cls is not None and not cls.startswith(NOT_A_SITE)})
     kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(Counter(site.kind for site in found).items()))
+    if skipped:
+        kinds += f"; {skipped} linear-attention modules are not sites (no map), left untouched"
     if refused:
         return "refused", f"processor {', '.join(refused)} (UnsupportedProcessorError); sites: {kinds}"
     if name in TESTED:

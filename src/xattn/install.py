@@ -7,8 +7,9 @@ xformers, attention slicing, a user's own, a subclass of a listed one) is
 refused with an error that names the site, the class and what to do, before
 anything is changed. Restoring puts back the very objects that were there.
 
-Joint processors (SD3's ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``,
-:data:`xattn.joint.JOINT_PROCESSORS`) are not reproduced but kept: a
+Joint processors (SD3's ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``) and
+Sana's cross-attention processor (``SanaAttnProcessor2_0``), together
+:data:`xattn.joint.JOINT_PROCESSORS`, are not reproduced but kept: a
 :class:`~xattn.joint.JointProcessor` runs the stock object and takes over its
 attention core only.
 
@@ -115,10 +116,20 @@ def _set_processors(hosts: Hosts, changes: dict[str, object]) -> None:
 
 
 def hookable(model) -> dict[str, str | None]:
-    """Site name -> None where xattn can hook it, else the processor class it refuses there."""
+    """Module name -> None where xattn can hook the site, else the processor class it refuses there.
+
+    Modules that are not sites (linear attention: :func:`xattn.sites.not_sites`)
+    are listed too, with a reason that starts with ``"not a site"``.
+    """
+    from .sites import linear_attention
+
     hosts = hosts_of(model)
-    return {key[: -len(PROCESSOR_SUFFIX)]: None if is_reproduced(processor, hosts[_owner(hosts, key)])
-            else type(processor).__name__ for key, processor in processors_of(hosts).items()}
+    found = {}
+    for key, processor in processors_of(hosts).items():
+        skipped = linear_attention(processor)
+        found[key[: -len(PROCESSOR_SUFFIX)]] = skipped or (
+            None if is_reproduced(processor, hosts[_owner(hosts, key)]) else type(processor).__name__)
+    return found
 
 
 def check_processors(target, names: Iterable[str]) -> None:

@@ -1,4 +1,4 @@
-"""Joint attention (SD3, Flux): the stock processor runs, xattn takes over only its attention core.
+"""Joint attention (SD3, Flux) and Sana's cross-attention: the stock processor runs, xattn takes its core.
 
 In a joint block, image and text tokens attend together: one softmax over the
 concatenated sequence (SD3: image then text; Flux: text then image). Each
@@ -21,9 +21,9 @@ What the six points see at a joint site (rows = image queries, columns = text ke
 ``probs`` is a slice of softmax over image *and* text keys, so its rows sum to
 the share of attention an image token gives the text (< 1). A hook that
 returns a new block writes it back into the joint map. Text queries (the
-text->text and text->image rows) are never changed by the fused points. At a
-self site served by a joint processor (SD3.5's ``attn2``) rows and columns are
-the whole sequence, as at any self site.
+text->text and text->image rows) are never changed by the fused points. At a self site served
+by a joint processor (SD3.5's ``attn2``) rows and columns are the whole sequence;
+at Sana's cross sites (``SanaAttnProcessor2_0``) image rows and text columns.
 
 Dimensions: b rows, h heads, s joint sequence, i/j query/key positions, d head dim.
 """
@@ -60,11 +60,13 @@ class Family:
 
 def _families() -> tuple[Family, ...]:
     from diffusers.models import attention_processor as sd3
-    from diffusers.models.transformers import transformer_flux as flux
+    from diffusers.models.transformers import sana_transformer as sana, transformer_flux as flux
 
     return (
         Family("sd3", sd3.JointAttnProcessor2_0, sd3, "F", sequence_dim=2, text_first=False),
         Family("flux", flux.FluxAttnProcessor, flux, "dispatch_attention_fn", sequence_dim=1, text_first=True),
+        # Sana's cross-attention (attn2): plain image -> text attention, its own processor (QK norms over all heads)
+        Family("sana", sana.SanaAttnProcessor2_0, sana, "F", sequence_dim=2, text_first=False),
     )
 
 
@@ -109,13 +111,11 @@ def _classes(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
     return tuple(cls for cls in found if isinstance(cls, type))
 
 
-def single_stream_blocks() -> tuple[type, ...]:
-    """Blocks whose attention sees text and image in one ``hidden_states`` (no ``encoder_hidden_states``)."""
+def single_stream_blocks() -> tuple[type, ...]:  # attention over text and image in one ``hidden_states``
     return _classes(_SINGLE_STREAM)
 
 
-def dual_stream_attentions() -> tuple[type, ...]:
-    """Attention modules with their own text projections under names other than diffusers' ``add_*_proj``."""
+def dual_stream_attentions() -> tuple[type, ...]:  # own text projections not named diffusers' ``add_*_proj``
     return _classes(_DUAL_STREAM)
 
 
@@ -238,8 +238,9 @@ class JointProcessor(XattnProcessor):
     def _parts(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                concepts: int = 0) -> Parts:
         length = hidden_states.shape[1]
-        if self.site.kind != "joint":  # a self site: rows and columns are the whole sequence
-            return Parts(slice(0, length), slice(0, length))
+        if self.site.kind != "joint":  # a self site: the whole sequence; a cross site: image rows, text columns
+            keys = length if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+            return Parts(slice(0, length), slice(0, keys))
         if encoder_hidden_states is not None:  # dual stream: image and text arrive apart
             image, text = length, encoder_hidden_states.shape[1] - concepts
         else:  # single stream: [text, image] in one sequence; the image part is the latent's token grid

@@ -6,11 +6,12 @@ invented and never repeat. The spatial resolution of a site is *not* stored:
 it depends on the latent size of the call and is derived at run time by
 :func:`resolution_of`.
 
-Kinds: ``cross`` (image queries, text keys: a UNet's or PixArt's ``attn2``),
+Kinds: ``cross`` (image queries, text keys: a UNet's, PixArt's or Sana's ``attn2``),
 ``self`` (image to image), ``joint`` (image and text tokens in one attention:
 SD3's joint blocks, Flux's and Chroma's double- and single-stream blocks; see
 :mod:`xattn.joint`). A joint site's hook points show its image->text block,
-so selectors read ``kind=cross`` as "cross or joint".
+so selectors read ``kind=cross`` as "cross or joint". Linear-attention modules
+(Sana's ``attn1``) have no map and are not sites (:func:`not_sites`).
 
 A model without ``attn_processors`` is refused with
 :class:`~xattn.errors.UnsupportedModelError`, an attention module whose heads
@@ -67,14 +68,44 @@ def _check_registry(model: nn.Module) -> None:
         )
 
 
+# Linear-attention processors (diffusers module, class): relu(Q)(relu(K)^T V), normalised, with no softmax and no
+# [i, j] map, so no hook point has anything to show there. Their modules are not sites: they are left untouched.
+_LINEAR = (
+    ("diffusers.models.attention_processor", "SanaLinearAttnProcessor2_0"),  # Sana's self-attention (attn1)
+    ("diffusers.models.attention_processor", "PAGCFGSanaLinearAttnProcessor2_0"),
+    ("diffusers.models.attention_processor", "PAGIdentitySanaLinearAttnProcessor2_0"),
+    ("diffusers.models.transformers.transformer_sana_video", "SanaLinearAttnProcessor3_0"),
+)
+NOT_A_SITE = "not a site"  # how :func:`xattn.install.hookable` marks the modules below
+
+
+def linear_attention(processor) -> str | None:
+    """Why a module holding ``processor`` is not a site (linear attention), or None."""
+    import sys
+
+    cls = type(processor)
+    if (cls.__module__, cls.__name__) in _LINEAR and getattr(sys.modules.get(cls.__module__), cls.__name__, None) is cls:
+        return f"{NOT_A_SITE}: {cls.__name__} is linear attention (no softmax map to hook); left untouched"
+    return None
+
+
+def not_sites(model: nn.Module) -> dict[str, str]:
+    """Module path -> why, for the modules with a processor that are not sites (linear attention)."""
+    _check_registry(model)
+    found = {key[: -len(_PROCESSOR_SUFFIX)]: linear_attention(p) for key, p in model.attn_processors.items()}
+    return {name: reason for name, reason in found.items() if reason is not None}
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> attention module, for every module with a ``processor``.
+    """Module path -> attention module, for every site: a module with a ``processor`` that has a map.
 
     Uses ``attn_processors`` (diffusers' own registry) so the names match the keys
-    that ``set_attn_processor`` accepts.
+    that ``set_attn_processor`` accepts. Linear-attention modules (Sana's
+    ``attn1``) are not sites (:func:`not_sites`).
     """
     _check_registry(model)
-    names = [key[: -len(_PROCESSOR_SUFFIX)] for key in model.attn_processors]
+    names = [key[: -len(_PROCESSOR_SUFFIX)] for key, processor in model.attn_processors.items()
+             if linear_attention(processor) is None]
     modules = dict(model.named_modules())
     return {name: modules[name] for name in names}
 
@@ -245,6 +276,15 @@ def format_table(site_list: list[Site], hookable: dict[str, str | None] | None =
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    listed = {s.name for s in site_list}
+    skipped = {name: reason for name, reason in (hookable or {}).items()
+               if name not in listed and reason and reason.startswith(NOT_A_SITE)}
+    if skipped:  # e.g. Sana's linear self-attention: say why it is missing
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in skipped.items():
+            by_reason.setdefault(reason[len(NOT_A_SITE) + 2:], []).append(name)
+        lines.append("")
+        lines += [f"not sites ({len(names)} modules, e.g. {names[0]}): {reason}" for reason, names in by_reason.items()]
     return "\n".join(lines)
 
 
