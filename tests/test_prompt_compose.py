@@ -182,9 +182,14 @@ def test_cli_generate_with_and(cli, sd1_path):
     assert result.exit_code == 0, result.output
 
 
-def test_sdxl_is_refused_by_name(sdxl_pipe):
-    with pytest.raises(UnsupportedSyntaxError, match="SDXL.*pooled"):
-        ComposedPrompt(sdxl_pipe, "a cat AND a dog")
+def test_two_encoders_without_a_pooled_input_are_refused_by_name():
+    # SDXL itself runs (tests/test_prompt_sdxl_runs.py); a UNet without its pooled input cannot
+    from types import SimpleNamespace
+
+    unet = SimpleNamespace(config=SimpleNamespace(addition_embed_type=None))
+    pipe = SimpleNamespace(unet=unet, text_encoder=object(), text_encoder_2=object(), controlnet=None)
+    with pytest.raises(UnsupportedSyntaxError, match="no pooled text vector"):
+        ComposedPrompt(pipe, "a cat AND a dog")
 
 
 def test_and_in_the_negative_prompt_is_refused(sd1_pipe):

@@ -184,9 +184,18 @@ def test_scheduled_negative_prompt_is_refused(sd1_pipe):
         PromptSchedule(sd1_pipe, "a [red:blue:0.5] circle", "[x|y]")
 
 
-def test_sdxl_is_refused_by_name(sdxl_pipe):
-    with pytest.raises(UnsupportedSyntaxError, match="SDXL.*pooled"):
-        PromptSchedule(sdxl_pipe, "a [red:blue:0.5] circle")
+def _two_encoders_without_pooled_input():
+    """A two-encoder pipeline whose UNet takes no pooled vector: xattn could not switch it as A1111 does."""
+    from types import SimpleNamespace
+
+    unet = SimpleNamespace(config=SimpleNamespace(addition_embed_type=None))
+    return SimpleNamespace(unet=unet, text_encoder=object(), text_encoder_2=object())
+
+
+def test_two_encoders_without_a_pooled_input_are_refused_by_name():
+    # SDXL itself runs (tests/test_prompt_sdxl_runs.py)
+    with pytest.raises(UnsupportedSyntaxError, match="no pooled text vector"):
+        PromptSchedule(_two_encoders_without_pooled_input(), "a [red:blue:0.5] circle")
 
 
 def test_the_words_of_a_scheduled_prompt_are_those_every_text_has(cli, sd1_path, tmp_path):

@@ -32,6 +32,11 @@ no unconditional row) the unconditional row is added from the negative prompt, a
 the pipeline's single prediction is ``ε_u + Σ_i w_i (ε_i - ε_u)``: A1111's result at
 CFG scale 1 (A1111 keeps computing the unconditional prediction then). With one
 sub-prompt of weight 1 that is the plain prompt's prediction.
+
+On SDXL each row also carries its own pooled text vector (``added_cond_kwargs["text_embeds"]``):
+a sub-prompt's row gets that sub-prompt's pooled output (second encoder, first 75-token chunk;
+per step when it holds prompt editing), the unconditional row the negative prompt's, and every
+row the time ids of its image, as A1111's per-sub-prompt conditioning holds ``crossattn`` and ``vector``.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ class ComposedPrompt(Controller):
     """Run an A1111 prompt with ``AND`` (and sub-prompt weights) as composable diffusion.
 
     Args:
-        pipe: a Stable Diffusion 1.x/2.x pipeline (SDXL and ControlNet are refused by name).
+        pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline (ControlNet is refused by name).
         prompt: the prompt as written, e.g. ``"a red circle AND a blue square :0.7"``.
         negative_prompt: the negative prompt (one, shared by every sub-prompt, as in A1111);
             no ``AND`` or prompt editing in it.
@@ -134,14 +139,20 @@ class ComposedPrompt(Controller):
         kwargs = self._schedule.pipeline_kwargs()
         self._subs = kwargs["prompt_embeds"]  # [k, L, d]
         self._uncond = kwargs["negative_prompt_embeds"][:1]  # [1, L, d]
+        self._pooled = kwargs.get("pooled_prompt_embeds")  # SDXL: [k, d2]
+        self._uncond_pooled = None if self._pooled is None else kwargs["negative_pooled_prompt_embeds"][:1]
         self._session = None
         self._active = False
         self._layouts: dict[int, BatchLayout] = {}
 
     # -- what the call needs ---------------------------------------------------------------
     def pipeline_kwargs(self) -> dict:
-        """``prompt_embeds`` (the first sub-prompt) and ``negative_prompt_embeds`` for ``pipe(...)``."""
-        return {"prompt_embeds": self._subs[:1], "negative_prompt_embeds": self._uncond}
+        """``prompt_embeds`` (the first sub-prompt) and ``negative_prompt_embeds`` for ``pipe(...)`` (SDXL: and
+        the pooled ones)."""
+        kwargs = {"prompt_embeds": self._subs[:1], "negative_prompt_embeds": self._uncond}
+        if self._pooled is not None:
+            kwargs.update(pooled_prompt_embeds=self._pooled[:1], negative_pooled_prompt_embeds=self._uncond_pooled)
+        return kwargs
 
     def hook_kwargs(self) -> dict:
         """``prompts=`` (the sub-prompts) and ``tokenizer=`` for ``xattn.hooks``."""
@@ -221,8 +232,14 @@ class ComposedPrompt(Controller):
             images, cfg = pending.pop()
             return self._combine(output, images, cfg)
 
-        return [denoiser.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
-                denoiser.register_forward_hook(after)]
+        handles = [denoiser.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+                   denoiser.register_forward_hook(after)]
+        if self._edited and self._pooled is not None:  # SDXL: pooled vectors by step, once the runtime knows it
+            from .schedule import pooled_hook
+
+            self._schedule._handle = pooled_hook(session, self._schedule)
+            handles.append(self._schedule._handle)
+        return handles
 
     def _expand(self, bound: dict, session) -> tuple[dict, int, bool]:
         name = "sample" if "sample" in bound else "hidden_states"
@@ -251,8 +268,31 @@ class ComposedPrompt(Controller):
             if key in out or not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != batch:
                 continue
             out[key] = value[source]
+        added = bound.get("added_cond_kwargs")
+        if added:  # SDXL: time ids of each row's image; pooled vectors of the negative prompt and each sub-prompt
+            out["added_cond_kwargs"] = self._added(added, source, batch, images, cfg)
         session.layout = self._layout(images)
         return out, images, cfg
+
+    def _added(self, added: dict, source: list[int], batch: int, images: int, cfg: bool) -> dict:
+        rows = {key: value[source] if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch
+                else value for key, value in added.items()}
+        pooled = rows.get("text_embeds")
+        if pooled is None or self._pooled is None:
+            return rows
+        subs = self._pooled.to(pooled.device, pooled.dtype)
+        given = added["text_embeds"][images: 2 * images] if cfg else added["text_embeds"]
+        if given.shape[1:] != subs.shape[1:] or not torch.allclose(given, subs[:1].expand_as(given), atol=1e-4,
+                                                                   rtol=1e-4):
+            raise CompositionError("the call's pooled text embeddings are not the composed prompt's: pass "
+                                   "composed.pipeline_kwargs() to the pipeline")
+        pooled = pooled.clone()
+        if not cfg:
+            pooled[:images] = self._uncond_pooled.to(pooled.device, pooled.dtype)
+        for index in range(len(self.texts)):
+            pooled[images * (1 + index): images * (2 + index)] = subs[index]
+        rows["text_embeds"] = pooled
+        return rows
 
     def _layout(self, images: int) -> BatchLayout:
         if images not in self._layouts:
@@ -284,13 +324,9 @@ class ComposedPrompt(Controller):
 
 def _check_pipeline(pipe, prompt: str) -> None:
     column = _AND.search(prompt).start() if _AND.search(prompt) else max(prompt.rfind(":"), 0)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise UnsupportedSyntaxError(
-            "AND (composable diffusion) on SDXL is not supported yet: each sub-prompt needs its own pooled text "
-            "embedding and time ids on its row, which xattn does not build", prompt, column)
     if getattr(pipe, "controlnet", None) is not None:
         raise UnsupportedSyntaxError("AND (composable diffusion) with a ControlNet is not supported: its residuals "
                                      "come for the pipeline's rows, not one row per sub-prompt", prompt, column)
     if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
-        raise UnsupportedSyntaxError(f"AND (composable diffusion) runs on Stable Diffusion 1.x/2.x pipelines, not "
-                                     f"{type(pipe).__name__}", prompt, column)
+        raise UnsupportedSyntaxError(f"AND (composable diffusion) runs on Stable Diffusion 1.x/2.x and SDXL "
+                                     f"pipelines, not {type(pipe).__name__}", prompt, column)

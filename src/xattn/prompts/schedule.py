@@ -10,6 +10,13 @@ conditional rows with the text of the current step. The unconditional rows
 text reaches the UNet only through cross-attention, so this equals switching
 the pipeline's ``prompt_embeds`` between steps, which is what A1111 does.
 
+SDXL also feeds the UNet a pooled text vector (``added_cond_kwargs["text_embeds"]``,
+summed into the time embedding), and A1111 switches it with the text: its
+conditioning per step holds both the cross-attention states and that vector. So on
+SDXL the schedule also replaces, before each UNet call, the pooled vector of the
+conditional rows by the pooled output (first 75-token chunk, second encoder) of the
+step's text; the time ids stay as the pipeline made them.
+
 Usage::
 
     schedule = PromptSchedule(pipe, "a [red:blue:0.5] circle")
@@ -24,7 +31,9 @@ that lists the texts.
 
 from __future__ import annotations
 
+import inspect
 import warnings
+import weakref
 from typing import Sequence
 
 import torch
@@ -50,21 +59,24 @@ class PromptSchedule(Controller):
     """Feed each step the conditioning of its text, for prompts with A1111's prompt editing or alternation.
 
     Args:
-        pipe: a Stable Diffusion 1.x/2.x pipeline (SDXL is refused: see below).
+        pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline.
         prompts: one prompt or a list (one per prompt of the call), in A1111's dialect. Prompts
             without editing are allowed in the list and stay constant.
-        negative_prompts: the negative prompt(s); they may not hold editing or alternation.
+        negative_prompts: the negative prompt(s); they may not hold editing or alternation. On SDXL an
+            empty negative prompt is zeros (hidden states and pooled vector) when the pipeline's config
+            says ``force_zeros_for_empty_prompt``, as diffusers does for ``pipe(prompt)`` and A1111 for SDXL.
         emphasis: apply A1111's weights to the embeddings (as :func:`encode_prompt`).
 
     :meth:`pipeline_kwargs` gives ``prompt_embeds`` (each prompt's first text) and
-    ``negative_prompt_embeds``; :meth:`hook_kwargs` names the rows for ``xattn.hooks``.
+    ``negative_prompt_embeds`` (on SDXL also the pooled ones); :meth:`hook_kwargs` names the
+    rows for ``xattn.hooks``.
     At each step the conditional rows of prompt ``p`` get the encoding of the text
     A1111 uses at that step (:func:`xattn.prompts.editing.text_at`, step counted
     from 0 by the pipeline's scheduler; A1111 counts denoiser calls, the same for
     first-order samplers).
 
-    SDXL is refused (:class:`UnsupportedSyntaxError`): A1111 switches its pooled text
-    embedding with the text, and the pooled vector reaches the UNet outside cross-attention.
+    On SDXL the pooled vector of the conditional rows follows the schedule too (a forward
+    pre-hook on the UNet, installed when a session binds the schedule, gone when it closes).
     """
 
     selector = Selector(kind="cross")
@@ -82,28 +94,35 @@ class PromptSchedule(Controller):
         if len(negatives) != len(written):
             raise ScheduleError(f"{len(written)} prompts but {len(negatives)} negative prompts")
         self.pipe, self.written, self.emphasis = pipe, written, emphasis
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self.prompts = [_read(text) for text in written]
         self.negatives = [_read(text) for text in negatives]
         for text, negative in zip(negatives, self.negatives):
             if has_schedule(negative):
                 raise ScheduledPromptError("prompt editing / alternation in the negative prompt is not supported yet",
                                            text, max(text.find("["), 0))
-        self._cache: dict[tuple[int, str], torch.Tensor] = {}  # (prompt, text) -> [77k, d] conditional rows
+        self._cache: dict[tuple[int, str], tuple] = {}  # (prompt, text) -> ([77k, d] rows, [d2] pooled or None)
         self._chunks: dict[int, int] = {}  # prompt -> chunk count every text of it must have
-        self._uncond = [encode_prompt(pipe, "", negative, syntax=TEXT_SYNTAX, emphasis=emphasis).negative_prompt_embeds
-                        for negative in self.negatives]
+        self._uncond = [self._negative_of(negative) for negative in self.negatives]  # ([1, 77k, d], [1, d2] | None)
         first = [self._initial(index) for index in range(len(self.prompts))]
-        self._length = max(row.shape[0] for row in first + [u[0] for u in self._uncond])
+        self._length = max(row.shape[0] for row, _ in first + [(u[0][0], None) for u in self._uncond])
         self._blank = encode_prompt(pipe, "", syntax=TEXT_SYNTAX, emphasis=False).prompt_embeds[0]  # [77, d]
-        self._embeds = torch.stack([self._padded(row) for row in first])
-        self._negative = torch.stack([self._padded(u[0]) for u in self._uncond])
+        self._embeds = torch.stack([self._padded(row) for row, _ in first])
+        self._negative = torch.stack([self._padded(u[0][0]) for u in self._uncond])
+        self._pooled = torch.stack([pooled for _, pooled in first]) if self.sdxl else None  # [n, d2]
+        self._negative_pooled = torch.cat([u[1] for u in self._uncond]) if self.sdxl else None
         self._by_step: list[torch.Tensor] | None = None  # per prompt: [steps, 77k, d]
+        self._pooled_by_step: list[torch.Tensor] | None = None  # SDXL, per prompt: [steps, d2]
+        self._handle = None  # SDXL: the UNet pre-hook that switches the pooled vector
         self.schedules: list[list] = []  # per prompt: the last run's schedule, [(until, text), ...]
 
     # -- what the call needs ---------------------------------------------------------------
     def pipeline_kwargs(self) -> dict:
-        """``prompt_embeds`` and ``negative_prompt_embeds`` for ``pipe(...)``."""
-        return {"prompt_embeds": self._embeds, "negative_prompt_embeds": self._negative}
+        """``prompt_embeds`` and ``negative_prompt_embeds`` for ``pipe(...)`` (SDXL: and the pooled ones)."""
+        kwargs = {"prompt_embeds": self._embeds, "negative_prompt_embeds": self._negative}
+        if self.sdxl:
+            kwargs.update(pooled_prompt_embeds=self._pooled, negative_pooled_prompt_embeds=self._negative_pooled)
+        return kwargs
 
     def hook_kwargs(self) -> dict:
         """``prompts=`` / ``tokenizer=`` for ``xattn.hooks``: rows named by the written prompts, words looked up
@@ -118,9 +137,38 @@ class PromptSchedule(Controller):
             raise ScheduleError(f"the schedule was made for {len(self.prompts)} prompt(s); this call has "
                                 f"{run.layout.num_prompts}")
         self.schedules = [parse_schedule(prompt, run.num_steps) for prompt in self.prompts]
-        self._by_step = [torch.stack([self._padded(self._encoded(index, text_at(schedule, step)))
-                                      for step in range(run.num_steps)])
-                         for index, schedule in enumerate(self.schedules)]
+        texts = [[text_at(schedule, step) for step in range(run.num_steps)] for schedule in self.schedules]
+        self._by_step = [torch.stack([self._padded(self._encoded(index, text)[0]) for text in steps])
+                         for index, steps in enumerate(texts)]
+        if self.sdxl:
+            self._pooled_by_step = [torch.stack([self._encoded(index, text)[1] for text in steps])
+                                    for index, steps in enumerate(texts)]
+
+    def bind(self, session) -> None:
+        """On SDXL: hook the UNet so that the pooled vector follows the schedule in this session."""
+        if self.sdxl:
+            self._unhook()
+            self._handle = pooled_hook(session, self)
+
+    def _unhook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def pooled(self, text_embeds: torch.Tensor, layout, step: int | None) -> torch.Tensor | None:
+        """``text_embeds`` (SDXL's pooled vectors of a UNet call) with each prompt's conditional rows set to the
+        pooled vector of its text at ``step``; None when there is nothing to switch."""
+        if self._pooled_by_step is None or step is None or layout is None or not layout.rows:
+            return None
+        if text_embeds.shape[0] != layout.batch_size:
+            raise ScheduleError(f"the call's pooled text embeddings have {text_embeds.shape[0]} rows, its batch "
+                                f"{layout.batch_size}: pass schedule.pipeline_kwargs() to the pipeline")
+        text_embeds = text_embeds.clone()
+        for index, steps in enumerate(self._pooled_by_step):
+            rows = layout.row_indices(cond=True, prompt=index)
+            if rows:
+                text_embeds[rows] = steps[min(step, steps.shape[0] - 1)].to(text_embeds.device, text_embeds.dtype)
+        return text_embeds
 
     def context(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor | None:
         if self._by_step is None or ctx.step is None:
@@ -147,7 +195,7 @@ class PromptSchedule(Controller):
         return f"PromptSchedule({self.written!r})"
 
     # -- encoding --------------------------------------------------------------------------
-    def _encoded(self, index: int, text: str) -> torch.Tensor:
+    def _encoded(self, index: int, text: str) -> tuple:
         key = (index, text)
         if key not in self._cache:
             chunks = len(token_chunks(self.pipe.tokenizer, _text_prompt(text))[0])
@@ -158,18 +206,28 @@ class PromptSchedule(Controller):
                     f"{text!r}); A1111 pads them in a way xattn does not reproduce: keep every text within the "
                     "same number of chunks", self.written[index], 0)
             embeds = encode_prompt(self.pipe, text, self.negatives[index], syntax=TEXT_SYNTAX, emphasis=self.emphasis)
-            self._cache[key] = embeds.prompt_embeds[0]
+            pooled = embeds.pooled_prompt_embeds
+            self._cache[key] = (embeds.prompt_embeds[0], None if pooled is None else pooled[0])
         return self._cache[key]
 
-    def _initial(self, index: int) -> torch.Tensor:
-        """The rows the pipeline is called with: the first text that differs from the negative prompt's rows
+    def _negative_of(self, negative: str) -> tuple:
+        """``([1, 77k, d], [1, d2] or None)`` of a negative prompt; SDXL's empty one is zeros where the pipeline
+        zeroes it (``force_zeros_for_empty_prompt``: diffusers' ``pipe(prompt)``, and A1111 on SDXL)."""
+        embeds = encode_prompt(self.pipe, "", negative, syntax=TEXT_SYNTAX, emphasis=self.emphasis)
+        hidden, pooled = embeds.negative_prompt_embeds, embeds.negative_pooled_prompt_embeds
+        if self.sdxl and negative == "" and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+        return hidden, pooled
+
+    def _initial(self, index: int) -> tuple:
+        """The text the pipeline is called with: the first that differs from the negative prompt's rows
         (the session tells conditional from unconditional rows by their values)."""
         texts = sub_prompts(self.prompts[index])
-        uncond = self._uncond[index][0]
+        uncond = self._uncond[index][0][0]
         for text in texts:
-            row = self._encoded(index, text)
+            row = self._encoded(index, text)[0]
             if row.shape != uncond.shape or not torch.equal(row, uncond):
-                return row
+                return self._encoded(index, text)
         return self._encoded(index, texts[0])
 
     def _padded(self, row: torch.Tensor) -> torch.Tensor:
@@ -251,12 +309,57 @@ def _text_prompt(text: str):
     return parse_prompt(text, syntax=TEXT_SYNTAX)
 
 
+class _Handles:
+    """Forward pre-hooks on several modules, removed together."""
+
+    def __init__(self):
+        self.handles: list = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def pooled_hook(session, schedule: PromptSchedule) -> _Handles:
+    """Forward pre-hooks on the session's denoiser (and any ControlNet), after the runtime's (which knows the step
+    and the rows), that give SDXL's pooled vector (``added_cond_kwargs["text_embeds"]``) the schedule's text at
+    each step. They remove themselves at the first call after ``session`` closed (sessions tell controllers no end)."""
+    owner, target = weakref.ref(session), weakref.ref(schedule)
+    handles = _Handles()
+
+    def hook_for(module):
+        signature = inspect.signature(module.forward)
+
+        def before(module, args, kwargs):
+            session, schedule = owner(), target()
+            runtime = getattr(session, "_runtime", None)
+            if schedule is None or runtime is None or schedule._handle is not handles:
+                handles.remove()
+                return None
+            bound = signature.bind_partial(*args, **kwargs)
+            added, call = bound.arguments.get("added_cond_kwargs"), runtime.call
+            if not added or added.get("text_embeds") is None or call is None:
+                return None
+            switched = schedule.pooled(added["text_embeds"], call.layout, call.step)
+            if switched is None:
+                return None
+            bound.arguments["added_cond_kwargs"] = {**added, "text_embeds": switched}
+            return bound.args, bound.kwargs
+
+        return before
+
+    for host in session.hosts.values():
+        handles.handles.append(host.register_forward_pre_hook(hook_for(host), with_kwargs=True))
+    return handles
+
+
 def _check_pipeline(pipe, prompt: str) -> None:
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise UnsupportedSyntaxError(
-            "prompt editing / alternation on SDXL is not supported: A1111 switches the pooled text embedding with "
-            "the text at each step, and the pooled vector reaches the UNet outside cross-attention (xattn would "
-            "change the cross-attention text only)", prompt, max(prompt.find("["), 0))
     if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
-        raise UnsupportedSyntaxError(f"prompt editing / alternation runs on Stable Diffusion 1.x/2.x pipelines, not "
-                                     f"{type(pipe).__name__}", prompt, max(prompt.find("["), 0))
+        raise UnsupportedSyntaxError(f"prompt editing / alternation runs on Stable Diffusion 1.x/2.x and SDXL "
+                                     f"pipelines, not {type(pipe).__name__}", prompt, max(prompt.find("["), 0))
+    if getattr(pipe, "text_encoder_2", None) is not None and \
+            getattr(pipe.unet.config, "addition_embed_type", None) != "text_time":
+        raise UnsupportedSyntaxError(f"prompt editing / alternation on {type(pipe).__name__}: its UNet takes no "
+                                     "pooled text vector (addition_embed_type 'text_time'), so xattn cannot "
+                                     "switch it as A1111 does", prompt, max(prompt.find("["), 0))
