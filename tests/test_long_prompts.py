@@ -169,6 +169,7 @@ def test_compel_dialect_embeddings_equal_compels(sd1_pipe, prompt):
     assert (got - expected).abs().max().item() <= 1e-6
 
 
-def test_compel_formula_refuses_what_it_does_not_implement(sd1_pipe):
-    with pytest.raises(xattn.prompts.UnsupportedSyntaxError, match="over 75 tokens"):
-        encode_prompt(sd1_pipe, "a red++ circle, " * 20, syntax="compel")
+def test_compel_formula_splits_long_prompts_its_own_way(sd1_pipe):  # against compel: test_prompt_compel_long.py
+    assert encode_prompt(sd1_pipe, "a red++ circle, " * 20, syntax="compel").prompt_embeds.shape[1] == 154
+    with pytest.raises(xattn.prompts.UnsupportedSyntaxError, match="no compel meaning"):
+        encode_prompt(sd1_pipe, "a red++ circle, " * 20, syntax="compel", max_chunks=2)

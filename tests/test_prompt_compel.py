@@ -35,17 +35,21 @@ def test_documented_examples(source, expected):
         assert weights[word] == pytest.approx(weight, rel=1e-12)
 
 
-@pytest.mark.parametrize(("source", "operator"), [
-    ('("a cat", "a dog").blend(0.5, 0.5)', "blend"),
-    ('("a cat playing", "in the forest").and()', "and"),
-    ('("a cat", "a dog").add(1, 0.5)', "add"),
-    ("a cat.swap(dog) playing", "swap"),
-    ("a (tall man).swap(short woman)", "swap"),
-    ("withLora(film, 0.8) a cat", "withLora"),
+@pytest.mark.parametrize(("source", "operator", "text"), [
+    ('("a cat", "a dog").blend(0.5, 0.5)', "blend", "a cat"),
+    ('("a cat playing", "in the forest").and()', "and", "a cat playing in the forest"),
+    ('("a cat", "a dog").add(1, 0.5)', "and", "a cat a dog"),
+    ("a cat.swap(dog) playing", "swap", "a cat playing"),
+    ("a (tall man).swap(short woman)", "swap", "a tall man"),
 ])
-def test_operators_raise_a_named_error_never_become_text(source, operator):
-    with pytest.raises(UnsupportedSyntaxError, match=f"compel's {operator}\\(\\) is not supported yet") as caught:
-        parse_prompt(source, syntax="compel")
+def test_operators_are_read_never_become_text(source, operator, text):
+    parsed = parse_prompt(source, syntax="compel")
+    assert parsed.operator.kind == operator and parsed.text == text  # the operators' embeddings: test_prompt_compel_*
+
+
+def test_loras_raise_a_named_error_never_become_text():
+    with pytest.raises(UnsupportedSyntaxError, match="compel's withLora\\(\\) is not supported yet") as caught:
+        parse_prompt("withLora(film, 0.8) a cat", syntax="compel")
     assert isinstance(caught.value, XattnError)
 
 

@@ -238,7 +238,7 @@ class TokenMap:
         :attr:`prompt`. Words beyond ``wrapper.max_chunks`` chunks are cut.
         """
         from .prompts import parse_prompt
-        from .prompts.chunks import CHUNK_SLOTS, place_tokens
+        from .prompts.chunks import CHUNK_SLOTS, place_compel_tokens, place_tokens
 
         tokenizer = wrapper.tokenizer
         parsed = parse_prompt(written, syntax=wrapper.prompt_syntax)
@@ -258,8 +258,10 @@ class TokenMap:
                 count += len(word_pieces)
             self._check_against_tokenizer(tokenizer, fragment_pieces, fragment.text)
             stream += fragment_pieces
-        layout = place_tokens(stream, (tokenizer.tokenize(",") or [None])[0])
-        kept = min(layout.num_chunks, wrapper.max_chunks or layout.num_chunks)
+        compel = wrapper.prompt_syntax == "compel"  # compel's own splitting; max_chunks=1: its cut per prompt
+        layout = place_compel_tokens(stream, wrapper.max_chunks == 1) if compel else \
+            place_tokens(stream, (tokenizer.tokenize(",") or [None])[0])
+        kept = layout.num_chunks if compel else min(layout.num_chunks, wrapper.max_chunks or layout.num_chunks)
         self.prompt, self.chunks = parsed.text, layout
         self.max_length = kept * CHUNK_SLOTS
         self.words, self.cut_words, counts = [], [], {}

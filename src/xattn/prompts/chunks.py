@@ -79,3 +79,58 @@ def chunk_ids(ids: list[int], layout: ChunkLayout, start: int, end: int, pad: in
     for number in range(layout.num_chunks):
         rows[number][1 + layout.chunk_lengths[number]] = end
     return rows
+
+
+_SENTENCE_END = (".</w>",)
+_PHRASE_END = (".</w>", ",</w>", ";</w>", ":</w>")
+
+
+def place_compel_tokens(pieces: list, truncate: bool = False) -> ChunkLayout:
+    """Lay tokens out as compel (``truncate_long_prompts=False``) splits a long prompt.
+
+    ``pieces`` are the tokenizer's pieces (``cat</w>``), with ``None`` where a new
+    chunk must start (between the prompts of compel's ``.and()``). compel's rule,
+    restated: while more than 75 tokens remain, the chunk ends after the last
+    sentence end (``.``) among the next 75; failing that after the last phrase end
+    (``. , ; :``); failing that after the last whole word; failing that after 75
+    tokens. With ``truncate`` (compel's default) each part is cut after 75 tokens:
+    the tokens cut get slots past the last chunk, which a reader drops.
+    """
+    chunks: list[list[int]] = []
+    segments: list[list[int]] = [[]]
+    position = 0
+    for piece in pieces:
+        if piece is None:
+            segments.append([])
+        else:
+            segments[-1].append(position)
+            position += 1
+    texts = [piece for piece in pieces if piece is not None]
+    cut: list[int] = []
+    for segment in segments:
+        remaining = segment
+        while True:
+            split = len(remaining) if len(remaining) <= CHUNK_TOKENS else _compel_split(
+                [texts[i] for i in remaining[:CHUNK_TOKENS]], truncate)
+            chunks.append(remaining[:split])
+            remaining = remaining[split:]
+            if not remaining or truncate:
+                break
+        cut += remaining
+    slots = [0] * position
+    for number, members in enumerate(chunks):
+        for offset, index in enumerate(members):
+            slots[index] = number * CHUNK_SLOTS + 1 + offset
+    for offset, index in enumerate(cut):  # past every chunk: a reader drops them
+        slots[index] = len(chunks) * CHUNK_SLOTS + 1 + offset
+    return ChunkLayout(tuple(slots), tuple(len(members) for members in chunks))
+
+
+def _compel_split(window: list[str], truncate: bool) -> int:
+    if truncate:
+        return CHUNK_TOKENS
+    for accept in (lambda t: t in _SENTENCE_END, lambda t: t in _PHRASE_END, lambda t: t.endswith("</w>")):
+        for index in range(len(window) - 1, -1, -1):
+            if accept(window[index]):
+                return index + 1
+    return CHUNK_TOKENS

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..tokens import TokenMap
-from .chunks import CHUNK_SLOTS, chunk_ids, place_tokens
+from .chunks import CHUNK_SLOTS, chunk_ids, place_compel_tokens, place_tokens
 from .types import UnsupportedSyntaxError, WeightedPrompt
 
 
@@ -64,9 +64,10 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "", syntax: str = "a
         emphasis: apply the prompt's weights to the embeddings, A1111's way (scale each token's
             embedding, then restore each chunk's mean). With ``False`` the weights are left to a
             :class:`xattn.Reweight` at the attention level. With ``syntax="compel"`` it is compel's
-            own formula instead (:mod:`xattn.prompts.compel_encode`; SD 1.x/2.x, one window, as
-            compel truncates by default).
-        max_chunks: keep at most this many chunks (``1`` is the 77-token truncation of a plain pipeline).
+            own formula instead (:mod:`xattn.prompts.compel_encode`; SD 1.x/2.x; ``.blend()``, ``.and()``,
+            ``.swap()``), and long compel prompts are split as compel splits them.
+        max_chunks: keep at most this many chunks (``1`` is the 77-token truncation of a plain pipeline;
+            for compel prompts ``1`` is compel's default ``truncate_long_prompts=True``, ``None`` its ``False``).
 
     The shorter of prompt and negative prompt is padded with chunks of the empty prompt, as A1111 does.
     """
@@ -79,14 +80,13 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "", syntax: str = "a
     if syntax == "compel" and emphasis and sdxl:
         raise UnsupportedSyntaxError("compel's embedding formula is implemented for SD 1.x/2.x only; pass "
                                      "emphasis=False and weight the words with Reweight.from_prompt", prompt, 0)
+    if syntax == "compel":
+        _check_compel(texts[:2], emphasis, max_chunks)
     if syntax == "compel" and emphasis:
         from .compel_encode import compel_embeds
 
-        if any(len(token_chunks(pipe.tokenizer, text)[0]) > 1 for text in texts):
-            raise UnsupportedSyntaxError("compel's formula for prompts over 75 tokens (its own splitting) is not "
-                                         "implemented; pass emphasis=False", prompt, 0)
-
-        encoded = [[(compel_embeds(tok, encoder, text), None) for tok, encoder in encoders] for text in texts]
+        encoded = [[(compel_embeds(tok, encoder, text, truncate=max_chunks == 1), None) for tok, encoder in encoders]
+                   for text in texts]
     else:
         encoded = [[_encode(encoder, tok, text, emphasis, max_chunks, sdxl) for tok, encoder in encoders]
                    for text in texts]
@@ -117,8 +117,17 @@ def token_chunks(tokenizer, prompt: WeightedPrompt,
         ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(fragment.text))  # no length warning
         stream += ids
         weights += [fragment.weight] * len(ids)
-    comma_ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(","))
-    layout = place_tokens(stream, comma_ids[0] if len(comma_ids) == 1 else None)
+    if prompt.syntax == "compel":  # compel's own splitting; max_chunks=1 is its cut after 75 tokens
+        layout = place_compel_tokens([None if token is None else tokenizer.convert_ids_to_tokens(token)
+                                      for token in stream], truncate=max_chunks == 1)
+        max_chunks = None
+        kept = [slot < layout.num_chunks * CHUNK_SLOTS for slot in layout.slots]
+        stream = [token for token, keep in zip((t for t in stream if t is not None), kept) if keep]
+        weights = [weight for weight, keep in zip(weights, kept) if keep]
+        layout = type(layout)(tuple(slot for slot, keep in zip(layout.slots, kept) if keep), layout.chunk_lengths)
+    else:
+        comma_ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(","))
+        layout = place_tokens(stream, comma_ids[0] if len(comma_ids) == 1 else None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = chunk_ids([token for token in stream if token is not None], layout, tokenizer.bos_token_id,
                      tokenizer.eos_token_id, pad)
@@ -127,6 +136,20 @@ def token_chunks(tokenizer, prompt: WeightedPrompt,
         multipliers[slot // CHUNK_SLOTS][slot % CHUNK_SLOTS] = weight
     keep = max_chunks or len(rows)
     return rows[:keep], multipliers[:keep]
+
+
+def _check_compel(prompts, emphasis: bool, max_chunks: int | None) -> None:
+    """What the compel formula (and compel's layout without it) cannot do, refused by name."""
+    if max_chunks not in (None, 1):
+        raise UnsupportedSyntaxError("compel keeps every chunk or (max_chunks=1) cuts each prompt after 75 tokens; "
+                                     f"max_chunks={max_chunks} has no compel meaning", prompts[0].text, 0)
+    for prompt in prompts:
+        operator = prompt.operator
+        if emphasis or operator is None:
+            continue
+        if operator.kind == "blend" or any(weight != 1 for weight in operator.weights):
+            raise UnsupportedSyntaxError(f"compel's .{operator.kind}() weights whole prompts' embeddings, which has "
+                                         "no attention-level form; encode it with emphasis=True", prompt.text, 0)
 
 
 def _encode(text_encoder, tokenizer, prompt: WeightedPrompt, emphasis: bool, max_chunks: int | None, sdxl: bool):

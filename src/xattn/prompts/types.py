@@ -80,6 +80,7 @@ class WeightedPrompt:
     spans: tuple[WeightedSpan, ...]
     fragments: tuple[Fragment, ...] = ()
     syntax: str = "a1111"
+    operator: CompelOperator | None = None  # compel's .blend() / .and() / .swap(); None for a plain prompt
 
     @property
     def breaks(self) -> tuple[int, ...]:
@@ -105,6 +106,75 @@ class WeightedPrompt:
             if span is not None:
                 result[word if count == 1 else f"{word}#{count}"] = span.weight
         return result
+
+
+@dataclass(frozen=True)
+class CompelSwap:
+    """One compel ``.swap()``: the words it replaces, their replacement, compel's step options.
+
+    ``options`` are compel's, as ``(name, value)`` pairs: ``s_start``/``s_end`` (self-attention) and
+    ``t_start``/``t_end`` (cross-attention), as fractions of the steps (``shape_freedom`` already turned
+    into ``s_end`` as compel turns it).
+    """
+
+    original: str
+    edited: str
+    options: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class CompelOperator:
+    """compel's operators on a parsed prompt (``WeightedPrompt.operator``).
+
+    ``kind`` is ``"blend"`` (a weighted sum of the ``parts``' embeddings, ``weights`` divided by their sum
+    unless ``normalize`` is off), ``"and"`` (the parts' embeddings one after the other, each moved away
+    from the empty prompt's by its weight) or ``"swap"`` (``parts`` is ``(source, target)``: compel embeds
+    the source; ``swaps`` says what is replaced). The record's own text and fragments are the first
+    part's (blend), all parts with a chunk break between them (and), or the source's (swap).
+    """
+
+    kind: str
+    parts: tuple[WeightedPrompt, ...]
+    weights: tuple[float, ...] = ()
+    normalize: bool = True
+    swaps: tuple[CompelSwap, ...] = ()
+
+    def as_edit(self) -> CompelEdit:
+        """A ``.swap()`` as an xattn prompt-to-prompt edit: compel-dialect source and target, step windows.
+
+        compel's ``t_start:t_end`` becomes the cross-attention window and ``s_start:s_end`` the
+        self-attention window (``None`` when empty); compel itself honours the first swap's options.
+        """
+        if self.kind != "swap":
+            raise UnsupportedSyntaxError(f"only a compel .swap() is an edit, not a .{self.kind}()", self.parts[0].text, 0)
+        options = dict(self.swaps[0].options)
+        self_window = f"{options['s_start']}:{options['s_end']}" if options["s_end"] > options["s_start"] else None
+        return CompelEdit(compel_text(self.parts[0]), compel_text(self.parts[1]),
+                          f"{options['t_start']}:{options['t_end']}", self_window)
+
+
+@dataclass(frozen=True)
+class CompelEdit:
+    """What :meth:`CompelOperator.as_edit` gives: ``xattn.edit.edit(pipe, e.source, e.target, **e.options())``."""
+
+    source: str
+    target: str
+    cross_steps: str
+    self_steps: str | None
+
+    def options(self) -> dict:
+        return {"syntax": "compel", "cross_steps": self.cross_steps, "self_steps": self.self_steps}
+
+
+def compel_text(prompt: WeightedPrompt) -> str:
+    """A parsed prompt written back in compel's dialect: plain fragments as text, weighted ones as ``(text)w``."""
+    out = []
+    for fragment in prompt.fragments:
+        text = regex.sub(r'([()"])', r"\\\1", fragment.text.strip())
+        text = regex.sub(r"([+-])(?=\s|$)", r"\\\1", text)
+        if text:
+            out.append(text if fragment.weight == 1 else f"({text}){fragment.weight!r}")
+    return " ".join(out)
 
 
 def weighted_prompt(fragments: list[Fragment], syntax: str) -> WeightedPrompt:
