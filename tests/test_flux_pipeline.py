@@ -1,4 +1,4 @@
-"""A tiny FluxPipeline end to end: rows, steps from ``timestep / 1000``, T5 words, word maps, true CFG refused.
+"""A tiny FluxPipeline end to end: rows, steps from ``timestep / 1000``, T5 words, word maps, true CFG.
 
 CLIP (pooled vector) and T5 (the text sequence) are tiny random-weight
 encoders; the pipeline is saved and loaded back. Expectations come from the
@@ -116,9 +116,62 @@ def test_step_ends_follow_the_schedule(pipe):
     assert steps.ended == [0, 1, 2]
 
 
-def test_true_cfg_is_refused_by_name(pipe):
-    with xattn.hooks(pipe, xattn.Capture()), pytest.raises(TrueCFGError, match="true_cfg_scale"):
-        call(pipe, negative_prompt="blurry", true_cfg_scale=2.0)
+TRUE_CFG = dict(negative_prompt="a blue square", true_cfg_scale=2.0)
+
+
+def test_true_cfg_calls_are_told_apart_and_no_hooks_is_stock(pipe):
+    stock = call(pipe, **TRUE_CFG)
+    assert (stock - call(pipe)).abs().max() > 1e-4  # the negative prompt changes the result
+    with xattn.hooks(pipe):
+        assert (call(pipe, **TRUE_CFG) - stock).abs().max() <= 1e-5
+    seen = []
+    with xattn.hooks(pipe, xattn.Hook("probs", lambda p, ctx: seen.append((ctx.step, ctx.layout.rows, p.shape[0])),
+                                      "sites=transformer_blocks.0.attn")):
+        call(pipe, **TRUE_CFG)
+    cond, uncond = (xattn.Row(True, 0, 0),), (xattn.Row(False, 0, 0),)
+    assert seen == [(step, rows, 1) for step in range(3) for rows in (cond, uncond)]  # prompt first, then negative
+
+
+def test_true_cfg_capture_keeps_the_prompts_maps_and_reweight_the_prompts_rows(pipe):
+    slots = circle_slots(pipe)
+    blocks = {True: [], False: []}
+
+    def keep(p, ctx):
+        blocks[ctx.layout.rows[0].cond].append(p[0][..., slots].double().sum(-1).mean(0))
+
+    capture = xattn.Capture()
+    with xattn.hooks(pipe, capture, xattn.Hook("probs", keep, "kind=joint")):
+        call(pipe, **TRUE_CFG)
+    assert len(blocks[True]) == len(blocks[False]) == 2 * 3
+    maps = capture.maps()
+    assert maps.resolutions == [(8, 12)] and maps.num_steps == 3
+    expected = (sum(blocks[True]) / len(blocks[True])).view(8, 12)
+    assert (maps.word("circle", normalize=False, size=(8, 12)).double() - expected).abs().max() <= 1e-6
+    assert (expected - (sum(blocks[False]) / 6).view(8, 12)).abs().max() > 1e-6  # the negative's maps differ
+
+    def zero(on_negative):
+        def hook(p, ctx):
+            if ctx.layout.rows[0].cond or on_negative:
+                p = p.clone()
+                p[..., slots] = 0
+            return p
+        return xattn.Hook("probs", hook, "kind=joint")
+
+    with xattn.hooks(pipe, xattn.Reweight({"circle": 0})):
+        got = call(pipe, **TRUE_CFG)
+    with xattn.hooks(pipe, zero(on_negative=False)):
+        expected_image = call(pipe, **TRUE_CFG)
+    with xattn.hooks(pipe, zero(on_negative=True)):
+        both = call(pipe, **TRUE_CFG)
+    assert (got - expected_image).abs().max() <= 1e-5 and (got - both).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("controller", [lambda: xattn.Replace(steps="0:2"), lambda: xattn.Capture(uncond=True)],
+                         ids=["replace", "capture-uncond"])
+def test_true_cfg_refuses_what_needs_both_rows_in_one_call_by_name(pipe, controller):
+    made = controller()
+    with xattn.hooks(pipe, made), pytest.raises(TrueCFGError, match=type(made).__name__):
+        call(pipe, **TRUE_CFG)
 
 
 def test_a_word_swap_shares_the_source_maps_inside_the_replace_window(pipe):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import lifecycle, steering
-from .adapters import Encoded, adapter_for, layout_of_pipeline_call, layout_without_encoding
+from .adapters import Encoded, adapter_for, combine, layout_of_pipeline_call, layout_without_encoding
 from .clock import StepClock
 from .dispatch import ActiveHooks, active_hooks, plan_sites
 from .errors import UnsupportedProcessorError
@@ -294,7 +294,9 @@ class Runtime:
     def _encoded_by_pipeline(self, arguments: dict, result) -> None:
         """What ``encode_prompt`` was called with and returned, read by the pipeline's adapter."""
         adapter = self.adapter
-        self._encoded = adapter.encoded(arguments, result) if adapter is not None else Encoded(None, [], 1, None, None)
+        new = adapter.encoded(arguments, result) if adapter is not None else Encoded(None, [], 1, None, None)
+        # Flux's true CFG encodes its negative prompt in a second call: the unconditional rows (adapters.combine)
+        self._encoded = combine(self._encoded, new, adapter, self.controllers(), type(self.pipe).__name__)
 
 
 RUNTIMES: "weakref.WeakKeyDictionary[nn.Module, Runtime]" = weakref.WeakKeyDictionary()

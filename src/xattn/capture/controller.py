@@ -155,6 +155,8 @@ class Capture(Controller):
     def active(self, ctx: HookContext) -> bool:
         if ctx.site.kind == "self" and max(ctx.res) > self.self_res:
             return False
+        if not self.uncond and ctx.layout.rows and not any(row.cond for row in ctx.layout.rows):
+            return False  # a call of unconditional rows only (Flux's true CFG): nothing to keep, stays fused
         heads = self._head_choice(ctx.site)
         return heads is None or heads.count > 0
 
