@@ -10,6 +10,8 @@ of the machine cancels out.
     python scripts/bench_overhead.py                      # CPU, 256x256, fp32
     python scripts/bench_overhead.py --device cuda        # 512x512, fp16
     python scripts/bench_overhead.py --edit               # a prompt-to-prompt batch (source + target)
+    python scripts/bench_overhead.py --model flux --threads 2   # Flux.1-width transformer, 512^2 and 1024^2
+    python scripts/bench_overhead.py --model sd3 --quick        # a smoke run of the SD3 table (tiny width)
 
 Run it on an otherwise idle machine; the figures go to docs/benchmarks.md.
 """
@@ -205,7 +207,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=None, help="comma list of substrings: run matching variants only")
     parser.add_argument("--edit", action="store_true",
                         help="time a prompt-to-prompt edit batch (source + target, guidance) against stock")
+    parser.add_argument("--model", choices=("sd15", "flux", "sd3"), default="sd15",
+                        help="sd15: the SD 1.5 UNet (default); flux / sd3: a joint-attention transformer at the real "
+                             "width, reduced depth, at 512^2 and 1024^2 token counts (scripts/bench_joint.py)")
+    parser.add_argument("--sizes", default=None, help="flux / sd3: image sides to time, e.g. 512,1024 (the default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one round, tiny sizes (flux / sd3: a tiny width too); not for figures")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+        args.size = args.size or 64
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model != "sd15":
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_joint  # next to this script
+
+        bench_joint.run(args, PeakMemory)
+        return
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
