@@ -173,6 +173,17 @@ def test_generated_operator_embeddings_equal_compels(sd1_pipe, prompt):
     assert (got - expected).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("prompt", [r"a\,b cat", r"x\- y", r"c\+ z", r"a\.b", r"a\=b", r"(c\+ d)1.2", r"a \(b\)",
+                                    r"x\-- y", r'say \"hi\"'])
+def test_escapes_reach_the_encoder_as_compel_sends_them(sd1_pipe, prompt):
+    oracle = compel_parser.PromptParser().parse_conjunction(prompt).prompts[0].children
+    mine = [f for f in parse_prompt(prompt, syntax="compel").fragments]
+    assert [(f.text.strip(), f.weight) for f in mine] == [(f.text, f.weight) for f in oracle]
+    with torch.no_grad():
+        expected = compel.Compel(tokenizer=sd1_pipe.tokenizer, text_encoder=sd1_pipe.text_encoder)(prompt)
+    assert (encode_prompt(sd1_pipe, prompt, syntax="compel").prompt_embeds - expected).abs().max().item() <= 1e-6
+
+
 # -- .swap() as an edit -----------------------------------------------------------------
 
 def test_swap_is_data_and_becomes_an_edit_compel_would_make():

@@ -8,7 +8,7 @@ What it reads (restated from compel's documented syntax; an independent implemen
 ``(words)1.3`` ``(words)++``           the group's weight, written right after ``)``
 ``"quoted words"++``                   the same for a quoted fragment
 ``(words).attend(1.3)``                the same, spelled out
-``\(`` ``\)`` ``\"`` ``\+`` ...        the literal character
+``\(`` ``\)`` ``\"``                 the literal character (``\+ \- \, \. \=`` keep the backslash)
 ``("a cat", "a dog").blend(0.7, 0.3)`` a weighted sum of the prompts' embeddings (whole prompt only)
 ``("a cat", "a dog").and(1, 0.5)``     the prompts' embeddings one after the other (``.add()`` too)
 ``cat.swap(dog)``                      prompt-to-prompt: the embedding is the source's (``cat``)
@@ -265,7 +265,8 @@ class _Reader:
         while self.position < len(self.prompt):
             char = self.prompt[self.position]
             if char == "\\" and self.prompt[self.position + 1 : self.position + 2] in tuple(_ESCAPABLE):
-                text.append(self.prompt[self.position + 1])
+                escaped = self.prompt[self.position + 1]  # compel unescapes only ( ) "; \+ reaches CLIP as is
+                text.append(escaped if escaped in '()"' else "\\" + escaped)
                 self.position += 2
                 continue
             if char.isspace() or char in _WORD_END:
