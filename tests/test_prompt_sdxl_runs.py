@@ -243,3 +243,23 @@ def test_prompt_kwargs_and_call(pipe64, prompt, parts):
     assert SCHEDULE_KEY in kwargs and "pooled_prompt_embeds" in kwargs
     got = call(pipe64, **kwargs, **_options(4.0)).images
     assert _gap(got, _reference(pipe64, parts, 4.0)) <= 1e-9
+
+
+# -- the empty negative prompt of encoded prompts --------------------------------------------------------------
+
+
+def test_a_weighted_prompt_gets_the_negative_a_plain_one_gets(pipe64):
+    """`a (red:1.0) circle` goes through xattn's encoder, `a red circle` through diffusers: the same image, as
+    both zero the empty negative prompt (diffusers' force_zeros_for_empty_prompt, A1111 on SDXL)."""
+    kwargs = prompt_kwargs(pipe64, ["a (red:1.0) circle"])
+    assert "prompt_embeds" in kwargs
+    assert _gap(call(pipe64, **kwargs, **_options(4.0)).images, pipe64("a red circle", **_options(4.0)).images) <= 1e-9
+
+
+def test_a_long_prompts_empty_negative_is_zeros_then_empty_chunks(sdxl_pipe):
+    kwargs = prompt_kwargs(sdxl_pipe, [FILLER + "red square"])
+    negative, pooled = kwargs["negative_prompt_embeds"], kwargs["negative_pooled_prompt_embeds"]
+    assert negative.shape[1] == 154 and not negative[:, :77].any() and not pooled.any()
+    assert torch.allclose(negative[:, 77:], _encode(sdxl_pipe, "")[0], atol=1e-6)  # padding: the empty prompt
+    written = prompt_kwargs(sdxl_pipe, [FILLER + "red square"], ["blurry"])
+    assert torch.allclose(written["negative_pooled_prompt_embeds"], _encode(sdxl_pipe, "blurry")[1], atol=1e-6)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .chunks import CHUNK_TOKENS
+from .chunks import CHUNK_SLOTS, CHUNK_TOKENS
 from .compose import is_composed
 from .editing import has_schedule
 from .encode import LongPromptTokenizer, encode_prompt, token_chunks
@@ -77,7 +77,23 @@ def prompt_kwargs(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
         if not keep_positive:
             kwargs["pooled_prompt_embeds"] = torch.cat([e.pooled_prompt_embeds for e in encoded])
         kwargs["negative_pooled_prompt_embeds"] = torch.cat([e.negative_pooled_prompt_embeds for e in encoded])
+        _zero_empty_negatives(pipe, kwargs, negatives or [""] * len(positives))
     return kwargs
+
+
+def _zero_empty_negatives(pipe, kwargs: dict, negatives: list) -> None:
+    """SDXL: an empty negative prompt is zeros (its chunk of hidden states and its pooled vector) where the
+    pipeline's config says ``force_zeros_for_empty_prompt``, as ``pipe(prompt)`` makes it and A1111 does on SDXL;
+    chunks that pad it to the prompt's length stay the empty prompt's encoding (A1111's padding)."""
+    if not getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return
+    empty = [index for index, text in enumerate(negatives) if not text]
+    if not empty:
+        return
+    hidden, pooled = kwargs["negative_prompt_embeds"].clone(), kwargs["negative_pooled_prompt_embeds"].clone()
+    hidden[empty, :CHUNK_SLOTS] = 0
+    pooled[empty] = 0
+    kwargs["negative_prompt_embeds"], kwargs["negative_pooled_prompt_embeds"] = hidden, pooled
 
 
 def hook_names(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
