@@ -25,7 +25,7 @@ import typer
 from ..app import runner
 from ..edit import EditError, SelfInject, edit
 from ..edit.defaults import recommended
-from ..edit.blend import BLEND_THRESHOLD
+from ..edit.blend import BLEND_DILATE, BLEND_STEPS, BLEND_THRESHOLD
 from ..edit.controllers import SELF_RES
 from ..edit.run import MODES
 from ..inversion import METHODS, invert
@@ -38,7 +38,8 @@ SHEET = "sheet.png"
 INPUT, RECONSTRUCTION = "input.png", "reconstruction.png"
 NO_WINDOW = ("none", "off")
 # Defaults of the edit's own options; they are None on the command line so a --config file can set them.
-EDIT_DEFAULTS: dict[str, Any] = {"mode": "auto", "threshold": BLEND_THRESHOLD, "cross_steps": f"0:{CROSS_STEPS}",
+EDIT_DEFAULTS: dict[str, Any] = {"mode": "auto", "threshold": BLEND_THRESHOLD, "blend_dilate": BLEND_DILATE,
+                                 "blend_steps": BLEND_STEPS, "blend_pixels": None, "cross_steps": f"0:{CROSS_STEPS}",
                                  "self_steps": f"0:{SELF_STEPS}", "self_res": SELF_RES}  # the library's, as text
 
 
@@ -53,15 +54,17 @@ def _pairs(items: list[str] | None, option: str, example: str) -> dict[str, str]
     return out
 
 
-def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None = None, *,
+                 inverted: bool = False) -> dict[str, Any]:
     """Check the command's edit options and turn them into :func:`xattn.edit.edit` arguments.
 
     Runs twice: on the command line before the model loads (a typo fails at
     once), and on the settings merged with ``--config`` and the model's edit
     defaults (``model_edit``, the ``"edit"`` section of its ``xattn_defaults.json``),
-    which fill what no flag or config value set.
+    which fill what no flag or config value set; ``inverted``: the edit is of an
+    ``--image`` (the section's ``inverted`` settings apply).
     """
-    model = recommended(model_edit, values.get("source") or "", values.get("target") or [])
+    model = recommended(model_edit, values.get("source") or "", values.get("target") or [], inverted=inverted)
     given = {key: values.get(key) for key in EDIT_DEFAULTS}
     merged = {key: model.get(key, EDIT_DEFAULTS[key]) if value is None else value for key, value in given.items()}
     if merged["mode"] not in MODES:
@@ -90,12 +93,45 @@ def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None
         blend_words = None  # --blend none: no blending, whatever the model recommends
     else:
         blend_words = [w.strip() for w in blend.split(",") if w.strip()]
+    threshold = number(merged["threshold"], "--threshold")
+    if not 0.0 <= threshold < 1.0:
+        raise EditError(f"--threshold is a fraction of the map's peak in [0, 1), not {threshold:g}")
+    try:
+        parse_window(merged["blend_steps"], what="--blend-steps")
+    except EditError as error:
+        raise EditError(str(error) if "--blend-steps" in str(error) else f"--blend-steps: {error}") from None
     return {
         "mode": merged["mode"], "cross_steps": windows, "self_steps": self_steps, "self_res": self_res,
-        "blend": blend_words,
-        "threshold": number(merged["threshold"], "--threshold"), "reweight": weights or None,
+        "blend": blend_words, "threshold": threshold, "blend_dilate": _dilate(merged["blend_dilate"]),
+        "blend_steps": merged["blend_steps"], "blend_pixels": _margin(merged["blend_pixels"]),
+        "reweight": weights or None,
         "rows": "all" if values.get("all_rows") else "cond",
     }
+
+
+def _dilate(value: Any) -> int:
+    """``--blend-dilate`` as a whole number of latent pixels >= 0 (a config may give ``"2"`` or ``2.0``)."""
+    try:
+        dilate = float(value) if isinstance(value, str) and value.strip() else value
+    except ValueError:
+        dilate = None
+    if isinstance(dilate, float) and dilate.is_integer():
+        dilate = int(dilate)
+    if isinstance(dilate, bool) or not isinstance(dilate, int) or dilate < 0:
+        raise EditError(f"--blend-dilate is a whole number of latent pixels >= 0, not {value!r}")
+    return dilate
+
+
+def _margin(value: Any) -> int | None:
+    """``--blend-pixels``: ``None`` or none/off (no composite), or a whole number of image pixels >= 0."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in NO_WINDOW):
+        return None
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.isdigit():
+        text = int(text)
+    if isinstance(text, bool) or not isinstance(text, int) or text < 0:
+        raise EditError(f"--blend-pixels is a whole number of image pixels >= 0, or none, not {value!r}")
+    return text
 
 
 def unweighted(parsed) -> str:
@@ -158,6 +194,16 @@ def register(app: typer.Typer) -> None:
         threshold: Annotated[Optional[float], typer.Option(
             help="Local blend threshold, a fraction of the map's peak.",
             show_default=f"the model's edit defaults, else {EDIT_DEFAULTS['threshold']}")] = None,
+        blend_dilate: Annotated[Optional[int], typer.Option(
+            help="Latent pixels by which the local blend's mask is widened (0: as thresholded).",
+            show_default=f"the model's edit defaults, else {EDIT_DEFAULTS['blend_dilate']}")] = None,
+        blend_steps: Annotated[Optional[str], typer.Option(
+            help="Steps after which the local blend puts the source back outside its mask: 0:1.0 (every step).",
+            show_default=f"the model's edit defaults, else {EDIT_DEFAULTS['blend_steps']}")] = None,
+        blend_pixels: Annotated[Optional[str], typer.Option(
+            help="Then take the edited image's pixels farther than this many pixels outside the blend mask from "
+                 "the source image, so the VAE decoder cannot tint what the blend kept (none: off).",
+            show_default="the model's edit defaults, else none")] = None,
         cross_steps: Annotated[Optional[str], typer.Option(
             help="Steps where cross-attention is replaced: 0:0.8 (fractions) or 0:20 (indices).",
             show_default=EDIT_DEFAULTS["cross_steps"])] = None,
@@ -202,7 +248,8 @@ def register(app: typer.Typer) -> None:
             written = source
             source, target, weights = prompt_weights(source, list(target), run.syntax)
             model_edit = runner.model_defaults(runner.resolve_model(settings.get("model"))).get("edit")
-            arguments = edit_options({**settings, "source": source, "target": target}, model_edit)
+            arguments = edit_options({**settings, "source": source, "target": target}, model_edit,
+                                     inverted=image is not None)
             arguments["reweight"] = {**weights, **(arguments["reweight"] or {})} or None  # a typed --reweight wins
             seed_value = int(settings["seed"])
             inversion = None

@@ -5,13 +5,18 @@ object's mask under a colour swap only with a tight local blend on that
 object), so they ship with the model, beside its sampling settings, and
 ``xattn edit`` uses them wherever no flag or config value says otherwise::
 
-    "edit": {"blend": "edited-object", "object_words": ["circle", "square", "triangle"], "threshold": 0.85}
+    "edit": {"blend": "edited-object", "object_words": ["circle", "square", "triangle"], "threshold": 0.85,
+             "inverted": {"blend_pixels": true}}
 
 ``blend`` is a list of words, or ``"edited-object"``: the object word whose
 attribute the target changes (``circle`` in ``a red circle`` -> ``a green
 circle``, prompt-to-prompt's attribute edit). When the target changes an
 object word itself (a shape swap) no blend is chosen: a tight blend would hold
 the new shape inside the old one's mask.
+
+``inverted`` holds settings that replace the others when the edited image is a
+real one, inverted with :func:`xattn.invert` (``xattn edit --image``): its
+measures differ (the background is compared with the input itself).
 """
 
 from __future__ import annotations
@@ -22,8 +27,12 @@ from typing import Any, Mapping, Sequence
 from .errors import EditError
 
 EDITED_OBJECT = "edited-object"
-# Keys of the "edit" section; all but object_words are option names of xattn.edit.edit / xattn edit.
-KEYS = ("mode", "cross_steps", "self_steps", "self_res", "blend", "threshold", "object_words")
+INVERTED = "inverted"
+# Keys of the "edit" section: OPTIONS are option names of xattn.edit.edit / xattn edit (``inverted`` may hold
+# them too); object_words names the objects ``blend: "edited-object"`` looks for.
+OPTIONS = ("mode", "cross_steps", "self_steps", "self_res", "blend", "threshold", "blend_dilate", "blend_steps",
+           "blend_pixels")
+KEYS = (*OPTIONS, "object_words", INVERTED)
 
 
 def _words(prompt: str) -> list[str]:
@@ -64,29 +73,41 @@ def check(section: Any, where: str = "the model's edit defaults") -> dict[str, A
     unknown = sorted(set(section) - set(KEYS))
     if unknown:
         raise EditError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(KEYS)}")
-    blend = section.get("blend")
-    if blend == EDITED_OBJECT and not section.get("object_words"):
-        raise EditError(f"{where}: blend {EDITED_OBJECT!r} needs object_words, the words that name objects")
-    if blend is not None and blend != EDITED_OBJECT and (
-            not isinstance(blend, list) or not all(isinstance(word, str) for word in blend)):
-        raise EditError(f"{where}: blend is a list of words or {EDITED_OBJECT!r}, not {blend!r}")
+    inverted = section.get(INVERTED)
+    if inverted is not None:
+        if not isinstance(inverted, Mapping):
+            raise EditError(f"{where}: {INVERTED} is a JSON object of edit settings, not {inverted!r}")
+        unknown = sorted(set(inverted) - set(OPTIONS))
+        if unknown:
+            raise EditError(f"{where}: {INVERTED}: unknown key(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    for part in (section, inverted or {}):
+        blend = part.get("blend")
+        if blend == EDITED_OBJECT and not section.get("object_words"):
+            raise EditError(f"{where}: blend {EDITED_OBJECT!r} needs object_words, the words that name objects")
+        if blend is not None and blend != EDITED_OBJECT and (
+                not isinstance(blend, list) or not all(isinstance(word, str) for word in blend)):
+            raise EditError(f"{where}: blend is a list of words or {EDITED_OBJECT!r}, not {blend!r}")
     return dict(section)
 
 
-def recommended(section: Any, source: str, targets: Sequence[str]) -> dict[str, Any]:
+def recommended(section: Any, source: str, targets: Sequence[str], *, inverted: bool = False) -> dict[str, Any]:
     """The model's edit settings for these prompts, as :func:`xattn.edit.edit` arguments.
 
     Args:
         section: the ``"edit"`` section of the model's defaults (None: no recommendation).
         source: the source prompt.
         targets: the target prompts.
+        inverted: the source is a real image inverted with :func:`xattn.invert`: the
+            section's ``inverted`` settings replace the others.
 
     Returns:
         Only the settings the model recommends; ``blend`` is resolved to words,
         and left out when ``"edited-object"`` finds no edited object in some target.
     """
     section = check(section)
-    out = {key: value for key, value in section.items() if key not in ("blend", "object_words")}
+    if inverted and section.get(INVERTED):
+        section = {**section, **section[INVERTED]}
+    out = {key: value for key, value in section.items() if key not in ("blend", "object_words", INVERTED)}
     blend = section.get("blend")
     if blend == EDITED_OBJECT:
         # One blend serves every target row, so it is chosen only when every target is an attribute edit.
@@ -99,4 +120,4 @@ def recommended(section: Any, source: str, targets: Sequence[str]) -> dict[str, 
     return out
 
 
-__all__ = ["EDITED_OBJECT", "KEYS", "check", "edited_objects", "recommended"]
+__all__ = ["EDITED_OBJECT", "INVERTED", "KEYS", "OPTIONS", "check", "edited_objects", "recommended"]

@@ -25,7 +25,7 @@ from ..files import OverwriteError, save_image_atomic, write_json_atomic
 from ..session import hooks
 from ..tokens import TokenMap
 from .align import choose_mode, chunk_count
-from .blend import BLEND_THRESHOLD, LocalBlend
+from .blend import BLEND_DILATE, BLEND_STEPS, BLEND_THRESHOLD, LocalBlend, composite_targets, pixel_margin
 from .controllers import SELF_RES, AutoEdit, Refine, Replace, SelfInject
 from .errors import EditError
 from .windows import CROSS_STEPS, SELF_STEPS, WindowSpec
@@ -90,6 +90,7 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
                       cross_steps: WindowSpec | Mapping[str, WindowSpec] = CROSS_STEPS, self_steps: WindowSpec = SELF_STEPS,
                       self_res: str | None = SELF_RES, blend: str | Sequence[str] | None = None,
                       threshold: float = BLEND_THRESHOLD, blend_res: str | None = None,
+                      blend_dilate: int = BLEND_DILATE, blend_steps: WindowSpec = BLEND_STEPS,
                       reweight: Mapping[str, float] | None = None, rows: str = "cond",
                       self_kind: str = "self") -> list:
     """The controllers of an edit, in the order they must run, checked against the prompts.
@@ -110,6 +111,8 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
         blend: words for :class:`LocalBlend` (``None``: no blending).
         threshold: LocalBlend's threshold.
         blend_res: map sizes LocalBlend reads (``None``: all cross sites).
+        blend_dilate: latent pixels by which LocalBlend widens its mask (0: as thresholded).
+        blend_steps: window of steps after which LocalBlend blends (default: every step).
         reweight: word -> weight for the target prompts (prompt-to-prompt's equalizer, ``scale`` mode).
         rows: ``"cond"`` or ``"all"`` (see :mod:`xattn.edit.pairs`).
         self_kind: ``"self"``, or ``"joint"`` on a transformer without separate self-attention,
@@ -132,7 +135,7 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
     cross.slot_windows(token_maps)  # raises for per-word windows naming absent words
     controllers: list = []
     if blend:
-        local_blend = LocalBlend(blend, threshold, res=blend_res)
+        local_blend = LocalBlend(blend, threshold, res=blend_res, dilate=blend_dilate, steps=blend_steps)
         local_blend.word_slots(token_maps)  # raises for absent words
         controllers.append(local_blend)
     if reweight:
@@ -253,10 +256,11 @@ def _sample(pipe, prompts: list[str], latents: torch.Tensor, seeds: list[int], *
 def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[int], *, mode: str = "auto",
                cross_steps: WindowSpec | Mapping[str, WindowSpec] = CROSS_STEPS, self_steps: WindowSpec = SELF_STEPS,
                self_res: str | None = SELF_RES, blend: str | Sequence[str] | None = None, threshold: float = 0.3,
-               blend_res: str | None = None, reweight: Mapping[str, float] | None = None, rows: str = "cond",
-               steps: int | None = None, guidance: float = 5.0, size=None, negative_prompt: str | None = None,
-               reprompt: bool = True, output_type: str = "pil", inversion=None,
-               syntax: str = "a1111") -> list[EditResult]:
+               blend_res: str | None = None, blend_dilate: int = BLEND_DILATE, blend_steps: WindowSpec = BLEND_STEPS,
+               reweight: Mapping[str, float] | None = None, rows: str = "cond", steps: int | None = None,
+               guidance: float = 5.0, size=None, negative_prompt: str | None = None, reprompt: bool = True,
+               output_type: str = "pil", inversion=None, syntax: str = "a1111",
+               blend_pixels: int | None = None) -> list[EditResult]:
     """Edit the source prompt's image into each target prompt's (prompt-to-prompt), for several seeds at once.
 
     All seeds, the source and every target go through one pipeline call
@@ -269,7 +273,7 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         targets: one target prompt or several (all edited in the same batch).
         seeds: one seed per image: the initial latent and the sampler's noise.
         mode, cross_steps, self_steps, self_res, blend, threshold, blend_res,
-            reweight, rows: see :func:`build_controllers`.
+            blend_dilate, blend_steps, reweight, rows: see :func:`build_controllers`.
         steps: number of denoising steps (``None``: 25, or the inversion's).
         guidance: classifier-free guidance scale.
         size: ``64`` or ``"WIDTHxHEIGHT"``; ``None`` for the model's size.
@@ -281,6 +285,10 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
             source row starts from its noise and follows it (one seed only;
             steps and size are the inversion's).
         syntax: the dialect the prompts are written in (``"a1111"`` or ``"compel"``).
+        blend_pixels: with ``blend``, also take each edited image's pixels farther than
+            this many pixels outside the last blend mask from the source image
+            (:func:`~xattn.edit.blend.composite`), so the VAE decoder cannot tint what
+            the blend kept; ``None``: off. PIL output only.
 
     Prompts are handed to the pipeline as ``xattn generate`` hands them
     (:func:`xattn.prompts.pipeline.prompt_kwargs`): plain prompts as text, and on
@@ -296,6 +304,8 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
     """
     if output_type not in ("pil", "latent"):
         raise EditError(f"output_type must be 'pil' or 'latent', not {output_type!r}")
+    if pixel_margin(blend_pixels) is not None and output_type != "pil":
+        raise EditError("blend_pixels composites decoded images: it needs output_type 'pil', not 'latent'")
     seeds = [int(seed) for seed in seeds]
     if not seeds:
         raise EditError("an edit needs at least one seed")
@@ -308,7 +318,8 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
     controllers = build_controllers(tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
                                     self_kind=_self_kind(pipe),
                                     self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
-                                    blend_res=blend_res, reweight=reweight, rows=rows)
+                                    blend_res=blend_res, blend_dilate=blend_dilate, blend_steps=blend_steps,
+                                    reweight=reweight, rows=rows)
     followers: list = []
     if inversion is None:
         steps = 25 if steps is None else steps
@@ -323,6 +334,7 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
     names = {} if tokenizer is pipe.tokenizer else {"prompts": [source, *targets], "tokenizer": tokenizer}
     with hooks(pipe, *followers, *controllers, **names):
         images = _sample(pipe, [source, *targets], latents, seeds, **common)
+    images, composited = composite_targets(images, len(seeds), controllers, blend_pixels)
     reprompts = _sample(pipe, targets, latents, seeds, **common) if reprompt else []
     token_maps = [TokenMap(tokenizer, p) for p in (source, *targets)]
     settings = {
@@ -332,6 +344,7 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         **({"syntax": syntax} if syntax != "a1111" else {}),
         **({"chunks": [chunk_count(t) for t in token_maps]} if token_maps[0].chunks is not None else {}),
         "controllers": [c.to_dict() for c in controllers],
+        **({"blend_pixels": blend_pixels} if composited else {}),
     }
     if inversion is not None:
         settings["inversion"] = inversion.to_dict()
