@@ -125,3 +125,13 @@ def test_reweight_of_a_chunk_two_word_through_prompts_equals_xattns_own_compel_e
     plain = _latents(sd1_pipe, compels, [], tokenizer)
     assert (reweighted - through_own).abs().max().item() <= 1e-5
     assert (reweighted - plain).abs().max().item() > 1e-3
+
+
+def test_a_plain_tokenizer_on_long_embeddings_says_the_word_was_cut_and_what_to_pass(sd1_pipe):
+    oracle = compel.Compel(tokenizer=sd1_pipe.tokenizer, text_encoder=sd1_pipe.text_encoder,
+                           truncate_long_prompts=False)
+    with torch.no_grad():
+        cond, uncond = oracle.pad_conditioning_tensors_to_same_length([oracle(PROMPT), oracle("")])
+    with pytest.raises(xattn.TokenError, match=r"'giraffe' was cut.*LongPromptTokenizer"):
+        _latents(sd1_pipe, {"prompt_embeds": cond, "negative_prompt_embeds": uncond},
+                 [xattn.Reweight({"giraffe": 3.0})], None)

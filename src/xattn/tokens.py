@@ -351,7 +351,8 @@ class TokenMap:
     def _missing_message(self, key: str, word_text: str) -> str:
         if any(normal_key(word_text) == normal_key(cut) for cut in self.cut_words):
             return (f"{key!r} was cut: the prompt holds more than {self._room()} tokens; the cut starts at "
-                    f"character {self.cut_from} ({self.prompt[self.cut_from:self.cut_from + 20]!r}...)")
+                    f"character {self.cut_from} ({self.prompt[self.cut_from:self.cut_from + 20]!r}...)"
+                    f"{'' if self.chunks else '; for long-prompt embeddings pass tokenizer=LongPromptTokenizer(...)'}")
         return f"{key!r} is not in the prompt {self.prompt!r}; its words are: {self._word_list()}"
 
     def word_at(self, slot: int) -> str:
