@@ -95,3 +95,23 @@ def test_maps_reads_the_prompt_in_its_syntax(sd1_path, tmp_path):
     assert a1111.words() == ["a", "red", "++", "circle"]  # A1111 reads ++ as text
     assert compel.token_map(0).indices("circle") == [3] and a1111.token_map(0).indices("circle") == [4]
     assert not (compel.word("red", normalize=False) == a1111.word("red", normalize=False)).all()
+
+
+def test_maps_of_an_and_prompt_draw_each_sub_prompt(sd1_path, tmp_path):
+    """AND (composable diffusion): one image, maps per sub-prompt; a --token of the second sub-prompt is the focus."""
+    single, composed = tmp_path / "single", tmp_path / "composed"
+    assert invoke("maps", "a red cat", "--model", sd1_path, "--out", single, *FAST).exit_code == 0
+    result = invoke("maps", "a red cat AND a blue dog", "--model", sd1_path, "--out", composed, "--per-step",
+                    "--token", "dog", "--token", "red", *FAST)
+    assert result.exit_code == 0, result.output
+    maps = load_maps(composed)
+    assert [text.strip() for text in maps.prompts] == ["a red cat", "a blue dog"] and maps.images_per_prompt == 1
+    assert maps.words(1) == ["a", "blue", "dog"] and maps.word("dog", prompt=1).shape == (32, 32)
+    assert not (composed / "image-1.png").exists()
+    from PIL import Image
+    one, both = Image.open(single / "words.png"), Image.open(composed / "words.png")
+    assert both.height > one.height  # two grids stacked (one panel per shown word in each)
+    report = (composed / "report.html").read_text()
+    assert "a red cat" in report and "a blue dog" in report
+    manifest = json.loads((composed / "manifest.json").read_text())
+    assert manifest["maps"]["focus_word"] == "dog" and (composed / "steps.png").exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from PIL import Image
 
 from ..capture import Capture, pictures
 from ..capture.controller import DEFAULT_BUDGET
@@ -31,7 +32,7 @@ from ..concepts import ConceptError, concepts as concept_maps
 from ..inversion import METHODS, InversionError, invert
 from ..selector import Selector
 from ..validate import OptionError, parse_size
-from ..tokens import TokenMap
+from ..tokens import TokenError, TokenMap
 from . import common
 
 WORD_GRID = "words.png"
@@ -175,11 +176,12 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
                             **({"syntax": run.syntax} if run.syntax != "a1111" else {})})
     focus = shown[0] if shown else _most_attended(word_maps)
     shown = shown or word_maps.words(0)
-    run.save_image(pictures.word_grid(pictures_made[0], word_maps, words=shown, scale=scale), WORD_GRID)
-    run.save_image(pictures.resolution_breakdown(pictures_made[0], word_maps, focus, scale=scale), RESOLUTIONS)
+    run.save_image(_word_grids(pictures_made[0], word_maps, token, scale), WORD_GRID)
+    holder = next(sub for sub in range(word_maps.num_prompts) if _names(word_maps, sub, focus))  # AND: its sub-prompt
+    run.save_image(pictures.resolution_breakdown(pictures_made[0], word_maps, focus, holder, scale=scale), RESOLUTIONS)
     if per_step:
-        run.save_image(pictures.step_strip(pictures_made[0], word_maps, focus, scale=scale), STEP_STRIP)
-    write_report(word_maps, pictures_made, run.new_path(REPORT), title=prompt)
+        run.save_image(pictures.step_strip(pictures_made[0], word_maps, focus, holder, scale=scale), STEP_STRIP)
+    write_report(word_maps, _images_per_prompt(pictures_made, word_maps), run.new_path(REPORT), title=prompt)
     run.new_path(MAPS_FILE)
     save_maps(word_maps, run.folder, manifest=False)
     seeds = [first_seed + k for k in range(len(pictures_made))]
@@ -188,6 +190,39 @@ def _maps(run, prompt: str, token, capture: Capture, selector: Selector, images:
         "selector": str(selector), "per_step": per_step, "budget": budget, "shown_words": shown,
         "focus_word": focus, "syntax": run.syntax, **inverted,
         **({} if concepts is None else {"concepts": concepts})}))
+
+
+def _word_grids(image, word_maps, token, scale: str):
+    """words.png: the word grid of the prompt; with AND, one grid per sub-prompt, stacked (they share the image)."""
+    grids = []
+    for sub in range(word_maps.num_prompts):
+        words = [word for word in token if _names(word_maps, sub, word)] if token else word_maps.words(sub)
+        if words:
+            grids.append(pictures.word_grid(image, word_maps, sub, words=words, scale=scale))
+    if len(grids) == 1:
+        return grids[0]
+    sheet = Image.new("RGB", (max(grid.width for grid in grids), sum(grid.height for grid in grids)), "white")
+    top = 0
+    for grid in grids:
+        sheet.paste(grid, (0, top))
+        top += grid.height
+    return sheet
+
+
+def _names(word_maps, sub: int, word: str) -> bool:
+    """Whether sub-prompt ``sub`` holds ``word`` (a word or phrase, as --token takes it)."""
+    try:
+        word_maps.token_map(sub).indices(word)
+    except TokenError:
+        return False
+    return True
+
+
+def _images_per_prompt(made: list, word_maps) -> list:
+    """The images in the maps' order; the sub-prompts of an AND prompt all drew the same images."""
+    if word_maps.num_prompts > 1 and len(made) == word_maps.images_per_prompt:
+        return [image for _ in range(word_maps.num_prompts) for image in made]
+    return made
 
 
 def _real_image(run, prompt: str, real: dict, capture: Capture):
