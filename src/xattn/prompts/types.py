@@ -171,9 +171,10 @@ def compel_text(prompt: WeightedPrompt) -> str:
     out = []
     for fragment in prompt.fragments:
         text = regex.sub(r'([()"])', r"\\\1", fragment.text.strip())
-        text = regex.sub(r"([+-])(?=\s|$)", r"\\\1", text)
+        text = regex.sub(r"(?<!\\)([+-])(?=\s|$)", r"\\\1", text)  # a sign ending a word is a weight
         if text:
-            out.append(text if fragment.weight == 1 else f"({text}){fragment.weight!r}")
+            weight = f"{fragment.weight:.12f}".rstrip("0").rstrip(".")  # compel reads no exponent
+            out.append(text if fragment.weight == 1 else f"({text}){weight}")
     return " ".join(out)
 
 
