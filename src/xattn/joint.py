@@ -42,6 +42,8 @@ from torch import nn
 
 from .concepts import live_stream
 from .errors import UnsupportedProcessorError
+from .joint_block import block_attention, mask_rows as _mask_rows, others as _others, scale_rows as _scale_rows, \
+    usable, with_bias as _with_bias
 from .processor import XattnProcessor
 from .sites import PACKING, Site
 
@@ -308,11 +310,10 @@ def joint_attention(active, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 def _explicit(active, q, k, v, mask, scale, parts: Parts, bias, weights) -> torch.Tensor:
     """softmax over the joint keys, with ``scores`` / ``probs`` hooks on the rows x columns block, then @ V."""
     rows, columns = parts.rows, parts.columns
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, h, s, s]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    if bias is not None:
-        scores[:, :, rows, columns] += bias[:, None, None, :]
+    if usable(active, q, k, v):  # probs hooks only, no gradients: the block alone (joint_block.py)
+        return block_attention(active, q, k, v, mask, scale, rows, columns, bias, weights,
+                               lambda run: _handing_over(lambda: _whole(q, k, mask, scale, parts, bias), run))
+    scores = _scores(q, k, mask, scale, parts, bias)  # [b, h, s, s]
     if active.has("scores"):
         block = scores[:, :, rows, columns]  # [b, h, i, j]: a view
         new = active.run("scores", block)
@@ -321,32 +322,55 @@ def _explicit(active, q, k, v, mask, scale, parts: Parts, bias, weights) -> torc
     probs = scores.float().softmax(dim=-1).to(q.dtype)  # [b, h, s, s]
     block = probs[:, :, rows, columns]  # [b, h, i, j]: a view of the joint map
     new = block if weights is None else block * weights[:, None, None, :]
-    outer = getattr(_WHOLE, "map", None)
-    _WHOLE.map = (probs, parts)  # read-only hand-off while the hooks run: see whole_joint_map()
-    try:
-        new = active.run("probs", new)
-    finally:
-        _WHOLE.map = outer
+    new = _handing_over((probs, parts), lambda: active.run("probs", new))  # read-only: see whole_joint_map()
     if new is not block:
         probs = probs.clone()  # softmax's output is saved for its backward: write into a copy
         probs[:, :, rows, columns] = new
     return torch.matmul(probs, v)  # [b, h, s, d]
 
 
-_WHOLE = threading.local()  # this thread's (whole joint softmax, Parts) while ``probs`` hooks run in _explicit
+def _scores(q, k, mask, scale, parts: Parts, bias) -> torch.Tensor:
+    """The joint logits with the mask, and ``logit_bias`` on the block: [b, h, s, s]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if bias is not None:
+        scores[:, :, parts.rows, parts.columns] += bias[:, None, None, :]
+    return scores
+
+
+def _whole(q, k, mask, scale, parts: Parts, bias):
+    return _scores(q, k, mask, scale, parts, bias).float().softmax(dim=-1).to(q.dtype), parts
+
+
+def _handing_over(whole, run: Callable):
+    """``run()`` while :func:`whole_joint_map` hands ``whole`` over (or what calling it builds, on demand)."""
+    outer = getattr(_WHOLE, "map", None)
+    _WHOLE.map = whole
+    try:
+        return run()
+    finally:
+        _WHOLE.map = outer
+
+
+_WHOLE = threading.local()  # this thread's (whole joint softmax, Parts), or how to build it, while probs hooks run
 
 
 def whole_joint_map() -> tuple[torch.Tensor, Parts] | None:
     """For a ``probs`` hook at a joint site that asks: the whole joint softmax and where its blocks sit.
 
-    Returns ``(probs, parts)`` while this thread's ``probs`` hooks run in the explicit path, else None:
+    Returns ``(probs, parts)`` while this thread's ``probs`` hooks run at a joint site, else None:
     ``probs`` is ``[b, h, s, s]`` over the joint sequence (the image->text block before ``value_scale``
     and before any ``probs`` hook's change), ``parts.rows`` the image and ``parts.columns`` the text
     positions. It is read-only: write nothing into it (the output is ``probs @ V``); a hook changes the
     map only by returning a new image->text block.
-    Nothing is computed for it; ``xattn.Capture(blocks=...)`` reads the other blocks from it.
+    The block path (:mod:`xattn.joint_block`) builds it only when this is called, once per call;
+    ``xattn.Capture(blocks=...)`` reads the other blocks from it.
     """
-    return getattr(_WHOLE, "map", None)
+    handed = getattr(_WHOLE, "map", None)
+    if callable(handed):  # the block path built no whole map: build it now, once
+        handed = _WHOLE.map = handed()
+    return handed
 
 
 def _borrow(active, q, k, mask):
@@ -359,38 +383,6 @@ def _borrow(active, q, k, mask):
     if mask is not None and mask.shape[0] == batch:
         mask = mask[rows]
     return q[rows], k[rows], mask
-
-
-def _with_bias(mask, bias, columns: slice, keys: int, dtype) -> torch.Tensor | None:
-    """The additive mask with ``bias`` on the text columns: [b, h|1, s|1, s]."""
-    if bias is None:
-        return mask
-    full = torch.zeros(bias.shape[0], keys, dtype=dtype, device=bias.device)
-    full[:, columns] = bias
-    full = full[:, None, None, :]  # [b, 1, 1, s]
-    if mask is None:
-        return full
-    if mask.dtype == torch.bool:  # True = keep, as SDPA reads boolean masks
-        mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, float("-inf"))
-    return mask + full
-
-
-def _scale_rows(v: torch.Tensor, weights: torch.Tensor, columns: slice) -> torch.Tensor:
-    """V with its text rows scaled: P diag(c) V = P (diag(c) V).  [b, h, s, d]"""
-    factor = torch.ones(v.shape[0], v.shape[2], dtype=v.dtype, device=v.device)
-    factor[:, columns] = weights
-    return v * factor[:, None, :, None]
-
-
-def _others(rows: slice, length: int) -> slice:
-    """The query rows outside ``rows`` (one contiguous run: text and image sit at the two ends)."""
-    return slice(rows.stop, length) if rows.start == 0 else slice(0, rows.start)
-
-
-def _mask_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    if mask is None or mask.ndim < 2 or mask.shape[-2] == 1:
-        return mask
-    return mask[..., rows, :]
 
 
 __all__ = ["FAMILIES", "JOINT_PROCESSORS", "Family", "JointProcessor", "Parts", "family_of", "is_joint",
