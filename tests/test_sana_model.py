@@ -183,3 +183,10 @@ def test_processors_restored_after_an_exception(sana):
     with pytest.raises(RuntimeError, match="boom"):
         run(sana, xattn.Hook("probs", fail), **inputs())
     assert all(sana.attn_processors[name] is p for name, p in before.items())
+
+
+def test_one_map_size_tells_transformers_from_unets(sana):
+    from tiny_models import sd1_unet
+    from xattn.sites import one_map_size
+
+    assert one_map_size(sana) and not one_map_size(sd1_unet())

@@ -215,6 +215,12 @@ def sites(model) -> list[Site]:
     return found
 
 
+def one_map_size(model) -> bool:
+    """Whether every site of ``model`` sees one map size, its latent's patch grid (a transformer: SD3, Flux,
+    PixArt, Sana), rather than a UNet's pyramid; there, sizes written for a UNet (``res=16,8``) match nothing."""
+    return not any(site.block in ("down", "mid", "up") for site in sites(model))
+
+
 def latent_size(sample, arguments: dict[str, Any]) -> tuple[int, int]:
     """(H, W) of the latent behind a denoiser call's input.
 
