@@ -158,10 +158,10 @@ def test_cli_maps_and_generate_on_a_saved_sana_folder(sana_path, tmp_path):
                                  "--steps", "2", "--size", "32", "--seed", "1"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     maps = load_maps(out)
-    # Sana bins the requested size to its nearest trained aspect ratio (diffusers' use_resolution_binning, on
-    # by default: 512 x 512 for this sample_size) and resizes the image back; the maps are those of the run.
-    assert maps.words() == ["a", "red", "circle"] and maps.image_size == (512, 512)
-    assert maps.resolutions == [(128, 128)] and maps.word("circle").shape == (512, 512)
+    # --size is the size run: the CLI turns off diffusers' resolution binning (which would run the nearest
+    # trained aspect ratio, 512 x 512 here, and resize the image back) so the maps are those of a 32 x 32 image.
+    assert maps.words() == ["a", "red", "circle"] and maps.image_size == (32, 32)
+    assert maps.resolutions == [(8, 8)] and maps.word("circle").shape == (32, 32)
     result = runner.invoke(app, ["generate", "a red circle", "--model", str(sana_path), "--out",
                                  str(tmp_path / "gen"), "--steps", "2", "--size", "32", "--seed", "1"],
                            catch_exceptions=False)
