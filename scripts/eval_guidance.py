@@ -5,8 +5,8 @@ On the held-out captions (``xattn.world.heldout_prompts``) and fixed seeds:
 
 - binding: in two-object captions, each named colour's blob has its named shape
   (plain, ``Bind``, ``Excite`` + ``Bind``);
-- objects: exactly one object for one-object captions, both colours for pairs
-  (plain, ``Excite``);
+- objects: exactly one object for one-object captions (plain, ``Excite``,
+  ``Focus``), both colours for pairs;
 - boxes: the object's centroid inside its box, for left/right and top/bottom
   halves (plain, ``Layout``), on a model that never saw positions.
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=8, help="N seeds per caption")
     parser.add_argument("--first-seed", type=int, default=0, help="the first of them (step sizes were chosen on 0-1)")
-    parser.add_argument("--step-size", type=float, default=20.0, help="for Layout (Attend-and-Excite's 20)")
+    parser.add_argument("--step-size", type=float, default=20.0, help="for Layout and Focus (Attend-and-Excite's 20)")
     parser.add_argument("--word-step-size", type=float, default=0.5,
                         help="for Excite and Bind (their losses are on another scale; 0.5 chosen on seeds 0-1)")
     parser.add_argument("--steps", default="0.5", help="guidance window")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import xattn
     from diffusers import StableDiffusionPipeline
-    from xattn.guide import Bind, Excite, Guide, Layout
+    from xattn.guide import Bind, Excite, Focus, Guide, Layout
     from xattn.world import heldout_prompts
     from xattn.world import measure
 
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         add(f"pairs both colours, {label}", float(np.mean(both)), 0.0)
 
     for label, make in [("plain", lambda named: []),
-                        ("excite", lambda named: guide(Excite([w for pair in named for w in pair])))]:
+                        ("excite", lambda named: guide(Excite([w for pair in named for w in pair]))),
+                        ("focus", lambda named: guide(Focus([w for pair in named for w in pair]),
+                                                      step_size=args.step_size))]:
         one, spent = [], 0.0
         for prompt in singles:
             batch, took = images(prompt, make(measure.object_words(prompt)))
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in rows.items():
         print(f"{name:<{width}}  {value:.3f}  {seconds[name]:.1f}")
     print(f"({len(pairs)} pair and {len(singles)} single captions x {len(seeds)} seeds, "
-          f"step size {args.step_size} (Layout) and {args.word_step_size} (Excite, Bind), window {args.steps}; "
+          f"step size {args.step_size} (Layout, Focus) and {args.word_step_size} (Excite, Bind), window {args.steps}; "
           "seconds are wall time of that row, one thread)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

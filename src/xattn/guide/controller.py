@@ -36,7 +36,8 @@ class Guide(Controller):
     """Guide sampling with losses on attention maps.
 
     Args:
-        *losses: :class:`Excite`, :class:`Bind`, :class:`Layout` (they add up, each with its weight).
+        *losses: :class:`Excite`, :class:`Bind`, :class:`Layout`, :class:`Focus` (they add up, each with its
+            weight).
         steps: window of steps to guide (``0.5``: the first half, as Attend-and-Excite's 25 of 50).
         step_size: the gradient step's scale (Attend-and-Excite: 20).
         refine: ``{step: target loss}``: at those steps, repeat until the loss is at most the target.
@@ -78,6 +79,7 @@ class Guide(Controller):
         self._collecting = False
         self._sums: dict = {}
         self._slots: dict[int, _Slots] = {}  # prompt index -> its words' slots, resolved once per run
+        self._state: dict[tuple[int, int], dict] = {}  # (row, loss) -> a stateful loss's memory, for one run
         self.losses_seen: list[tuple[int, float]] = []  # (step, loss) before each update, for inspection
 
     def begin_run(self, run: Run) -> None:
@@ -160,7 +162,9 @@ class Guide(Controller):
         rows = []
         for row, layout_row in enumerate(steer.layout.rows):
             word_maps = self._slots_of(steer, layout_row.prompt).word_maps(text[row])
-            rows.append(sum(loss.weight * loss(word_maps) for loss in self.losses))
+            rows.append(sum(loss.weight * (loss(word_maps, self._state.setdefault((row, index), {}))
+                                           if getattr(loss, "stateful", False) else loss(word_maps))
+                            for index, loss in enumerate(self.losses)))
         return torch.stack(rows)
 
     def _slots_of(self, steer, prompt: int) -> "_Slots":

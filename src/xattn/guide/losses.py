@@ -185,6 +185,49 @@ class Layout(Loss):
         return {"loss": "layout", "boxes": {k: list(v) for k, v in self.boxes.items()}, "weight": self.weight}
 
 
+class Focus(Loss):
+    """One object: the words' attention inside one disk, chosen by the image itself at its first guided pass.
+
+    At the first pass of a run the disk (radius ``radius`` times the map's
+    side) is centred where the words' summed, smoothed maps peak, and kept
+    for the rest of the run; the loss is ``1 - mean_w (A_w inside) / (A_w total)``.
+    A box the image picks for itself, as :class:`Layout` takes one from the
+    user: attention that starts a second copy of the object, or draws its
+    colour apart from its shape, is pulled back to the first. The disk is
+    per image (the controller keeps it in ``state``).
+    """
+
+    lower_bound = 0.0
+    stateful = True  # the controller passes each image's own ``state`` dict, kept for the run
+
+    def __init__(self, words: str | Sequence[str], radius: float = 0.25, weight: float = 1.0):
+        self.targets = _checked_words(words, "Focus")
+        self.radius = _finite(radius, "Focus radius")
+        if not 0 < self.radius <= 2:
+            raise GuidanceError(f"Focus radius must be a fraction of the map's side in (0, 2], not {radius!r}")
+        self.weight = _checked_weight(weight, "Focus")
+
+    def words(self) -> list[str]:
+        return list(self.targets)
+
+    def __call__(self, word_maps, state=None):
+        stacked = torch.stack([word_maps[w] for w in self.targets])  # [k, H, W]
+        state = {} if state is None else state
+        if "disk" not in state:
+            with torch.no_grad():
+                summed = _smooth((stacked / stacked.flatten(1).sum(1).clamp(min=1e-12)[:, None, None]).sum(0)[None])[0]
+                height, width = summed.shape
+                peak = int(summed.flatten().argmax())
+                rows = torch.arange(height, device=summed.device)[:, None] - peak // width
+                cols = torch.arange(width, device=summed.device)[None, :] - peak % width
+                state["disk"] = ((rows ** 2 + cols ** 2) <= (self.radius * max(height, width)) ** 2).to(stacked.dtype)
+        inside = (stacked * state["disk"]).flatten(1).sum(1) / stacked.flatten(1).sum(1).clamp(min=1e-12)
+        return (1.0 - inside).mean()
+
+    def to_dict(self) -> dict:
+        return {"loss": "focus", "words": self.targets, "radius": self.radius, "weight": self.weight}
+
+
 def loss_from_dict(record: Mapping) -> Loss:
     """The loss a :meth:`Loss.to_dict` record describes (manifests, PNG metadata)."""
     kind = record.get("loss")
@@ -195,7 +238,9 @@ def loss_from_dict(record: Mapping) -> Loss:
         return Bind(record["pairs"], weight)
     if kind == "layout":
         return Layout({k: tuple(v) for k, v in record["boxes"].items()}, weight)
-    raise GuidanceError(f"unknown guidance loss {kind!r}; known: excite, bind, layout")
+    if kind == "focus":
+        return Focus(record["words"], record.get("radius", 0.25), weight)
+    raise GuidanceError(f"unknown guidance loss {kind!r}; known: excite, bind, layout, focus")
 
 
-__all__ = ["Bind", "Box", "Excite", "GuidanceError", "Layout", "Loss", "loss_from_dict"]
+__all__ = ["Bind", "Box", "Excite", "Focus", "GuidanceError", "Layout", "Loss", "loss_from_dict"]
