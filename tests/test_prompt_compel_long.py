@@ -135,3 +135,55 @@ def test_a_plain_tokenizer_on_long_embeddings_says_the_word_was_cut_and_what_to_
     with pytest.raises(xattn.TokenError, match=r"'giraffe' was cut.*LongPromptTokenizer"):
         _latents(sd1_pipe, {"prompt_embeds": cond, "negative_prompt_embeds": uncond},
                  [xattn.Reweight({"giraffe": 3.0})], None)
+
+
+# -- generated long prompts: punctuation where compel splits, signs before punctuation, weights everywhere -----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VOCAB = st.sampled_from("red blue green circle square triangle cat dog forest corner x-ray".split())
+WORD = st.tuples(VOCAB, st.sampled_from(["", "", "+", "++", "-", "--"]),
+                 st.sampled_from(["", "", "", ",", ".", ";", ":"])).map("".join)
+
+
+@st.composite
+def long_prompt(draw):
+    parts = []
+    for _ in range(draw(st.integers(3, 12))):
+        text = " ".join(draw(st.lists(WORD, min_size=1, max_size=18)))
+        shape = draw(st.sampled_from(["plain", "plain", "group", "quoted"]))
+        if shape == "group":
+            text = f"({text}){draw(st.sampled_from(['0.5', '1.3', '0.8', '++', '-']))}"
+        elif shape == "quoted":
+            text = f'"{text}"{draw(st.sampled_from(["0.6", "1.2"]))}'
+        parts.append(text)
+    return " ".join(parts)
+
+
+def _spaced(fragments):
+    """Words and punctuation of ``(text, weight)`` fragments: compel spaces a group's ``,`` and ``.`` apart."""
+    import re
+
+    return [(piece, round(weight, 12)) for text, weight in fragments
+            for piece in re.findall(r"[^\s,.;:]+|[,.;:]", text)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(long_prompt())
+def test_generated_long_prompts_parse_as_compel_parses_them(prompt):
+    oracle = compel.prompt_parser.PromptParser().parse_conjunction(prompt).prompts[0].children
+    mine = parse_prompt(prompt, syntax="compel").fragments
+    assert _spaced([(f.text, f.weight) for f in mine]) == _spaced([(f.text, f.weight) for f in oracle])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=long_prompt(), truncate=st.booleans())
+def test_generated_long_prompts_embed_as_compel_embeds_them(sd1_pipe, prompt, truncate):
+    oracle = compel.Compel(tokenizer=sd1_pipe.tokenizer, text_encoder=sd1_pipe.text_encoder,
+                           truncate_long_prompts=truncate)
+    with torch.no_grad():
+        expected = oracle(prompt)
+    got = encode_prompt(sd1_pipe, prompt, syntax="compel", max_chunks=1 if truncate else None).prompt_embeds
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-6

@@ -335,11 +335,10 @@ class _Reader:
         return _Node("", 1.0, original, tuple(edited), tuple(sorted(options.items())))
 
     def sign_run_ends_here(self) -> bool:
-        """A run of one sign that ends the word (at a space, the end, or syntax) is its weight."""
-        end = self.position
-        while end < len(self.prompt) and self.prompt[end] == self.prompt[self.position]:
-            end += 1
-        return end == len(self.prompt) or self.prompt[end].isspace() or self.prompt[end] in _ESCAPABLE
+        """compel keeps a sign in a word only when a plain character follows it (``x-ray``); a sign before
+        a space, the end, syntax or another sign (``cat--:``) ends the word, and its run is the weight."""
+        following = self.prompt[self.position + 1 : self.position + 2]
+        return not following or following.isspace() or following in _ESCAPABLE
 
     def suffix(self, numbers: bool) -> float:
         """``+++`` / ``--`` / a number (after groups only) / ``.attend(w)``; 1.0 when none."""
