@@ -63,6 +63,13 @@ def test_the_shipped_model_recommends_the_blend_of_docs_editing(shipped_edit_sec
     assert settings == {"blend": ["circle"], "threshold": 0.85}
 
 
+def test_inverted_images_take_the_shipped_inverted_settings_over_the_others(shipped_edit_section):
+    source, target = COLOUR_SWAPS[0][:2]
+    generated = recommended(shipped_edit_section, source, [target])
+    inverted = recommended(shipped_edit_section, source, [target], inverted=True)
+    assert inverted == {**generated, **shipped_edit_section["inverted"]} and inverted != generated
+
+
 def test_malformed_sections_are_refused():
     with pytest.raises(EditError, match="unknown key"):
         recommended({"blend_words": ["circle"]}, "a red circle", ["a blue circle"])
