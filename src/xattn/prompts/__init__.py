@@ -71,10 +71,12 @@ def parse_prompt(text: str, syntax: str = "a1111", strict: bool = False) -> Weig
         strict: raise :class:`PromptSyntaxError` where A1111 silently repairs a prompt
             (unbalanced brackets, a stray backslash, a colon in a group that is no weight, ``()``).
 
-    Raises :class:`UnsupportedSyntaxError` for syntax the dialect defines but
-    xattn does not run yet (A1111's ``AND``, compel's ``.blend()``...), and its
-    subclass :class:`ScheduledPromptError` for A1111's prompt editing and
-    alternation, which are a step schedule (:func:`parse_schedule`, :class:`PromptSchedule`).
+    Raises :class:`UnsupportedSyntaxError` for syntax that is not one weighted
+    prompt: A1111's ``AND`` (composable diffusion, :func:`split_composition`, :class:`ComposedPrompt`) and
+    compel's ``withLora()``; and its subclass :class:`ScheduledPromptError` for
+    A1111's prompt editing and alternation, which are a step schedule
+    (:func:`parse_schedule`, :class:`PromptSchedule`). compel's ``.blend()``,
+    ``.and()`` and ``.swap()`` parse, and are carried on ``WeightedPrompt.operator``.
     """
     if syntax == _TEXT_SYNTAX:
         return read_a1111_text(text, strict=strict)
