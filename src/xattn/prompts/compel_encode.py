@@ -1,4 +1,4 @@
-"""compel's embedding formula for the compel dialect (SD 1.x/2.x), long prompts and operators included.
+"""compel's embedding formula for the compel dialect (SD 1.x/2.x and SDXL), long prompts and operators included.
 
 Restated from compel 2.5.1's documentation and behaviour (an independent implementation):
 
@@ -18,7 +18,11 @@ Restated from compel 2.5.1's documentation and behaviour (an independent impleme
   ``e_empty + w · (e - e_empty)``, every slot) concatenated along the sequence;
 * ``.swap()``: the source prompt's embedding, padded to the target's length
   (compel hands the edit to cross-attention control; see
-  :func:`xattn.prompts.compel_swap` for running it as an xattn edit).
+  :func:`xattn.prompts.compel_swap` for running it as an xattn edit);
+* SDXL (compel with both tokenizers and encoders, ``PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED``,
+  ``requires_pooled=[False, True]``): every step above runs per encoder on its penultimate
+  layer (``penultimate=True``, its own empty prompt too), the two results side by side along
+  the features; the pooled vector is :func:`compel_pooled` of the prompt *as written*.
 """
 
 from __future__ import annotations
@@ -34,17 +38,23 @@ _SMALLEST_WEIGHT = 1e-5  # compel's floor, so that tan() stays finite
 
 
 @torch.no_grad()
-def compel_embeds(tokenizer, text_encoder, prompt: WeightedPrompt, truncate: bool = False) -> torch.Tensor:
-    """``[1, 77k, d]`` embeddings of a compel-dialect prompt in compel's formula."""
+def compel_embeds(tokenizer, text_encoder, prompt: WeightedPrompt, truncate: bool = False,
+                  penultimate: bool = False) -> torch.Tensor:
+    """``[1, 77k, d]`` embeddings of a compel-dialect prompt in compel's formula.
+
+    ``penultimate``: read the encoder's next-to-last layer without the final norm (SDXL's
+    ``PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED``) instead of its normalised last layer (SD 1.x/2.x).
+    """
     operator = prompt.operator
+    encoder = _Encoder(text_encoder, penultimate)
     if operator is None:
-        return _weighted_fragments(tokenizer, text_encoder, prompt, truncate)
-    empty = _empty(tokenizer, text_encoder)
+        return _weighted_fragments(tokenizer, encoder, prompt, truncate)
+    empty = _empty(tokenizer, encoder)
     if operator.kind == "swap":
-        source, target = (_weighted_fragments(tokenizer, text_encoder, part, truncate) for part in operator.parts)
+        source, target = (_weighted_fragments(tokenizer, encoder, part, truncate) for part in operator.parts)
         return pad_to_same_length([source, target], empty)[0]
     if operator.kind == "blend":
-        parts = pad_to_same_length([_weighted_fragments(tokenizer, text_encoder, part, truncate)
+        parts = pad_to_same_length([_weighted_fragments(tokenizer, encoder, part, truncate)
                                     for part in operator.parts], empty)
         weights = torch.tensor(operator.weights, dtype=parts[0].dtype, device=parts[0].device)
         if operator.normalize:
@@ -53,10 +63,10 @@ def compel_embeds(tokenizer, text_encoder, prompt: WeightedPrompt, truncate: boo
     pieces = []
     blank = None
     for part, weight in zip(operator.parts, operator.weights):
-        embedding = compel_embeds(tokenizer, text_encoder, part, truncate)
+        embedding = compel_embeds(tokenizer, text_encoder, part, truncate, penultimate)
         if weight != 1:
             if blank is None:
-                blank = _weighted_fragments(tokenizer, text_encoder, WeightedPrompt("", ()), truncate)
+                blank = _weighted_fragments(tokenizer, encoder, WeightedPrompt("", ()), truncate)
             padded = pad_to_same_length([blank, embedding], empty)[0]
             embedding = padded + (embedding - padded) * weight
         pieces.append(embedding)
@@ -70,17 +80,41 @@ def pad_to_same_length(embeddings: list[torch.Tensor], empty: torch.Tensor) -> l
             for embedding in embeddings]
 
 
-def _empty(tokenizer, text_encoder) -> torch.Tensor:
+@torch.no_grad()
+def compel_pooled(tokenizer, text_encoder, text: str) -> torch.Tensor:
+    """``[1, d]``: the pooled (projected) output compel returns on SDXL, ``requires_pooled=[False, True]``.
+
+    compel pools the prompt string as written, syntax and all (``a red++ circle`` is read with its
+    ``++``, a ``.blend(...)`` with its brackets), cut to one 77-slot window and padded with the pad
+    token, without an attention mask and without any weight.
+    """
+    ids = tokenizer(text, truncation=True, max_length=CHUNK_SLOTS, padding="max_length")["input_ids"]
+    output = text_encoder(torch.tensor([ids], device=text_encoder.device))
+    return output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+
+
+class _Encoder:
+    """A text encoder read at the layer compel is told to return."""
+
+    def __init__(self, text_encoder, penultimate: bool):
+        self.text_encoder, self.penultimate, self.device = text_encoder, penultimate, text_encoder.device
+
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        output = self.text_encoder(ids, attention_mask=attention_mask, output_hidden_states=self.penultimate)
+        return output.hidden_states[-2] if self.penultimate else output[0]
+
+
+def _empty(tokenizer, encoder: _Encoder) -> torch.Tensor:
     """compel's ``empty_z``: ``<start> <end>`` and padding, encoded without a mask."""
     ids = [tokenizer.bos_token_id, tokenizer.eos_token_id] + [_pad(tokenizer)] * (CHUNK_SLOTS - 2)
-    return text_encoder(torch.tensor([ids], device=text_encoder.device))[0]
+    return encoder(torch.tensor([ids], device=encoder.device))
 
 
 def _pad(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _weighted_fragments(tokenizer, text_encoder, prompt: WeightedPrompt, truncate: bool) -> torch.Tensor:
+def _weighted_fragments(tokenizer, text_encoder: _Encoder, prompt: WeightedPrompt, truncate: bool) -> torch.Tensor:
     """compel's ``get_embeddings_for_weighted_prompt_fragments`` for one flat prompt (chunk breaks allowed)."""
     fragments = [(f.text, f.weight) for f in prompt.fragments if not f.is_break] or [("", 1.0)]
     pieces: list = []  # token pieces, None for a chunk break
@@ -113,7 +147,7 @@ def _weighted_fragments(tokenizer, text_encoder, prompt: WeightedPrompt, truncat
         windows = []
         for start in range(0, total, CHUNK_SLOTS):
             window = slice(start, start + CHUNK_SLOTS)
-            z = text_encoder(tokens_tensor[:, window], attention_mask=mask[None, window].to(text_encoder.device))[0]
+            z = text_encoder(tokens_tensor[:, window], mask[None, window].to(text_encoder.device))
             w = weight[window].to(z)[None, :, None]
             windows.append(z if bool((w == 1).all()) else torch.where(w == 1, z, empty + (z - empty) * w))
         return torch.cat(windows, dim=1)

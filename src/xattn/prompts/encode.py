@@ -64,8 +64,9 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "", syntax: str = "a
         emphasis: apply the prompt's weights to the embeddings, A1111's way (scale each token's
             embedding, then restore each chunk's mean). With ``False`` the weights are left to a
             :class:`xattn.Reweight` at the attention level. With ``syntax="compel"`` it is compel's
-            own formula instead (:mod:`xattn.prompts.compel_encode`; SD 1.x/2.x; ``.blend()``, ``.and()``,
-            ``.swap()``), and long compel prompts are split as compel splits them.
+            own formula instead (:mod:`xattn.prompts.compel_encode`; SD 1.x/2.x and SDXL; ``.blend()``,
+            ``.and()``, ``.swap()``), and long compel prompts are split as compel splits them. On SDXL
+            the pooled vectors are then compel's: the second encoder's reading of the text as written.
         max_chunks: keep at most this many chunks (``1`` is the 77-token truncation of a plain pipeline;
             for compel prompts ``1`` is compel's default ``truncate_long_prompts=True``, ``None`` its ``False``).
 
@@ -77,16 +78,16 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str = "", syntax: str = "a
     encoders = _encoders(pipe)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     texts = (parse_prompt(prompt, syntax=syntax), parse_prompt(negative_prompt, syntax=syntax), parse_prompt(""))
-    if syntax == "compel" and emphasis and sdxl:
-        raise UnsupportedSyntaxError("compel's embedding formula is implemented for SD 1.x/2.x only; pass "
-                                     "emphasis=False and weight the words with Reweight.from_prompt", prompt, 0)
     if syntax == "compel":
         _check_compel(texts[:2], emphasis, max_chunks)
     if syntax == "compel" and emphasis:
-        from .compel_encode import compel_embeds
+        from .compel_encode import compel_embeds, compel_pooled
 
-        encoded = [[(compel_embeds(tok, encoder, text, truncate=max_chunks == 1), None) for tok, encoder in encoders]
-                   for text in texts]
+        encoded = [[(compel_embeds(tok, encoder, text, truncate=max_chunks == 1, penultimate=sdxl), None)
+                    for tok, encoder in encoders] for text in texts]
+        if sdxl:  # compel pools the second encoder's reading of the text as written
+            for parts, written in zip(encoded, (prompt, negative_prompt)):
+                parts[-1] = (parts[-1][0], compel_pooled(pipe.tokenizer_2, pipe.text_encoder_2, written))
     else:
         encoded = [[_encode(encoder, tok, text, emphasis, max_chunks, sdxl) for tok, encoder in encoders]
                    for text in texts]
