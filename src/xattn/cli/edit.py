@@ -201,8 +201,8 @@ def register(app: typer.Typer) -> None:
             help="Steps after which the local blend puts the source back outside its mask: 0:1.0 (every step).",
             show_default=f"the model's edit defaults, else {EDIT_DEFAULTS['blend_steps']}")] = None,
         blend_pixels: Annotated[Optional[str], typer.Option(
-            help="Then take the edited image's pixels farther than this many pixels outside the blend mask from "
-                 "the source image, so the VAE decoder cannot tint what the blend kept (none: off).",
+            help="After decoding, take the edited image's pixels farther than N pixels outside the blend mask "
+                 "from the source image, so the VAE decoder cannot tint what the blend kept (none: off).",
             show_default="the model's edit defaults, else none")] = None,
         cross_steps: Annotated[Optional[str], typer.Option(
             help="Steps where cross-attention is replaced: 0:0.8 (fractions) or 0:20 (indices).",
@@ -222,7 +222,8 @@ def register(app: typer.Typer) -> None:
         all_rows: Annotated[bool, typer.Option("--all-rows", help="Edit the unconditional rows too.")] = False,
         image: Annotated[Optional[Path], typer.Option(
             help="Edit this image instead of a sampled one: it is inverted with --source (its size must be "
-                 "the model's or --size; DDIM scheduler).", show_default=False)] = None,
+                 "the model's or --size; DDIM scheduler); the model's edit defaults for inverted images apply.",
+            show_default=False)] = None,
         invert_method: Annotated[Optional[str], typer.Option(
             "--invert", help=f"Inversion method for --image: {', '.join(METHODS)}.",
             show_default="direct")] = None,
