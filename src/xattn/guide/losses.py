@@ -200,7 +200,7 @@ class Focus(Loss):
     lower_bound = 0.0
     stateful = True  # the controller passes each image's own ``state`` dict, kept for the run
 
-    def __init__(self, words: str | Sequence[str], radius: float = 0.25, weight: float = 1.0):
+    def __init__(self, words: str | Sequence[str], radius: float = 0.35, weight: float = 1.0):
         self.targets = _checked_words(words, "Focus")
         self.radius = _finite(radius, "Focus radius")
         if not 0 < self.radius <= 2:
@@ -239,7 +239,7 @@ def loss_from_dict(record: Mapping) -> Loss:
     if kind == "layout":
         return Layout({k: tuple(v) for k, v in record["boxes"].items()}, weight)
     if kind == "focus":
-        return Focus(record["words"], record.get("radius", 0.25), weight)
+        return Focus(record["words"], record.get("radius", 0.35), weight)
     raise GuidanceError(f"unknown guidance loss {kind!r}; known: excite, bind, layout, focus")
 
 
