@@ -49,3 +49,21 @@ def test_a_window_without_steps_leaves_the_stock_samples(model):
     with xattn.hooks(pipe, Guide(Excite("red"), steps="3:4")):
         guided = pipe("a red circle", generator=torch.Generator().manual_seed(0), **CALLS[name]).images
     torch.testing.assert_close(guided, stock, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_the_default_res_reads_a_transformers_patch_grid(name, request, sdxl_pipe):
+    """res="auto": on a transformer every site sees the one patch grid, whatever its size; on a UNet, 16 and 8."""
+    from xattn.selector import Selector
+
+    pipe = request.getfixturevalue({"sd3": "sd3_pipe", "flux": "flux_pipe"}[name])
+    guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=0.5)
+    grids = []
+    probe = xattn.Hook("probs", lambda probs, ctx: grids.append(ctx.res), selector="kind=cross")
+    call = {**CALLS[name], **({"height": 24, "width": 24} if name == "flux" else {})}  # a 12 x 12 grid
+    with xattn.hooks(pipe, guide, probe):
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), **call)
+    assert guide.losses_seen and guide.selector.res is None
+    assert not set(grids) & {(16, 16), (8, 8)}, grids  # 16,8 would have matched nothing here
+    with xattn.hooks(sdxl_pipe, guide):  # the same Guide on a UNet reads 16 and 8 again
+        assert guide.selector.res == Selector.parse("res=16,8").res

@@ -3,8 +3,8 @@
 At each step of its window, before the step's denoiser call (see
 :mod:`xattn.steering`), it denoises the conditional rows of the current
 latents once with gradients, reads their cross-attention maps at its sites
-(``res=16,8`` by default, resized to the largest and averaged over sites and
-heads), turns them into per-word maps the way Attend-and-Excite does (start
+(``res=16,8`` by default on a UNet, the patch grid on a transformer, resized to
+the largest and averaged over sites and heads), turns them into per-word maps the way Attend-and-Excite does (start
 token and padding dropped, x100, softmax over the words), sums its losses
 per row, and moves the latents against the gradient:
 ``z <- z - step_size * sqrt(scale_t) * grad``, with ``scale_t`` going from 1 to
@@ -24,11 +24,14 @@ import torch.nn.functional as F
 
 from ..hookpoints import Controller, HookContext, Run
 from ..selector import Selector, SelectorError
+from ..sites import one_map_size
 from ..steps import StepWindowError, WindowSpec, describe, parse_window, steps_in
 from ..tokens import TokenMap
 from ..validate import MAX_STEPS, OptionError, integer, number
 from .losses import GuidanceError, Loss, loss_from_dict
 
+UNET_RES = "16,8"  # Attend-and-Excite reads the 16x16 maps of SD at 512px; the shapes world's 16 and 8
+AUTO_RES = "auto"  # UNET_RES on a UNet, the one patch grid on a transformer (see Guide.bind)
 MAX_REFINE = 1000  # repeats of one refinement: more is a typo, and each is a denoiser pass with gradients
 
 
@@ -42,7 +45,8 @@ class Guide(Controller):
         step_size: the gradient step's scale (Attend-and-Excite: 20).
         refine: ``{step: target loss}``: at those steps, repeat until the loss is at most the target.
         max_refine: the most repeats of one refinement.
-        res: which map sizes to read (a selector ``res``: ``"16,8"``).
+        res: which map sizes to read (a selector ``res``: ``"16,8"``); the default ``"auto"`` reads
+            16 and 8 on a UNet (Attend-and-Excite's choice) and the one patch grid on a transformer.
         selector: further restricts the cross-attention sites.
 
     Example::
@@ -52,7 +56,7 @@ class Guide(Controller):
     """
 
     def __init__(self, *losses: Loss, steps: WindowSpec = 0.5, step_size: float = 20.0,
-                 refine: Mapping[int, float] | None = None, max_refine: int = 20, res: str | None = "16,8",
+                 refine: Mapping[int, float] | None = None, max_refine: int = 20, res: str | None = AUTO_RES,
                  selector: Selector | str | dict | None = None):
         if not losses or not all(isinstance(loss, Loss) for loss in losses):
             raise GuidanceError(f"Guide needs one or more losses (Excite, Bind, Layout), not {losses!r}")
@@ -60,8 +64,9 @@ class Guide(Controller):
         try:
             self.window = parse_window(steps, what="Guide steps") or ()
             chosen = Selector.coerce(selector)
+            self._auto_res = res == AUTO_RES and chosen.res is None
             if res is not None:
-                chosen = replace(chosen, res=Selector.parse(f"res={res}").res)
+                chosen = replace(chosen, res=Selector.parse(f"res={UNET_RES if res == AUTO_RES else res}").res)
         except (StepWindowError, SelectorError) as error:
             raise GuidanceError(f"Guide: {error}") from None
         if chosen.kind not in (None, "cross") or chosen.steps is not None:
@@ -73,6 +78,12 @@ class Guide(Controller):
         self.reset()
 
     # -- lifecycle -------------------------------------------------------------------
+    def bind(self, session) -> None:
+        """With ``res="auto"``, read every map size where all sites share one (a transformer's patch grid)."""
+        if self._auto_res:
+            unet_sizes = Selector.parse(f"res={UNET_RES}").res
+            self.selector = replace(self.selector, res=None if one_map_size(session.model) else unet_sizes)
+
     def reset(self) -> None:
         self._steps: frozenset[int] = frozenset()
         self._num_steps = 1
