@@ -126,3 +126,13 @@ def test_default_edits_keep_the_mask_in_nine_of_ten_colour_swaps(world_pipe, wor
     print(f"\ndefault edits over {figures['cases']} colour swaps: mask kept in {figures['kept']:.0%}")
     assert figures["cases"] >= 0.75 * len(cases)
     assert figures["kept"] >= KEEP_RATE
+
+
+def test_the_shipped_defaults_are_what_the_export_writes():
+    """A re-export of the model (xattn.world.export) must not drop a recommended setting."""
+    import json
+
+    import xattn
+    from xattn.world.export import DEFAULTS
+
+    assert json.loads((xattn.world.model_path() / "xattn_defaults.json").read_text()) == DEFAULTS

@@ -14,7 +14,8 @@ from .scenes import SHAPES
 
 # Sampling settings, and the edit settings that keep an object's mask under a colour swap (docs/editing.md).
 DEFAULTS = {"guidance_scale": 4.0, "num_inference_steps": 25, "height": 64, "width": 64,
-            "edit": {"blend": "edited-object", "object_words": list(SHAPES), "threshold": 0.85}}
+            "edit": {"blend": "edited-object", "object_words": list(SHAPES), "threshold": 0.85,
+                     "inverted": {"self_steps": "0:0.6", "blend_pixels": 4}}}  # real images (scripts/eval_inversion.py)
 
 
 def load_tokenizer() -> CLIPTokenizer:
