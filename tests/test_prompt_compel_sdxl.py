@@ -105,6 +105,31 @@ def test_the_pooled_vector_is_the_written_texts_first_window(sdxl_pipe):
     assert long.prompt_embeds.shape[1] > 77 and long.pooled_prompt_embeds.shape == (1, tiny_models.TEXT_DIM)
 
 
+def test_a_negative_prompt_is_compels_encoding_of_it_and_an_empty_one_is_zeros_then_compels_padding(sdxl_pipe):
+    """A written negative prompt: compel's hidden states and pooled vector for it, padded as compel pads.
+    An empty one through ``prompt_kwargs``: zeros in its first chunk and pooled vector (the SDXL path's
+    ``force_zeros_for_empty_prompt``), the chunks that pad it to a long prompt compel's empty-prompt padding."""
+    from xattn.prompts.pipeline import prompt_kwargs
+
+    prompt = LONG_PROMPTS[0]
+    embeds = encode_prompt(sdxl_pipe, prompt, "blurry-- and (dark)0.7", syntax="compel")
+    negative, negative_pooled = compel_sdxl(sdxl_pipe, "blurry-- and (dark)0.7", truncate=False)
+    per_encoder = [compel.Compel(tokenizer=tokenizer, text_encoder=encoder, truncate_long_prompts=False,
+                                 returned_embeddings_type=PENULTIMATE) for tokenizer, encoder in _pairs(sdxl_pipe)]
+    with torch.no_grad():
+        padded = torch.cat([oracle.pad_conditioning_tensors_to_same_length(
+            [oracle(prompt), oracle("blurry-- and (dark)0.7")])[1] for oracle in per_encoder], dim=-1)
+    assert padded.shape[1] == 154 and torch.equal(padded[:, :77], negative)
+    assert (embeds.negative_prompt_embeds - padded).abs().max().item() <= 1e-6
+    assert (embeds.negative_pooled_prompt_embeds - negative_pooled).abs().max().item() <= 1e-6
+
+    kwargs = prompt_kwargs(sdxl_pipe, [prompt], None, syntax="compel")
+    assert not kwargs["negative_prompt_embeds"][:, :77].any() and not kwargs["negative_pooled_prompt_embeds"].any()
+    with torch.no_grad():
+        empty_padding = torch.cat([oracle.conditioning_provider.empty_z for oracle in per_encoder], dim=-1)
+    assert (kwargs["negative_prompt_embeds"][:, 77:] - empty_padding).abs().max().item() <= 1e-6
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=st.one_of(operator_prompt(), long_prompt()), truncate=st.booleans())
 def test_generated_prompts_equal_compels(sdxl_pipe, prompt, truncate):
