@@ -179,9 +179,40 @@ def test_runner_generate_runs_a_scheduled_prompt(sd1_pipe):
     assert (edited != red).any()
 
 
-def test_scheduled_negative_prompt_is_refused(sd1_pipe):
-    with pytest.raises(ScheduledPromptError, match="negative prompt"):
-        PromptSchedule(sd1_pipe, "a [red:blue:0.5] circle", "[x|y]")
+def _reference_both(pipe, texts: list[str], negatives: list[str]):
+    """Switch the text and the negative prompt's rows between steps by hand (A1111 schedules both)."""
+    rows = {text: encode_prompt(pipe, text).prompt_embeds for text in set(texts)}
+    uncond = {text: encode_prompt(pipe, "", text).negative_prompt_embeds for text in set(negatives)}
+
+    def switch(pipeline, step, timestep, tensors):
+        if step + 1 < len(texts):
+            tensors["prompt_embeds"] = torch.cat([uncond[negatives[step + 1]], rows[texts[step + 1]]])
+        return tensors
+
+    return pipe(prompt_embeds=rows[texts[0]], negative_prompt_embeds=uncond[negatives[0]],
+                num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(3),
+                output_type="latent", callback_on_step_end=switch,
+                callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+
+
+@pytest.mark.parametrize(("prompt", "negative"), [
+    ("a [red:blue:0.5] circle", "[blurry|dark]"),
+    ("a red circle", "[:a blue square:0.5]"),  # only the negative prompt is scheduled
+])
+def test_a_scheduled_negative_prompt_equals_switching_both_by_hand(sd1_pipe, prompt, negative):
+    texts, negatives = texts_by_step(prompt, STEPS), texts_by_step(negative, STEPS)
+    kwargs = prompt_kwargs(sd1_pipe, [prompt], [negative])
+    assert isinstance(kwargs[SCHEDULE_KEY], PromptSchedule)
+    got = call(sd1_pipe, **kwargs, num_inference_steps=STEPS, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert (got - _reference_both(sd1_pipe, texts, negatives)).abs().max().item() <= 1e-5
+    fixed = _reference_both(sd1_pipe, texts, [negatives[0]] * STEPS)
+    assert (got - fixed).abs().max().item() > 1e-4  # the negative's switch changes the result
+
+
+def test_a_negative_prompt_whose_texts_fill_other_chunk_counts_is_refused(sd1_pipe):
+    with pytest.raises(UnsupportedSyntaxError, match="negative prompt fill different numbers"):
+        PromptSchedule(sd1_pipe, "a [red:blue:0.5] circle", "[a:" + "b " * 80 + ":0.5]")
 
 
 def _two_encoders_without_pooled_input():

@@ -50,15 +50,16 @@ def _negative(pipe, negative: str, chunks: int):
     return torch.cat([hidden] + [blank] * (chunks - 1), dim=1), pooled
 
 
-def _reference(pipe, parts, guidance: float, negative: str = "", pooled_follows: bool = True, steps: int = STEPS):
+def _reference(pipe, parts, guidance: float, negative: str | list[str] = "", pooled_follows: bool = True,
+               steps: int = STEPS):
     """``parts``: [(text of each step, weight)]; A1111's ``u + Σ w_i (c_i − u)``, then guidance.
 
     ``pooled_follows=False`` keeps each part's pooled vector at its first text (what switching the
-    cross-attention text alone would give)."""
+    cross-attention text alone would give). A list ``negative`` is the negative prompt's text at each step."""
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     first = _encode(pipe, parts[0][0][0])[0]
-    uncond, uncond_pooled = _negative(pipe, negative, first.shape[1] // 77)
+    negatives = negative if isinstance(negative, list) else [negative] * steps
     time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=pipe.unet.dtype)  # original, crop, target
     shape = (1, pipe.unet.config.in_channels, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(SEED), dtype=pipe.unet.dtype)
@@ -71,7 +72,7 @@ def _reference(pipe, parts, guidance: float, negative: str = "", pooled_follows:
                 added = {"text_embeds": pooled, "time_ids": time_ids}
                 return pipe.unet(sample, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample.double()
 
-            e_u = eps(uncond, uncond_pooled)
+            e_u = eps(*_negative(pipe, negatives[step], first.shape[1] // 77))
             combined = e_u.clone()
             for texts, weight in parts:
                 hidden, pooled = _encode(pipe, texts[step])
@@ -263,3 +264,11 @@ def test_a_long_prompts_empty_negative_is_zeros_then_empty_chunks(sdxl_pipe):
     assert torch.allclose(negative[:, 77:], _encode(sdxl_pipe, "")[0], atol=1e-6)  # padding: the empty prompt
     written = prompt_kwargs(sdxl_pipe, [FILLER + "red square"], ["blurry"])
     assert torch.allclose(written["negative_pooled_prompt_embeds"], _encode(sdxl_pipe, "blurry")[1], atol=1e-6)
+
+
+def test_a_scheduled_negative_prompt_switches_its_hidden_states_and_pooled_vector(pipe64):
+    texts, negatives = ["a red circle"] * 3 + ["a blue circle"], ["blurry"] * 3 + ["dark"]
+    assert texts_by_step("[blurry:dark:0.5]", STEPS) == negatives
+    got = _scheduled(pipe64, "a [red:blue:0.5] circle", 4.0, "[blurry:dark:0.5]")
+    assert _gap(got, _reference(pipe64, [(texts, 1.0)], 4.0, negative=negatives)) <= 1e-9
+    assert _gap(got, _reference(pipe64, [(texts, 1.0)], 4.0, negative="blurry")) > 1e-4

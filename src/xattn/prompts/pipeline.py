@@ -56,7 +56,7 @@ def prompt_kwargs(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
 
         composed = ComposedPrompt(pipe, *_one_composed(positives, negatives))
         return {**composed.pipeline_kwargs(), SCHEDULE_KEY: composed}
-    if _scheduled(positives, syntax) and not literal:
+    if _scheduled(positives + (negatives or []), syntax) and not literal:
         from .schedule import PromptSchedule
 
         schedule = PromptSchedule(pipe, positives, negatives)
@@ -106,7 +106,7 @@ def hook_names(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | N
 
         texts = [part.text for part in split_composition(_one_composed(list(prompts), negatives)[0])]
         return {"prompts": texts, "tokenizer": ScheduleTokenizer(pipe.tokenizer)}
-    if _scheduled(list(prompts), syntax):
+    if _scheduled(list(prompts) + (negatives or []), syntax):
         from .schedule import ScheduleTokenizer
 
         return {"prompts": list(prompts), "tokenizer": ScheduleTokenizer(pipe.tokenizer)}

@@ -5,8 +5,9 @@ prompts (:mod:`xattn.prompts.editing`). :class:`PromptSchedule` encodes every
 text of the schedule once, as :func:`xattn.prompts.encode_prompt` encodes a
 prompt (A1111's chunks and emphasis), and at the ``context`` hook point (the
 text entering every cross-attention's ``to_k`` / ``to_v``) replaces the
-conditional rows with the text of the current step. The unconditional rows
-(the negative prompt) are left as the pipeline made them. In SD 1.x/2.x the
+conditional rows with the text of the current step. A negative prompt with editing or alternation is a
+schedule of its own, fed to the unconditional rows the same way (A1111 schedules
+both). In SD 1.x/2.x the
 text reaches the UNet only through cross-attention, so this equals switching
 the pipeline's ``prompt_embeds`` between steps, which is what A1111 does.
 
@@ -46,7 +47,7 @@ from .a1111 import refuse_composition, strip_extra_networks
 from .chunks import CHUNK_SLOTS
 from .editing import has_schedule, parse_schedule, sub_prompts, text_at
 from .encode import LongPromptTokenizer, encode_prompt, token_chunks
-from .types import ScheduledPromptError, UnsupportedSyntaxError
+from .types import UnsupportedSyntaxError
 
 TEXT_SYNTAX = "a1111-text"  # one text of a schedule: A1111's attention rules only (see xattn.prompts.parse_prompt)
 
@@ -62,7 +63,7 @@ class PromptSchedule(Controller):
         pipe: a Stable Diffusion 1.x/2.x or SDXL pipeline.
         prompts: one prompt or a list (one per prompt of the call), in A1111's dialect. Prompts
             without editing are allowed in the list and stay constant.
-        negative_prompts: the negative prompt(s); they may not hold editing or alternation. On SDXL an
+        negative_prompts: the negative prompt(s), with or without editing or alternation. On SDXL an
             empty negative prompt is zeros (hidden states and pooled vector) when the pipeline's config
             says ``force_zeros_for_empty_prompt``, as diffusers does for ``pipe(prompt)`` and A1111 for SDXL.
         emphasis: apply A1111's weights to the embeddings (as :func:`encode_prompt`).
@@ -97,13 +98,15 @@ class PromptSchedule(Controller):
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self.prompts = [_read(text) for text in written]
         self.negatives = [_read(text) for text in negatives]
-        for text, negative in zip(negatives, self.negatives):
-            if has_schedule(negative):
-                raise ScheduledPromptError("prompt editing / alternation in the negative prompt is not supported yet",
-                                           text, max(text.find("["), 0))
         self._cache: dict[tuple[int, str], tuple] = {}  # (prompt, text) -> ([77k, d] rows, [d2] pooled or None)
         self._chunks: dict[int, int] = {}  # prompt -> chunk count every text of it must have
-        self._uncond = [self._negative_of(negative) for negative in self.negatives]  # ([1, 77k, d], [1, d2] | None)
+        self._negative_chunks: dict[int, int] = {}  # the same for each prompt's negative prompt
+        self._negative_cache: dict[tuple[int, str], tuple] = {}  # (prompt, text) -> ([1, 77k, d], [1, d2] | None)
+        for index, negative in enumerate(self.negatives):  # every text of a scheduled negative, checked up front
+            for text in sub_prompts(negative) if has_schedule(negative) else [negative]:
+                self._negative_of(index, text)
+        self._uncond = [self._negative_of(index, self._first_negative(index))  # ([1, 77k, d], [1, d2] | None)
+                        for index in range(len(self.negatives))]
         first = [self._initial(index) for index in range(len(self.prompts))]
         self._length = max(row.shape[0] for row, _ in first + [(u[0][0], None) for u in self._uncond])
         self._blank = encode_prompt(pipe, "", syntax=TEXT_SYNTAX, emphasis=False).prompt_embeds[0]  # [77, d]
@@ -113,6 +116,7 @@ class PromptSchedule(Controller):
         self._negative_pooled = torch.cat([u[1] for u in self._uncond]) if self.sdxl else None
         self._by_step: list[torch.Tensor] | None = None  # per prompt: [steps, 77k, d]
         self._pooled_by_step: list[torch.Tensor] | None = None  # SDXL, per prompt: [steps, d2]
+        self._negative_by_step: dict[int, tuple] = {}  # scheduled negatives: prompt -> ([steps, 77k, d], [steps, d2])
         self._handle = None  # SDXL: the UNet pre-hook that switches the pooled vector
         self.schedules: list[list] = []  # per prompt: the last run's schedule, [(until, text), ...]
 
@@ -143,6 +147,13 @@ class PromptSchedule(Controller):
         if self.sdxl:
             self._pooled_by_step = [torch.stack([self._encoded(index, text)[1] for text in steps])
                                     for index, steps in enumerate(texts)]
+        self._negative_by_step = {}
+        for index, negative in enumerate(self.negatives):
+            if has_schedule(negative):
+                schedule = parse_schedule(negative, run.num_steps)
+                encoded = [self._negative_of(index, text_at(schedule, step)) for step in range(run.num_steps)]
+                hidden = torch.stack([self._padded(row[0]) for row, _ in encoded])
+                self._negative_by_step[index] = (hidden, torch.cat([p for _, p in encoded]) if self.sdxl else None)
 
     def bind(self, session) -> None:
         """On SDXL: hook the UNet so that the pooled vector follows the schedule in this session."""
@@ -164,11 +175,18 @@ class PromptSchedule(Controller):
             raise ScheduleError(f"the call's pooled text embeddings have {text_embeds.shape[0]} rows, its batch "
                                 f"{layout.batch_size}: pass schedule.pipeline_kwargs() to the pipeline")
         text_embeds = text_embeds.clone()
-        for index, steps in enumerate(self._pooled_by_step):
-            rows = layout.row_indices(cond=True, prompt=index)
+        for cond, index, steps in self._switched(pooled=True):
+            rows = layout.row_indices(cond=cond, prompt=index)
             if rows:
                 text_embeds[rows] = steps[min(step, steps.shape[0] - 1)].to(text_embeds.device, text_embeds.dtype)
         return text_embeds
+
+    def _switched(self, pooled: bool = False) -> list[tuple[bool, int, torch.Tensor]]:
+        """(conditional?, prompt, per-step rows) of every schedule this call follows: each prompt's, and each
+        scheduled negative prompt's for the unconditional rows."""
+        prompts = self._pooled_by_step if pooled else self._by_step
+        negatives = [(False, index, pair[1] if pooled else pair[0]) for index, pair in self._negative_by_step.items()]
+        return [(True, index, steps) for index, steps in enumerate(prompts or [])] + negatives
 
     def context(self, x: torch.Tensor, ctx: HookContext) -> torch.Tensor | None:
         if self._by_step is None or ctx.step is None:
@@ -177,8 +195,8 @@ class PromptSchedule(Controller):
             raise ScheduleError(f"the call's text has {x.shape[1]} slots, the schedule's {self._length}: pass "
                                 "schedule.pipeline_kwargs() to the pipeline")
         x = x.clone()
-        for index, steps in enumerate(self._by_step):
-            rows = ctx.layout.row_indices(cond=True, prompt=index)
+        for cond, index, steps in self._switched():
+            rows = ctx.layout.row_indices(cond=cond, prompt=index)
             if rows:
                 x[rows] = steps[min(ctx.step, steps.shape[0] - 1)].to(x.device, x.dtype)
         return x
@@ -205,19 +223,37 @@ class PromptSchedule(Controller):
                     f"the texts of this schedule fill different numbers of 75-token chunks ({expected} and {chunks}, "
                     f"{text!r}); A1111 pads them in a way xattn does not reproduce: keep every text within the "
                     "same number of chunks", self.written[index], 0)
-            embeds = encode_prompt(self.pipe, text, self.negatives[index], syntax=TEXT_SYNTAX, emphasis=self.emphasis)
+            embeds = encode_prompt(self.pipe, text, self._first_negative(index), syntax=TEXT_SYNTAX,
+                                   emphasis=self.emphasis)
             pooled = embeds.pooled_prompt_embeds
             self._cache[key] = (embeds.prompt_embeds[0], None if pooled is None else pooled[0])
         return self._cache[key]
 
-    def _negative_of(self, negative: str) -> tuple:
-        """``([1, 77k, d], [1, d2] or None)`` of a negative prompt; SDXL's empty one is zeros where the pipeline
-        zeroes it (``force_zeros_for_empty_prompt``: diffusers' ``pipe(prompt)``, and A1111 on SDXL)."""
-        embeds = encode_prompt(self.pipe, "", negative, syntax=TEXT_SYNTAX, emphasis=self.emphasis)
-        hidden, pooled = embeds.negative_prompt_embeds, embeds.negative_pooled_prompt_embeds
-        if self.sdxl and negative == "" and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
-            hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
-        return hidden, pooled
+    def _first_negative(self, index: int) -> str:
+        """The first text of prompt ``index``'s negative prompt (the one the pipeline is called with)."""
+        negative = self.negatives[index]
+        return sub_prompts(negative)[0] if has_schedule(negative) else negative
+
+    def _negative_of(self, index: int, negative: str) -> tuple:
+        """``([1, 77k, d], [1, d2] or None)`` of one text of prompt ``index``'s negative prompt. On SDXL an empty
+        negative prompt (the whole of it) is zeros where the pipeline zeroes it (``force_zeros_for_empty_prompt``:
+        diffusers' ``pipe(prompt)``, and A1111 on SDXL); an empty text of a scheduled negative is encoded."""
+        key = (index, negative)
+        if key not in self._negative_cache:
+            chunks = len(token_chunks(self.pipe.tokenizer, _text_prompt(negative))[0])
+            expected = self._negative_chunks.setdefault(index, chunks)
+            if chunks != expected:
+                raise UnsupportedSyntaxError(
+                    f"the texts of this negative prompt fill different numbers of 75-token chunks ({expected} and "
+                    f"{chunks}, {negative!r}); keep every text within the same number of chunks",
+                    self.negatives[index], 0)
+            embeds = encode_prompt(self.pipe, "", negative, syntax=TEXT_SYNTAX, emphasis=self.emphasis)
+            hidden, pooled = embeds.negative_prompt_embeds, embeds.negative_pooled_prompt_embeds
+            if self.sdxl and self.negatives[index] == "" and \
+                    getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+                hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+            self._negative_cache[key] = (hidden, pooled)
+        return self._negative_cache[key]
 
     def _initial(self, index: int) -> tuple:
         """The text the pipeline is called with: the first that differs from the negative prompt's rows
