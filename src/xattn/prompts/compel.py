@@ -166,17 +166,9 @@ def _read_operator(prompt: str, whole: re.Match) -> WeightedPrompt:
 
 def _split_targets(inner: str, offset: int, prompt: str) -> list[tuple[str, int]]:
     """The comma-separated targets of a blend or conjunction: quoted prompts, groups or single words."""
-    targets, depth, quoted, start, index = [], 0, False, 0, 0
-    while index <= len(inner):
-        char = inner[index] if index < len(inner) else ","
-        if char == "\\":
-            index += 2
-            continue
-        if char == '"':
-            quoted = not quoted
-        elif not quoted and char in "()":
-            depth += 1 if char == "(" else -1
-        elif char == "," and not quoted and depth == 0:
+    targets, start = [], 0
+    for index, char, quoted, depth in _characters(inner + ","):  # the closing comma ends the last target
+        if char == "," and not quoted and depth == 0:
             raw = inner[start:index]
             stripped = raw.strip()
             at = offset + start + len(raw) - len(raw.lstrip())
@@ -190,12 +182,21 @@ def _split_targets(inner: str, offset: int, prompt: str) -> list[tuple[str, int]
                 raise PromptSyntaxError("each prompt of a compel .blend() / .and() is a \"quoted prompt\", a "
                                         "(group) or one word", prompt, at)
             start = index + 1
-        index += 1
     return targets
 
 
 def _balanced_prefix(text: str) -> bool:
     """True when ``text``'s parentheses (outside quotes, unescaped) balance and never go below zero."""
+    depth, quoted = 0, False
+    for _, _, quoted, depth in _characters(text):
+        if depth < 0:
+            return False
+    return depth == 0 and not quoted
+
+
+def _characters(text: str):
+    """``(index, char, quoted, depth)`` of each unescaped character (a backslash and the character it escapes
+    are skipped): whether it sits in a quote, and the parentheses open outside quotes once it is read."""
     depth, quoted, index = 0, False, 0
     while index < len(text):
         char = text[index]
@@ -206,10 +207,8 @@ def _balanced_prefix(text: str) -> bool:
             quoted = not quoted
         elif not quoted and char in "()":
             depth += 1 if char == "(" else -1
-            if depth < 0:
-                return False
+        yield index, char, quoted, depth
         index += 1
-    return depth == 0 and not quoted
 
 
 class _Reader:
