@@ -216,18 +216,22 @@ class PromptSchedule(Controller):
     def _encoded(self, index: int, text: str) -> tuple:
         key = (index, text)
         if key not in self._cache:
-            chunks = len(token_chunks(self.pipe.tokenizer, _text_prompt(text))[0])
-            expected = self._chunks.setdefault(index, chunks)
-            if chunks != expected:
-                raise UnsupportedSyntaxError(
-                    f"the texts of this schedule fill different numbers of 75-token chunks ({expected} and {chunks}, "
-                    f"{text!r}); A1111 pads them in a way xattn does not reproduce: keep every text within the "
-                    "same number of chunks", self.written[index], 0)
+            self._check_chunks(self._chunks, index, text, "this schedule", self.written[index])
             embeds = encode_prompt(self.pipe, text, self._first_negative(index), syntax=TEXT_SYNTAX,
                                    emphasis=self.emphasis)
             pooled = embeds.pooled_prompt_embeds
             self._cache[key] = (embeds.prompt_embeds[0], None if pooled is None else pooled[0])
         return self._cache[key]
+
+    def _check_chunks(self, counts: dict[int, int], index: int, text: str, what: str, written: str) -> None:
+        """Every text of one schedule must fill the first text's number of 75-token chunks (``counts[index]``)."""
+        chunks = len(token_chunks(self.pipe.tokenizer, _text_prompt(text))[0])
+        expected = counts.setdefault(index, chunks)
+        if chunks != expected:
+            raise UnsupportedSyntaxError(
+                f"the texts of {what} fill different numbers of 75-token chunks ({expected} and {chunks}, "
+                f"{text!r}); A1111 pads them in a way xattn does not reproduce: keep every text within the "
+                "same number of chunks", written, 0)
 
     def _first_negative(self, index: int) -> str:
         """The first text of prompt ``index``'s negative prompt (the one the pipeline is called with)."""
@@ -240,13 +244,7 @@ class PromptSchedule(Controller):
         diffusers' ``pipe(prompt)``, and A1111 on SDXL); an empty text of a scheduled negative is encoded."""
         key = (index, negative)
         if key not in self._negative_cache:
-            chunks = len(token_chunks(self.pipe.tokenizer, _text_prompt(negative))[0])
-            expected = self._negative_chunks.setdefault(index, chunks)
-            if chunks != expected:
-                raise UnsupportedSyntaxError(
-                    f"the texts of this negative prompt fill different numbers of 75-token chunks ({expected} and "
-                    f"{chunks}, {negative!r}); keep every text within the same number of chunks",
-                    self.negatives[index], 0)
+            self._check_chunks(self._negative_chunks, index, negative, "this negative prompt", self.negatives[index])
             embeds = encode_prompt(self.pipe, "", negative, syntax=TEXT_SYNTAX, emphasis=self.emphasis)
             hidden, pooled = embeds.negative_prompt_embeds, embeds.negative_pooled_prompt_embeds
             if self.sdxl and self.negatives[index] == "" and \
