@@ -47,15 +47,18 @@ def block_attention(active, q, k, v, mask, scale: float, rows: slice, columns: s
     length, keys = q.shape[2], k.shape[2]
     row_mask = mask_rows(additive(with_bias(mask, bias, columns, keys, q.dtype), q.dtype), rows)  # [b, h|1, i|1, s]
     value = v if weights is None else scale_rows(v, weights, columns)
-    query = q[:, :, rows].contiguous()
-    out, lse = _FLASH_CPU(query, k.contiguous(), value.contiguous(), 0.0, False, attn_mask=row_mask, scale=scale)
-    logits = torch.matmul(query, k[:, :, columns].transpose(-1, -2)) * scale  # [b, h, i, j]
-    if row_mask is not None:
-        logits = logits + row_mask[..., columns]
+    query = q[:, :, rows]  # the kernel reads strided inputs: no copies
+    out, lse = _FLASH_CPU(query, k, value, 0.0, False, attn_mask=row_mask, scale=scale)
+    scaled_query, text_keys = query * scale, k[:, :, columns].transpose(-1, -2)  # scale folded into i x d, not i x j
 
-    def block() -> torch.Tensor:  # the softmax's image->text entries, times value_scale
-        probs = torch.exp(logits.float() - lse.float()[..., None]).to(q.dtype)
-        return probs if weights is None else probs * weights[:, None, None, :]
+    def block() -> torch.Tensor:  # the softmax's image->text entries, times value_scale, built in place
+        probs = torch.matmul(scaled_query, text_keys)  # [b, h, i, j] logits
+        if probs.dtype != lse.dtype:
+            probs = probs.to(lse.dtype)
+        if row_mask is not None:
+            probs.add_(row_mask[..., columns])
+        probs = probs.sub_(lse[..., None]).exp_().to(q.dtype)
+        return probs if weights is None else probs.mul_(weights[:, None, None, :])
 
     shown = block()
     version = shown._version
