@@ -119,20 +119,34 @@ def test_refinement_is_per_image_so_a_batch_equals_its_images_one_by_one(sd1_pip
     call = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
                 output_type="latent")
 
+    gradient_rows = []  # rows of each denoiser pass taken with gradients (the guide's own passes)
+
+    def count(module, args, kwargs):
+        if torch.is_grad_enabled():
+            gradient_rows[-1] += (args[0] if args else kwargs["sample"]).shape[0]
+
     def run(seeds, target):
         guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=0.5, refine={0: target}, max_refine=3,
                       res=None)
+        gradient_rows.append(0)
         with xattn.hooks(sd1_pipe, guide):
             out = sd1_pipe(**call, num_images_per_prompt=len(seeds),
                            generator=[torch.Generator().manual_seed(s) for s in seeds]).images
         return out, [loss for _, loss in guide.losses_seen]
 
-    firsts = [run([seed], 0.0)[1][0] for seed in (0, 1)]
-    target = sum(firsts) / 2  # one image starts above the target and refines, the other stops after one step
-    alone = [run([seed], target) for seed in (0, 1)]
-    assert sorted(len(seen) for _, seen in alone)[0] == 1 and max(len(seen) for _, seen in alone) > 1
-    batch, _ = run([0, 1], target)
+    counting = sd1_pipe.unet.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        firsts = [run([seed], 0.0)[1][0] for seed in (0, 1)]
+        target = sum(firsts) / 2  # one image starts above the target and refines, the other stops after one step
+        del gradient_rows[:]
+        alone = [run([seed], target) for seed in (0, 1)]
+        assert sorted(len(seen) for _, seen in alone)[0] == 1 and max(len(seen) for _, seen in alone) > 1
+        batch, _ = run([0, 1], target)
+    finally:
+        counting.remove()
     torch.testing.assert_close(batch, torch.cat([out for out, _ in alone]), rtol=1e-4, atol=1e-4)
+    # the image that reached its target is not denoised again: the batch takes the passes the images take alone
+    assert gradient_rows[2] == gradient_rows[0] + gradient_rows[1], gradient_rows
 
 
 def test_guidance_outside_its_window_leaves_sampling_unchanged(sd1_pipe):

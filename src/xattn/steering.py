@@ -11,7 +11,8 @@ pre-hook, at the first call of each step:
 2. the controller's :meth:`~xattn.Controller.before_step` gets a
    :class:`Steer`: the latents, the timestep, and ``denoise(latents)``, which
    runs the denoiser on the conditional rows with this call's conditioning and
-   only that controller's hooks, with gradients;
+   only that controller's hooks, with gradients (or on some of those rows:
+   a refinement need not denoise again an image that reached its target);
 3. what it returns is copied into the pipeline's latents, in place, and the
    call's input rows are rebuilt from them, so the denoiser and the
    scheduler both see the steered latents.
@@ -56,14 +57,22 @@ class Steer:
     timestep: torch.Tensor
     latents: torch.Tensor  # [n, C, H, W]: a detached copy of the pipeline's latents
     layout: BatchLayout  # the rows ``denoise`` runs: the conditional rows of this call
-    denoise: Callable[[torch.Tensor], object]  # latents [n, C, H, W] -> denoiser output on the conditional rows
+    denoise: Callable[..., object]  # (latents [n, C, H, W], rows=None) -> denoiser output on those conditional rows
+
+    def layout_of(self, rows: list[int] | None) -> BatchLayout:
+        """The layout of ``denoise(z, rows)``: ``rows`` (indices into ``layout.rows``), or all of them."""
+        if rows is None:
+            return self.layout
+        return BatchLayout(rows=tuple(self.layout.rows[r] for r in rows), prompts=self.layout.prompts,
+                           token_maps=self.layout.token_maps, negative_prompts=self.layout.negative_prompts)
 
 
 def steered_sample(sample: torch.Tensor, latents: torch.Tensor, scale, layout: BatchLayout,
-                   pipeline: str) -> torch.Tensor:
-    """The denoiser input rebuilt from ``latents``; refuses an input that was not built this way."""
+                   pipeline: str, index: list[int] | None = None) -> torch.Tensor:
+    """The denoiser input rebuilt from ``latents`` (row r from latent ``index[r]``, by default
+    :func:`latent_rows`); refuses an input that was not built this way."""
     channels = latents.shape[1]
-    index = latent_rows(layout)
+    index = latent_rows(layout) if index is None else index
     if sample.ndim != latents.ndim or sample.shape[1] < channels or max(index) >= latents.shape[0]:
         raise LifecycleError(f"guidance cannot steer {pipeline}: its denoiser input {tuple(sample.shape)} is not "
                              f"built from its latents {tuple(latents.shape)} row by row")
@@ -98,17 +107,27 @@ def steer(module, arguments, name: str, timestep, step: int, layout: BatchLayout
     others = {key: rows_of(value, cond, batch) for key, value in arguments.arguments.items() if key != name}
     cond_sample = sample[cond]
 
-    def denoise(z: torch.Tensor):
-        inputs = steered_sample(cond_sample, z, scale, cond_layout, pipeline)
-        out = module(**{name: inputs, **others})
+    cond_index = latent_rows(cond_layout)
+    steering = {}  # the controller whose pass runs
+
+    def denoise(z: torch.Tensor, rows: list[int] | None = None):
+        picked = list(range(len(cond))) if rows is None else list(rows)
+        if not picked or min(picked) < 0 or max(picked) >= len(cond):
+            raise LifecycleError(f"a steering pass denoises rows among 0..{len(cond) - 1}, not {rows}")
+        steering_pass(steering["controller"], steering["steer"].layout_of(rows))
+        inputs = steered_sample(cond_sample[picked], z, scale, cond_layout, pipeline,
+                                index=[cond_index[r] for r in picked])
+        out = module(**{name: inputs, **({k: rows_of(v, picked, len(cond)) for k, v in others.items()}
+                                         if rows is not None else others)})
         return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
     steered, changed = latents.detach().clone(), False
     try:
         for controller in controllers:
-            steering_pass(controller, cond_layout)
+            steering["controller"] = controller
+            steering["steer"] = Steer(step, timestep, steered, cond_layout, denoise)
             with torch.enable_grad():  # pipelines sample under no_grad; guidance needs the graph
-                out = controller.before_step(Steer(step, timestep, steered, cond_layout, denoise))
+                out = controller.before_step(steering["steer"])
             if out is not None:
                 steered, changed = out.detach(), True
     finally:

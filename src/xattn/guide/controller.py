@@ -130,7 +130,8 @@ class Guide(Controller):
         moving = None  # rows still above the refinement target (all rows at the first pass)
         for attempt in range(1 + (self.max_refine if target is not None else 0)):
             z = latents.detach().clone().requires_grad_(True)
-            per_row = self._loss(steer, z)  # [n]: each image's own loss
+            rows = None if moving is None else [r for r, still in enumerate(moving.tolist()) if still]
+            per_row = self._loss(steer, z, rows)  # [n]: each image's own loss (0 for images not denoised again)
             value = float(per_row.detach().sum())
             if not math.isfinite(value):
                 raise GuidanceError(f"Guide: the guidance loss is {value} at step {steer.step}"
@@ -140,7 +141,7 @@ class Guide(Controller):
             if target is not None and attempt > 0:
                 moving = moving & (per_row.detach() > target)  # an image that reached the target stops moving
                 if not bool(moving.any()):
-                    break
+                    break  # (the last pass ran only the images still moving: none was, so none moves)
             chosen = per_row if moving is None else per_row * moving
             (grad,) = torch.autograd.grad(chosen.sum(), z)  # rows are independent: row i moves on its own loss
             if not bool(torch.isfinite(grad).all()):
@@ -159,24 +160,28 @@ class Guide(Controller):
                     break
         return latents
 
-    def _loss(self, steer, z: torch.Tensor) -> torch.Tensor:
-        """Each conditional row's guidance loss, ``[n]``, with its graph back to ``z``."""
+    def _loss(self, steer, z: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """Each conditional row's guidance loss, ``[n]``, with its graph back to ``z``.
+
+        ``rows``: denoise only these rows (a refinement's images still above
+        their target); the others' losses are 0, without a graph, so they do not move.
+        """
         self._sums, self._collecting = {}, True
         try:
-            steer.denoise(z)
+            steer.denoise(z) if rows is None else steer.denoise(z, rows)
         finally:
             self._collecting = False
         if not self._sums:
             raise GuidanceError(f"Guide read no cross-attention map: its selector '{self.selector}' matched no "
                                 "site at this latent size")
-        text = self._text_maps()  # [n, H, W, j]
-        rows = []
-        for row, layout_row in enumerate(steer.layout.rows):
-            word_maps = self._slots_of(steer, layout_row.prompt).word_maps(text[row])
-            rows.append(sum(loss.weight * (loss(word_maps, self._state.setdefault((row, index), {}))
-                                           if getattr(loss, "stateful", False) else loss(word_maps))
-                            for index, loss in enumerate(self.losses)))
-        return torch.stack(rows)
+        text = self._text_maps()  # [len(rows), H, W, j]
+        losses = [z.new_zeros(())] * steer.layout.batch_size
+        for position, row in enumerate(range(steer.layout.batch_size) if rows is None else rows):
+            word_maps = self._slots_of(steer, steer.layout.rows[row].prompt).word_maps(text[position])
+            losses[row] = sum(loss.weight * (loss(word_maps, self._state.setdefault((row, index), {}))
+                                             if getattr(loss, "stateful", False) else loss(word_maps))
+                              for index, loss in enumerate(self.losses))
+        return torch.stack(losses)
 
     def _slots_of(self, steer, prompt: int) -> "_Slots":
         """The slots ``begin_run`` resolved for ``prompt``; resolved again only if this call's token map differs."""
