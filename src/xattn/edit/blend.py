@@ -108,6 +108,7 @@ class LocalBlend(Controller):
         self._step: int | None = None
         self._sums: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> [n, h, w] summed maps
         self._calls = 0
+        self._latent_hw: tuple[int, int] | None = None
         self.last_masks: torch.Tensor | None = None
 
     def active(self, ctx: HookContext) -> bool:
@@ -128,6 +129,7 @@ class LocalBlend(Controller):
         total = self._sums.get(ctx.res)
         self._sums[ctx.res] = maps if total is None else total + maps
         self._calls += 1
+        self._latent_hw = ctx.latent_hw  # packed latents (Flux) are unpacked to this grid to blend
         return None
 
     # -- per run -----------------------------------------------------------------
@@ -187,13 +189,19 @@ class LocalBlend(Controller):
         return (mean / peak > self.threshold) & has_words[:, None, None]
 
     def on_step_end(self, step: int, latents: torch.Tensor) -> torch.Tensor | None:
-        """Blend the targets' latents [num_prompts * images, C, H, W] (prompt-major) with the source's."""
+        """Blend the targets' latents [num_prompts * images, C, H, W] (prompt-major) with the source's.
+
+        Packed latents ``[B, n, 4 C]`` (Flux: one token per 2x2 latent patch) are unpacked to
+        ``[B, C, H, W]`` on the latent grid of the step's calls, blended, and packed back.
+        """
         plan = self._plan
         if plan is None or step not in plan.steps or self._step != step or not self._sums:
             return None
         if latents.shape[0] != plan.num_prompts * plan.images:
             raise EditError(f"LocalBlend expected {plan.num_prompts * plan.images} latents "
                             f"({plan.num_prompts} prompts x {plan.images} images), got {latents.shape[0]}")
+        if latents.dim() == 3:
+            return pack(self.on_step_end(step, unpack(latents, self._latent_hw)))
         word_masks = self.masks(tuple(latents.shape[-2:])).to(latents.device)
         word_masks = word_masks.view(plan.num_prompts, plan.images, *latents.shape[-2:])  # [p, k, H, W]
         masks = word_masks[1:] | word_masks[:1]  # union with the source's words: [p-1, k, H, W]
@@ -211,6 +219,25 @@ class LocalBlend(Controller):
 
     def __repr__(self) -> str:
         return f"LocalBlend({self.words!r}, threshold={self.threshold})"
+
+
+def unpack(latents: torch.Tensor, latent_hw: tuple[int, int] | None) -> torch.Tensor:
+    """Packed latents ``[B, (H/2) (W/2), 4 C]`` -> ``[B, C, H, W]``, as ``FluxPipeline._unpack_latents``."""
+    batch, tokens, channels = latents.shape
+    if latent_hw is None or channels % 4 or latent_hw[0] % 2 or latent_hw[1] % 2 \
+            or tokens != (latent_hw[0] // 2) * (latent_hw[1] // 2):
+        raise EditError(f"LocalBlend cannot lay {tokens} packed tokens of {channels} channels out on the latent "
+                        f"grid {latent_hw} of its maps (one token per 2x2 latent patch)")
+    height, width = latent_hw
+    grid = latents.view(batch, height // 2, width // 2, channels // 4, 2, 2)
+    return grid.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels // 4, height, width)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/2) (W/2), 4 C]``, as ``FluxPipeline._pack_latents``: inverse of :func:`unpack`."""
+    batch, channels, height, width = latents.shape
+    grid = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return grid.reshape(batch, (height // 2) * (width // 2), channels * 4)
 
 
 def pixel_margin(value) -> int | None:

@@ -152,7 +152,8 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
 
 
 def initial_latent(pipe, seed: int, width: int, height: int) -> torch.Tensor:
-    """``[1, C, height / f, width / f]``: the latent ``pipe`` would draw for one image with ``seed``.
+    """The latent ``pipe`` would draw for one image with ``seed``: ``[1, C, height / f, width / f]``, or on
+    Flux ``[1, n, 4 C]``, packed as ``FluxPipeline`` packs it (one token per 2x2 latent patch).
 
     Drawn the way diffusers draws it for a per-image CPU generator, so the
     source of an edit is the image ``xattn generate --seed`` makes.
@@ -160,20 +161,37 @@ def initial_latent(pipe, seed: int, width: int, height: int) -> torch.Tensor:
     from diffusers.utils.torch_utils import randn_tensor
 
     factor = pipe.vae_scale_factor
-    if width % factor or height % factor:
-        raise EditError(f"size {width}x{height} must be a multiple of the VAE's factor {factor}")
     model = _denoiser(pipe)
-    shape = (1, model.config.in_channels, height // factor, width // factor)
-    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(int(seed)),
-                        device=pipe.device, dtype=model.dtype)
+    packed = _packs_latents(pipe)
+    grid = 2 * factor if packed else factor  # Flux: a 2x2 patch of latent pixels per token
+    if width % grid or height % grid:
+        what = f"twice the VAE's factor ({factor}): Flux packs 2x2 latent pixels per token" if packed \
+            else f"the VAE's factor {factor}"
+        raise EditError(f"size {width}x{height} must be a multiple of {what}")
+    channels = model.config.in_channels // 4 if packed else model.config.in_channels
+    shape = (1, channels, height // factor, width // factor)
+    latent = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(int(seed)),
+                          device=pipe.device, dtype=model.dtype)
+    if packed:  # FluxPipeline.prepare_latents draws [1, C, H, W] and packs it
+        latent = pipe._pack_latents(latent, 1, channels, height // factor, width // factor)
+    return latent
+
+
+def _packs_latents(pipe) -> bool:
+    """Whether ``pipe`` denoises packed latents ``[B, n, 4 C]`` (Flux)."""
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return type(model).__name__.startswith("Flux")
 
 
 def _denoiser(pipe):
-    """The UNet, or a transformer whose latents are drawn unpacked ([1, C, h, w]) as SD3's and PixArt's are."""
+    """The UNet, or a transformer: SD3/PixArt-style (latents drawn unpacked, [1, C, h, w]), or Flux's
+    text-to-image ``FluxPipeline`` (latents packed, see :func:`initial_latent`)."""
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if model is None or type(model).__name__.startswith("Flux"):
-        raise EditError(f"editing runs on pipelines with a UNet or an SD3/PixArt-style transformer; "
-                        f"{type(pipe).__name__} packs its latents differently")
+    if model is None:
+        raise EditError(f"editing runs on pipelines with a UNet or a transformer; {type(pipe).__name__} has neither")
+    if _packs_latents(pipe) and not any(cls.__name__ == "FluxPipeline" for cls in type(pipe).__mro__):
+        raise EditError(f"editing runs on Flux's text-to-image FluxPipeline only; {type(pipe).__name__} adds "
+                        "image inputs or tokens of its own")
     return model
 
 
@@ -191,6 +209,9 @@ def _image_size(pipe, size) -> tuple[int, int]:
     dims = parse_size(size)
     if dims is not None:
         return dims
+    if _packs_latents(pipe):  # as FluxPipeline sizes an image when none is given
+        side = pipe.default_sample_size * pipe.vae_scale_factor
+        return side, side
     side = _denoiser(pipe).config.sample_size * pipe.vae_scale_factor
     return side, side
 
@@ -247,10 +268,11 @@ def _sample(pipe, prompts: list[str], latents: torch.Tensor, seeds: list[int], *
     # Image k of every prompt starts from latent k and draws the sampler's noise from seed k.
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts for seed in seeds]
     kwargs.update(_prompt_kwargs(pipe, prompts, negative_prompt, syntax))
-    result = pipe(num_images_per_prompt=count, latents=latents.repeat(len(prompts), 1, 1, 1),
+    repeated = latents.repeat(len(prompts), *[1] * (latents.dim() - 1))  # [P K, C, h, w], or Flux's [P K, n, c]
+    result = pipe(num_images_per_prompt=count, latents=repeated,
                   generator=generators, num_inference_steps=int(steps), guidance_scale=float(guidance),
                   width=width, height=height, output_type=output_type, **kwargs)
-    return list(result.images)  # PIL images, or [C, h, w] latents for output_type="latent"
+    return list(result.images)  # PIL images, or [C, h, w] latents ([n, c] packed on Flux) for "latent"
 
 
 def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[int], *, mode: str = "auto",
@@ -268,19 +290,21 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
     starts from seed ``k``'s latent, and is edited from the source's image ``k``.
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, a transformer pipeline
+            (SD3, PixArt), or Flux's text-to-image ``FluxPipeline`` (no negative prompt: see ``guidance``).
         source: the source prompt.
         targets: one target prompt or several (all edited in the same batch).
         seeds: one seed per image: the initial latent and the sampler's noise.
         mode, cross_steps, self_steps, self_res, blend, threshold, blend_res,
             blend_dilate, blend_steps, reweight, rows: see :func:`build_controllers`.
         steps: number of denoising steps (``None``: 25, or the inversion's).
-        guidance: classifier-free guidance scale.
+        guidance: classifier-free guidance scale; on Flux, the distilled guidance the pipeline takes as
+            ``guidance_scale`` (no unconditional rows).
         size: ``64`` or ``"WIDTHxHEIGHT"``; ``None`` for the model's size.
-        negative_prompt: one negative prompt for every row.
+        negative_prompt: one negative prompt for every row (refused on Flux, where it would turn on true CFG).
         reprompt: also sample each target plainly from the same latents.
-        output_type: ``"pil"``, or ``"latent"`` for the final latents ``[C, h, w]``
-            (for analysis; :meth:`EditResult.save` and ``sheet`` need PIL images).
+        output_type: ``"pil"``, or ``"latent"`` for the final latents ``[C, h, w]`` (Flux: packed ``[n, c]``,
+            as ``FluxPipeline`` returns them; for analysis; :meth:`EditResult.save` and ``sheet`` need PIL images).
         inversion: an :class:`xattn.invert.Inversion` of a real image: the
             source row starts from its noise and follows it (one seed only;
             steps and size are the inversion's).
@@ -309,13 +333,14 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
     seeds = [int(seed) for seed in seeds]
     if not seeds:
         raise EditError("an edit needs at least one seed")
-    _denoiser(pipe)  # refuses pipelines whose latents an edit cannot share
+    check_pipeline(pipe, negative_prompt, inversion)  # refuses pipelines whose latents an edit cannot share
     targets = [targets] if isinstance(targets, str) else list(targets)
     tokenizer = prompt_tokenizer(pipe, [source, *targets], negative_prompt, syntax)
     if inversion is not None and tokenizer is not pipe.tokenizer:
         raise EditError("an inverted image is edited with plain prompts of one 77-token window (no weights, "
                         "BREAK or long prompts): the inversion encodes the source as plain text")
-    controllers = build_controllers(tokenizer, source, targets, mode=mode, cross_steps=cross_steps,
+    words = _word_tokenizer(pipe, tokenizer)
+    controllers = build_controllers(words, source, targets, mode=mode, cross_steps=cross_steps,
                                     self_kind=_self_kind(pipe),
                                     self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
                                     blend_res=blend_res, blend_dilate=blend_dilate, blend_steps=blend_steps,
@@ -336,7 +361,7 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         images = _sample(pipe, [source, *targets], latents, seeds, **common)
     images, composited = composite_targets(images, len(seeds), controllers, blend_pixels)
     reprompts = _sample(pipe, targets, latents, seeds, **common) if reprompt else []
-    token_maps = [TokenMap(tokenizer, p) for p in (source, *targets)]
+    token_maps = [TokenMap(words, p) for p in (source, *targets)]
     settings = {
         "source": source, "targets": targets, "steps": int(steps), "guidance": float(guidance),
         "size": f"{width}x{height}", "negative_prompt": negative_prompt,
@@ -353,6 +378,30 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         EditResult(images[k], images[count + k::count], reprompts[k::count], {**settings, "seed": seed})
         for k, seed in enumerate(seeds)
     ]
+
+
+def check_pipeline(pipe, negative_prompt: str | None, inversion) -> None:
+    """Refuse what an edit cannot honour on ``pipe``, before sampling (or inverting): on Flux (guidance-distilled,
+    packed latents) a negative prompt and an inverted image; pipelines whose latents an edit cannot share."""
+    _denoiser(pipe)
+    if not _packs_latents(pipe):
+        return
+    if negative_prompt is not None:
+        raise EditError(f"{type(pipe).__name__} is guidance-distilled: a negative prompt turns on true CFG, which "
+                        "runs the transformer on the prompts' and the negative prompts' rows in two calls a step, "
+                        "and an edit needs the source and target rows of one call; give no negative prompt "
+                        "(guidance is the distilled guidance scale)")
+    if inversion is not None:
+        raise EditError(f"{type(pipe).__name__}: an inverted image (inversion=, --image) is edited on UNet "
+                        "pipelines only")
+
+
+def _word_tokenizer(pipe, tokenizer):
+    """The tokenizer whose slots the edit's words take: Flux's text is T5's sequence alone (``tokenizer_2``;
+    CLIP gives only the pooled vector), every other pipeline's the prompt tokenizer's."""
+    if _packs_latents(pipe) and getattr(pipe, "tokenizer_2", None) is not None:
+        return pipe.tokenizer_2
+    return tokenizer
 
 
 def _from_inversion(inversion, pipe, seeds, steps, size, negative_prompt):
@@ -381,7 +430,7 @@ def edit(pipe, source: str, targets: str | Sequence[str], *, seed: int = 0, **op
     sampled plainly from that latent (the re-prompt, for contrast).
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        pipe: a pipeline :func:`edit_seeds` takes (SD 1.x/2.x, SDXL, SD3, PixArt, Flux's ``FluxPipeline``).
         source: the source prompt.
         targets: one target prompt or several.
         seed: seed of the shared initial latent and of the sampler's noise.

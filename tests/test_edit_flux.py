@@ -1,0 +1,181 @@
+"""prompt-to-prompt on a tiny FluxPipeline: packed latents, T5 words, no unconditional rows.
+
+References are diffusers' own: plain ``FluxPipeline`` calls with the same
+seed (the source row, the re-prompt, an edit that replaces nothing), its
+``_unpack_latents`` (where LocalBlend kept the source), and ``probs`` hooks
+(the target's image->text block inside the Replace window).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import xattn
+from tiny_t5 import t5_encoder, t5_tokenizer
+from xattn.cli import app
+from xattn.edit import EditError, edit, edit_seeds, initial_latent
+from xattn.edit import run as edit_run
+from xattn.edit.blend import LocalBlend
+
+SOURCE, TARGET = "a red circle", "a blue circle"
+WIDTH, HEIGHT = 24, 16
+FAST = dict(steps=3, guidance=3.5, size=f"{WIDTH}x{HEIGHT}", output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tiny Flux pipeline of tests/test_flux_pipeline.py, saved."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tiny_models import tokenizer
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+                                        eos_token_id=49407, pad_token_id=49407))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+                        scaling_factor=0.3611, sample_size=16)
+    path = tmp_path_factory.mktemp("flux_edit") / "pipe"
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer(),
+                 text_encoder_2=t5_encoder(hidden=16), tokenizer_2=t5_tokenizer(max_length=16),
+                 transformer=transformer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    from diffusers import FluxPipeline
+
+    loaded = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def plain(pipe, prompt, seed=2):
+    """A stock FluxPipeline call: the final packed latent [n, c]."""
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=3, guidance_scale=3.5, width=WIDTH, height=HEIGHT,
+                    output_type="latent", generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+def unpacked(pipe, latent):
+    """A packed latent [n, c] as diffusers unpacks it: [C, H, W]."""
+    return pipe._unpack_latents(latent[None], HEIGHT, WIDTH, pipe.vae_scale_factor)[0]
+
+
+def test_the_initial_latent_is_the_one_flux_draws(pipe):
+    drawn = []
+    with torch.no_grad():
+        pipe(SOURCE, num_inference_steps=1, width=WIDTH, height=HEIGHT, output_type="latent",
+             generator=torch.Generator().manual_seed(7),
+             callback_on_step_end=lambda p, i, t, kw: drawn.append(kw["latents"]) or {})
+    latent = initial_latent(pipe, 7, WIDTH, HEIGHT)
+    assert latent.shape == (1, (HEIGHT // 2) * (WIDTH // 2), 16)
+    # the stock draw, packed by diffusers itself
+    noise = torch.randn(1, 4, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(latent, pipe._pack_latents(noise, 1, 4, HEIGHT, WIDTH))
+    with pytest.raises(EditError, match="twice the VAE's factor"):
+        initial_latent(pipe, 7, WIDTH + 1, HEIGHT)
+
+
+def test_source_and_reprompt_are_the_stock_samples_and_the_edit_changes_the_target(pipe):
+    result = edit(pipe, SOURCE, TARGET, seed=2, **FAST)
+    assert (result.source - plain(pipe, SOURCE)).abs().max() <= 1e-5
+    assert (result.reprompts[0] - plain(pipe, TARGET)).abs().max() <= 1e-5
+    assert (result.targets[0] - result.reprompts[0]).abs().max() > 1e-4
+    assert result.settings["size"] == f"{WIDTH}x{HEIGHT}" and result.settings["modes"] == ["replace"]
+
+
+def test_several_seeds_in_one_batch_are_each_seeds_stock_sample(pipe):
+    results = edit_seeds(pipe, SOURCE, TARGET, [2, 5], reprompt=False, **FAST)
+    for result, seed in zip(results, [2, 5]):
+        assert (result.source - plain(pipe, SOURCE, seed)).abs().max() <= 1e-5
+
+
+def test_an_edit_that_replaces_nothing_is_the_plain_target(pipe):
+    result = edit(pipe, SOURCE, TARGET, seed=2, cross_steps="0:0", self_steps=None, reprompt=False, **FAST)
+    assert (result.targets[0] - plain(pipe, TARGET)).abs().max() <= 1e-5
+
+
+def test_the_target_takes_the_source_maps_inside_the_replace_window(pipe, monkeypatch):
+    seen = {}  # (site, step) -> the image->text block after the edit, [2, heads, image, text]
+    keep = xattn.Hook("probs", lambda p, ctx: seen.__setitem__((ctx.site.name, ctx.step), p.clone()), "kind=joint")
+    monkeypatch.setattr(edit_run, "hooks", lambda model, *controllers, **names: xattn.hooks(model, *controllers,
+                                                                                             keep, **names))
+    edit(pipe, SOURCE, TARGET, seed=2, cross_steps="0:2", self_steps=None, reprompt=False, **FAST)
+    assert len(seen) == 2 * 3  # two joint sites, three steps
+    for (site, step), block in seen.items():
+        assert block.shape[0] == 2  # the source's row and the target's: no unconditional rows
+        difference = (block[1] - block[0]).abs().max().item()
+        assert difference == 0 if step < 2 else difference > 1e-6, (site, step)
+
+
+def test_local_blend_keeps_the_source_outside_its_mask_on_packed_latents(pipe, monkeypatch):
+    installed = []  # the controllers the edit installs (LocalBlend keeps its last mask)
+    monkeypatch.setattr(edit_run, "hooks", lambda model, *controllers, **names: installed.extend(controllers)
+                        or xattn.hooks(model, *controllers, **names))
+    result = edit(pipe, SOURCE, TARGET, seed=2, blend="circle", threshold=0.5, blend_dilate=0, reprompt=False,
+                  **FAST)
+    blend = next(c for c in installed if isinstance(c, LocalBlend))
+    mask = blend.last_masks[0]  # [H, W] bool, on the unpacked latent grid
+    assert mask.shape == (HEIGHT, WIDTH) and 0 < int(mask.sum()) < mask.numel()
+    source, target = unpacked(pipe, result.source), unpacked(pipe, result.targets[0])  # [C, H, W]
+    assert torch.equal(target[:, ~mask], source[:, ~mask])  # kept from the source, exactly
+    assert (target[:, mask] - source[:, mask]).abs().max() > 1e-6  # edited inside
+    free = edit(pipe, SOURCE, TARGET, seed=2, reprompt=False, **FAST)
+    assert (result.targets[0] - free.targets[0]).abs().max() > 1e-6  # the blend changed the edit
+
+
+def test_a_negative_prompt_is_refused_by_name(pipe):
+    with pytest.raises(EditError, match="negative prompt.*true CFG"):
+        edit(pipe, SOURCE, TARGET, seed=2, negative_prompt="a green square", **FAST)
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runner_ = CliRunner()
+    return lambda *args: runner_.invoke(app, [str(a) for a in args])
+
+
+def test_cli_edit_runs_on_a_saved_flux_folder(cli, folder, tmp_path):
+    result = cli("edit", "--source", SOURCE, "--target", TARGET, "--blend", "circle", "--seed", 2, "--steps", 2,
+                 "--guidance", 3.5, "--size", f"{WIDTH}x{HEIGHT}", "--model", folder, "--device", "cpu",
+                 "--out", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["manifest.json", "reprompt.png", "sheet.png", "source.png", "target.png"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["edit"]["targets"] == [TARGET]
+    assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["local_blend", "autoedit", "self_inject"]
+    refused = cli("edit", "--source", SOURCE, "--target", TARGET, "--negative-prompt", "a green square",
+                  "--steps", 2, "--size", f"{WIDTH}x{HEIGHT}", "--model", folder, "--device", "cpu",
+                  "--out", tmp_path / "refused", "--no-progress")
+    assert refused.exit_code == 2 and "true CFG" in refused.output, refused.output
+    from PIL import Image
+
+    Image.new("RGB", (WIDTH, HEIGHT)).save(tmp_path / "input.png")
+    refused = cli("edit", "--source", SOURCE, "--target", TARGET, "--image", tmp_path / "input.png",
+                  "--steps", 2, "--size", f"{WIDTH}x{HEIGHT}", "--model", folder, "--device", "cpu",
+                  "--out", tmp_path / "inverted", "--no-progress")
+    assert refused.exit_code == 2 and "inverted image" in refused.output, refused.output
+
+
+def test_local_blend_packs_and_unpacks_as_flux_does(pipe):
+    from xattn.edit.blend import pack, unpack
+
+    latents = torch.randn(3, 4, HEIGHT, WIDTH)
+    packed = pipe._pack_latents(latents, 3, 4, HEIGHT, WIDTH)
+    assert torch.equal(pack(latents), packed)
+    assert torch.equal(unpack(packed, (HEIGHT, WIDTH)), pipe._unpack_latents(packed, HEIGHT, WIDTH, 1))
+    with pytest.raises(EditError, match="packed tokens"):
+        unpack(packed, (HEIGHT, WIDTH + 2))
