@@ -133,7 +133,9 @@ UNSUPPORTED_PREFIXES = ("Flux",)  # the other Flux pipelines: not adapted yet
 
 class TrueCFGError(LayoutError):
     """What Flux's true CFG (a negative prompt, ``true_cfg_scale > 1``) does not support: it calls the
-    transformer twice a step, once on the prompts' rows and once on the negative prompts' rows."""
+    transformer twice a step, once on the prompts' rows and once on the negative prompts' rows, and
+    edits and guidance need a row and its partner in one call. (``Capture(uncond=True)`` works: it
+    keeps the second call's rows with the first's.)"""
 
 
 def combine(previous: Encoded | None, new: Encoded, adapter: Adapter | None, controllers=(),
@@ -145,18 +147,20 @@ def combine(previous: Encoded | None, new: Encoded, adapter: Adapter | None, con
     unconditional embeddings, so each call's rows are told apart by equality as
     usual (the first call's rows are all conditional, the second's all
     unconditional). Controllers that need a row and its partner in one call
-    (edits, guidance) or keep the unconditional rows (``Capture(uncond=True)``)
-    are refused by name. Any other second call replaces the first.
+    (edits, guidance) are refused by name; ``Capture(uncond=True)`` keeps the
+    second call's rows with the first's, as if both were one batched call.
+    Any other second call replaces the first.
     """
     if previous is None or adapter is None or adapter.family != "flux" or previous.uncond is not None:
         return new
     refused = [c for c in controllers if type(c).__module__.startswith(("xattn.edit", "xattn.guide"))
-               or c.wants_before_step() or getattr(c, "uncond", False) is True]
+               or c.wants_before_step()]
     if refused:
         raise TrueCFGError(f"{pipeline_name} with true CFG (a negative prompt and true_cfg_scale > 1) runs the "
                            "transformer twice a step, on the prompts' and on the negative prompts' rows; xattn "
                            f"does not run {', '.join(type(c).__name__ for c in refused)} across those two calls "
-                           "(edits, guidance, Capture(uncond=True)): drop negative_prompt or set true_cfg_scale=1")
+                           "(edits and guidance need a row and its partner in one call): drop negative_prompt or "
+                           "set true_cfg_scale=1")
     negatives = new.prompts if new.prompts is not None else [None] * len(previous.prompts or ())
     return Encoded(previous.prompts, list(negatives), previous.images_per_prompt, previous.cond, new.cond,
                    previous.other_prompts, previous.options)

@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..hookpoints import BatchLayout, Controller, HookContext
+from ..hookpoints import Controller, HookContext
 from ..selector import Selector
 from ..sites import Site
 from .layers import BLOCK_KIND, JOINT_BLOCKS, TEXT_KINDS, MapLayer, block_kind
-from .plan import (CaptureBlocksError, CaptureBudgetError, PlannedSite, RunState, Slice, format_bytes, parse_bytes,
-                   res_at, site_downsampling, token_columns)
+from .plan import (CaptureBlocksError, CaptureBudgetError, PlannedSite, RowPart, RunState, Slice, format_bytes,
+                   parse_bytes, res_at, site_downsampling, token_columns)
 
 DEFAULT_BUDGET = "1GiB"
 DEFAULT_SELF_RES = 32  # self-attention maps are [i, i]: 64x64 sites would need 64 MiB per row and call
@@ -55,7 +55,10 @@ class Capture(Controller):
         keep_heads: keep each selected head instead of their mean (aggregated
             sums are then kept per site, since sites differ in head count;
             default off, on for encoder-decoder models).
-        uncond: also keep classifier-free guidance's unconditional rows.
+        uncond: also keep classifier-free guidance's unconditional rows. Under Flux's true CFG
+            (a negative prompt and ``true_cfg_scale > 1``) they come from the negative prompt's
+            call of each step and are stored with the prompts' rows as one batched call would
+            store them (same sums, same counts, ``cond=False`` in the word maps).
         self_attention: also capture self-attention (opt-in), at sites no
             larger than ``self_res``.
         self_res: the largest self-attention map side to capture.
@@ -163,10 +166,9 @@ class Capture(Controller):
     def probs(self, x: torch.Tensor, ctx: HookContext) -> None:
         """Reduce this call's maps into the store; never changes them."""
         run = self._run or self._start(ctx, x)
-        if ctx.layout is not run.layout:
-            self._check_same_rows(run, ctx.layout)
+        part = run.part if ctx.layout is run.layout else self._part_of(run, ctx)
         site = ctx.site
-        picked = run.row_choice.take(x, 0)  # [r, h, i, j]
+        picked = part.choice.take(x, 0)  # [r, h, i, j]
         heads = self._head_choice(site)
         if heads is not None:
             picked = heads.take(picked, 1)  # [r, h', i, j]
@@ -176,10 +178,11 @@ class Capture(Controller):
                 kept = len(run.columns)
                 padding = picked.narrow(3, kept, picked.shape[3] - kept)  # [r, h', i, j - j']
             picked = run.column_choice.take(picked, 3)  # [r, h', i, j']
-        self._store(run, picked, padding, ctx, site.kind)
+        self._store(run, part, picked, padding, ctx, site.kind)
         if self._extra_blocks and site.kind == "joint":
-            self._keep_blocks(run, ctx)
-        self.calls[(site.name, ctx.step)] += 1
+            self._keep_blocks(run, part, ctx)
+        if part.counts:  # true CFG's second call adds its rows to the attention call the first one counted
+            self.calls[(site.name, ctx.step)] += 1
         return None
 
     # -- joint blocks ----------------------------------------------------------------
@@ -200,7 +203,7 @@ class Capture(Controller):
                 f"selector also takes sites that are not joint: {listed}{more}. Select joint sites only "
                 "(kind=joint), or keep blocks=('image->text',)")
 
-    def _keep_blocks(self, run: RunState, ctx: HookContext) -> None:
+    def _keep_blocks(self, run: RunState, part: RowPart, ctx: HookContext) -> None:
         """Store the requested blocks of the whole joint map the explicit path hands over."""
         from ..joint import whole_joint_map
 
@@ -214,21 +217,21 @@ class Capture(Controller):
         heads = self._head_choice(ctx.site)
         for block in self._extra_blocks:
             queries, keys = spans[block]
-            picked = run.row_choice.take(probs.detach()[:, :, queries, keys], 0)  # [r, h, q, k]
+            picked = part.choice.take(probs.detach()[:, :, queries, keys], 0)  # [r, h, q, k]
             if heads is not None:
                 picked = heads.take(picked, 1)
-            self._store(run, picked, None, ctx, block_kind(block))
+            self._store(run, part, picked, None, ctx, block_kind(block))
 
-    def _store(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext,
-               kind: str) -> None:
+    def _store(self, run: RunState, part: RowPart, picked: torch.Tensor, padding: torch.Tensor | None,
+               ctx: HookContext, kind: str) -> None:
         if self.per_step:
-            self._keep_step(run, picked, padding, ctx, kind)
+            self._keep_step(run, part, picked, padding, ctx, kind)
         else:
-            self._add_to_sum(run, picked, padding, ctx, kind)
+            self._add_to_sum(run, part, picked, padding, ctx, kind)
 
     # -- storing -------------------------------------------------------------------
-    def _add_to_sum(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext,
-                    kind: str) -> None:
+    def _add_to_sum(self, run: RunState, part: RowPart, picked: torch.Tensor, padding: torch.Tensor | None,
+                    ctx: HookContext, kind: str) -> None:
         group = self._sum_group(ctx.site, ctx.res, kind)
         layer = run.layers.get(group)
         if layer is None:
@@ -236,22 +239,24 @@ class Capture(Controller):
                                     kind=kind)
             run.sites[group], run.steps[group] = set(), set()
         kept = picked.shape[3]
+        data = part.of(layer.data)  # this call's rows of the sum
         if self.keep_heads:
-            layer.data[..., :kept].add_(picked)
+            data[..., :kept].add_(picked)
             if padding is not None:
-                layer.data[..., kept:].add_(padding.sum(dim=3, keepdim=True))
+                data[..., kept:].add_(padding.sum(dim=3, keepdim=True))
         else:  # heads averaged through a transient [r, 1, i, j'] sum, freed at once: only the running sum is held
             share = 1.0 / picked.shape[1]
-            layer.data[..., :kept].add_(picked.sum(dim=1, keepdim=True, dtype=torch.float32), alpha=share)
+            data[..., :kept].add_(picked.sum(dim=1, keepdim=True, dtype=torch.float32), alpha=share)
             if padding is not None:
-                layer.data[..., kept:].add_(padding.sum(dim=(1, 3), keepdim=True, dtype=torch.float32), alpha=share)
-        layer.count += 1
+                data[..., kept:].add_(padding.sum(dim=(1, 3), keepdim=True, dtype=torch.float32), alpha=share)
+        if part.counts:
+            layer.count += 1
         run.sites[group].add(ctx.site.name)
         if ctx.step is not None:
             run.steps[group].add(ctx.step)
 
-    def _keep_step(self, run: RunState, picked: torch.Tensor, padding: torch.Tensor | None, ctx: HookContext,
-                   kind: str) -> None:
+    def _keep_step(self, run: RunState, part: RowPart, picked: torch.Tensor, padding: torch.Tensor | None,
+                   ctx: HookContext, kind: str) -> None:
         if self.stream_to is not None and ctx.step != run.streaming_step:
             self._flush_stream(run)
             run.streaming_step = ctx.step
@@ -263,8 +268,9 @@ class Capture(Controller):
         if layer is None:
             steps = () if ctx.step is None else (ctx.step,)
             layer = self._new_layer(run, group, picked, ctx, steps=steps, dtype=self.storage_dtype, kind=kind)
-        layer.data.add_(maps.to(self.storage_dtype))  # a scheduler may call the UNet twice per step (Heun)
-        layer.count += 1
+        part.of(layer.data).add_(maps.to(self.storage_dtype))  # a scheduler may call the UNet twice per step (Heun)
+        if part.counts:
+            layer.count += 1
 
     def _sum_group(self, site: Site, res: tuple[int, int], kind: str | None = None) -> tuple:
         """The running sum a site adds into: its own when heads are kept, else one per (kind, res, mid or not).
@@ -282,8 +288,8 @@ class Capture(Controller):
         kept_heads = None
         if self.keep_heads:
             kept_heads = tuple(self.selector.head_indices(ctx.site.heads) or range(ctx.site.heads))
-        rows, h, i, j = picked.shape
-        shape = (rows, h if self.keep_heads else 1, i, j + others)
+        _, h, i, j = picked.shape
+        shape = (len(run.rows), h if self.keep_heads else 1, i, j + others)
         data = torch.zeros(shape, dtype=dtype, device=picked.device)
         layer = MapLayer(kind=kind, res=ctx.res, steps=steps, sites=(ctx.site.name,), count=0,
                          heads=kept_heads, data=data)
@@ -339,6 +345,7 @@ class Capture(Controller):
         image_hw = (latent_hw[0] * self._vae_scale, latent_hw[1] * self._vae_scale)
         run = RunState(layout, rows, columns, key_length, latent_hw, image_hw, ctx.num_steps, others)
         run.patch = factor if not self._factors else 1
+        run.first_step = ctx.step
         run.planned_bytes = self._check_budget(run, ctx, key_length)
         if self.stream_to is not None:
             self._prepare_stream_folder()
@@ -373,9 +380,9 @@ class Capture(Controller):
                     planned.append(PlannedSite(site, res, kept_heads, keys, queries=queries, kind=block_kind(block)))
         return planned
 
-    def _check_budget(self, run: RunState, ctx: HookContext, key_length: int) -> int:
+    def _check_budget(self, run: RunState, ctx: HookContext, key_length: int, rows: int | None = None) -> int:
         planned = self.plan(run, key_length)
-        rows = len(run.rows)
+        rows = len(run.rows) if rows is None else rows
         if self.per_step:
             steps = self._selected_steps(ctx)
             held_steps = 1 if self.stream_to is not None else len(steps)
@@ -412,14 +419,46 @@ class Capture(Controller):
             self._heads[site.name] = None if indices is None else Slice(indices, site.heads)
         return self._heads[site.name]
 
-    def _check_same_rows(self, run: RunState, layout: BatchLayout) -> None:
-        rows = tuple(layout.rows[r] for r in run.row_indices) if layout.batch_size == run.layout.batch_size else None
-        if rows != run.rows:
-            raise ValueError(
-                "the batch changed during one capture run; call capture.reset() (or start a new pipeline "
-                "call) before capturing a different batch"
-            )
-        run.layout = layout
+    def _part_of(self, run: RunState, ctx: HookContext) -> RowPart:
+        """The part of the run whose rows this call hands over; true CFG's second call adds its own."""
+        layout = ctx.layout
+        part = next((p for p in run.parts if p.matches(layout)), None)
+        if part is None:
+            part = self._other_half(run, ctx)
+            if part is None:
+                raise ValueError(
+                    "the batch changed during one capture run; call capture.reset() (or start a new pipeline "
+                    "call) before capturing a different batch"
+                )
+            try:  # the plan again, for both halves' rows, before any sum grows
+                planned = self._check_budget(run, ctx, run.key_length, rows=len(run.rows) + len(part.rows))
+            except CaptureBudgetError:
+                self._run = None  # as when the first call's plan is refused: no half-kept run stays behind
+                raise
+            run.add_part(part, first=not part.rows[0].cond)  # unconditional rows first, as diffusers batches them
+            run.planned_bytes = planned
+        run.layout, run.part = layout, part
+        return part
+
+    def _other_half(self, run: RunState, ctx: HookContext) -> RowPart | None:
+        """The rows of a call that holds the other half of classifier-free guidance, or None.
+
+        Flux's true CFG calls the transformer on the prompts' rows, then on the
+        negative prompts' rows, at the same step. With ``uncond=True`` the second
+        call's rows are kept with the first's, as a pipeline that batches both
+        keeps them: only when that call comes at the run's first captured step,
+        for the same prompts and images, with the other kind of row.
+        """
+        layout = ctx.layout
+        if not self.uncond or len(run.parts) != 1 or ctx.step != run.first_step or layout.prompts != run.layout.prompts:
+            return None
+        first, rows = run.parts[0].rows, layout.rows
+        kinds = {row.cond for row in rows}
+        if len(kinds) != 1 or {row.cond for row in first} != {not kinds.pop()}:
+            return None
+        if sorted((row.prompt, row.image) for row in rows) != sorted((row.prompt, row.image) for row in first):
+            return None
+        return RowPart(layout, list(range(layout.batch_size)), counts=False)
 
     # -- results ---------------------------------------------------------------------
     def bytes_held(self) -> int:

@@ -155,26 +155,78 @@ class Slice:
         return x.index_select(dim, index)
 
 
+class RowPart:
+    """The rows one kind of call hands a capture, and where they sit in its store.
+
+    A pipeline that batches classifier-free guidance hands every row in each
+    call: one part. Flux's true CFG calls the transformer twice a step, on the
+    prompts' rows and on the negative prompts' rows: with ``uncond=True`` each
+    call is a part, and its rows go to their own rows of the same sums.
+    """
+
+    def __init__(self, layout: BatchLayout, indices: list[int], counts: bool = True):
+        self.row_indices = list(indices)  # which rows of the call are kept
+        self.rows: tuple[Row, ...] = tuple(layout.rows[r] for r in indices)
+        self.batch_size = layout.batch_size
+        self.choice = Slice(self.row_indices, layout.batch_size)
+        self.start = 0  # first row of the store this part writes
+        self.whole = True  # the part fills every row of the store (then no narrowing)
+        self.counts = counts  # its calls are the ones counted (one per attention call of a batched pipeline)
+
+    def matches(self, layout: BatchLayout) -> bool:
+        return (layout.batch_size == self.batch_size
+                and tuple(layout.rows[r] for r in self.row_indices) == self.rows)
+
+    def of(self, data: torch.Tensor) -> torch.Tensor:
+        """This part's rows of a stored ``[rows, ...]`` tensor (a view)."""
+        return data if self.whole else data.narrow(0, self.start, len(self.rows))
+
+
 class RunState:
     """What a capture holds for one pipeline call: rows, token columns, sizes, and its sums."""
 
     def __init__(self, layout: BatchLayout, rows: list[int], columns: list[int] | None, key_length: int,
                  latent_hw: tuple[int, int], image_hw: tuple[int, int], num_steps: int | None,
                  others: bool = False):
-        self.layout = layout
-        self.row_indices = rows
-        self.rows: tuple[Row, ...] = tuple(layout.rows[r] for r in rows)
-        self.row_choice = Slice(rows, layout.batch_size)
+        self.layout = layout  # the layout of the last call seen
+        self.parts = [RowPart(layout, rows)]
+        self.part = self.parts[0]  # the part of the last call seen
         self.columns = columns  # token slots kept at cross and joint sites (None = all)
+        self.key_length = key_length
         self.column_choice = Slice(columns, key_length)
         self.others = others  # one more column: the summed attention on every slot after ``columns`` (padding)
         self.latent_hw = latent_hw
         self.patch = 1  # how many latent pixels one map position spans at sites without a UNet factor
         self.image_hw = image_hw
         self.num_steps = num_steps
+        self.first_step: int | None = None  # the step of the first captured call
         self.layers: dict[tuple, MapLayer] = {}
         self.sites: dict[tuple, set[str]] = {}
         self.steps: dict[tuple, set[int]] = {}
         self.planned_bytes = 0
         self.streaming_step: int | None = None
         self.shards: list[Path] = []
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        """What each stored row is, in store order (the parts one after another)."""
+        return tuple(row for part in self.parts for row in part.rows)
+
+    def add_part(self, part: RowPart, first: bool) -> None:
+        """Store ``part``'s rows too (before the others when ``first``): every sum gets zero rows for it."""
+        self.parts.insert(0 if first else len(self.parts), part)
+        start = 0
+        for each in self.parts:
+            each.start, each.whole = start, False
+            start += len(each.rows)
+        for layer in self.layers.values():
+            if layer.data is None:
+                raise RuntimeError("a capture's rows grew after its maps were streamed to disk")
+            grown = torch.zeros((start, *layer.data.shape[1:]), dtype=layer.data.dtype, device=layer.data.device)
+            kept = [each for each in self.parts if each is not part]
+            offset = 0
+            for each in kept:
+                count = len(each.rows)
+                grown.narrow(0, each.start, count).copy_(layer.data.narrow(0, offset, count))
+                offset += count
+            layer.data = grown
