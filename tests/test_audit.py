@@ -23,7 +23,6 @@ import audit_denoisers  # noqa: E402
 # Classes whose sites raised a plain TypeError / AttributeError before (diffusers 0.42): each is now either
 # listed (then refused by processor, with its site kinds) or refused by a named error.
 LISTED = {  # class -> the site kinds its row reports
-    "Flux2Transformer2DModel": "56 joint",  # dual-stream (added projections) and single-stream [text, image]
     "Ideogram4Transformer2DModel": "34 joint",  # num_heads + head_dim
     "JoyImageEditTransformer3DModel": "20 joint",  # img_attn_qkv / txt_attn_qkv: dual stream, no to_q
     "JoyImageEditPlusTransformer3DModel": "20 joint",

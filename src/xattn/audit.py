@@ -40,6 +40,7 @@ TESTED = {
     "SD3Transformer2DModel": "test_joint.py, test_joint_maps.py, test_sd3_t5.py",
     "FluxTransformer2DModel": "test_joint.py, test_joint_maps.py, test_flux_pipeline.py",
     "ChromaTransformer2DModel": "test_audit.py (parity with stock, single-stream probs vs float64)",
+    "Flux2Transformer2DModel": "test_flux2.py (parity with stock, both blocks' probs vs float64, fused reweight)",
 }
 
 STATUSES = ("hooked, tested", "hooked, untested", "refused", "crashes", "not instantiated")

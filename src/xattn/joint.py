@@ -58,18 +58,32 @@ class Family:
     attribute: str  # "F" (its scaled_dot_product_attention) or "dispatch_attention_fn"
     sequence_dim: int  # 2: the core gets [b, h, s, d]; 1: [b, s, h, d]
     text_first: bool  # Flux: [text, image]; SD3: [image, text]
+    takes_text: bool = True  # False: called (attn, hidden_states, attention_mask, ...), one stream only
+
+    @property
+    def core_name(self) -> str:
+        """The patched global: families whose processors live in one module share it."""
+        return f"{self.module.__name__}.{self.attribute}"
 
 
 def _families() -> tuple[Family, ...]:
     from diffusers.models import attention_processor as sd3
     from diffusers.models.transformers import sana_transformer as sana, transformer_flux as flux
 
-    return (
+    families = (
         Family("sd3", sd3.JointAttnProcessor2_0, sd3, "F", sequence_dim=2, text_first=False),
         Family("flux", flux.FluxAttnProcessor, flux, "dispatch_attention_fn", sequence_dim=1, text_first=True),
         # Sana's cross-attention (attn2): plain image -> text attention, its own processor (QK norms over all heads)
         Family("sana", sana.SanaAttnProcessor2_0, sana, "F", sequence_dim=2, text_first=False),
     )
+    try:  # Flux.2: dual-stream blocks, and single-stream blocks with fused QKV + MLP called without text
+        from diffusers.models.transformers import transformer_flux2 as flux2
+    except ImportError:
+        return families
+    return (*families,
+            Family("flux2", flux2.Flux2AttnProcessor, flux2, "dispatch_attention_fn", sequence_dim=1, text_first=True),
+            Family("flux2-single", flux2.Flux2ParallelSelfAttnProcessor, flux2, "dispatch_attention_fn",
+                   sequence_dim=1, text_first=True, takes_text=False))
 
 
 FAMILIES = _families()
@@ -129,8 +143,8 @@ def is_joint(module: nn.Module, parent: nn.Module | None) -> bool:
 
 
 # -- routing the stock processor's core call ------------------------------------------------
-_ROUTES = threading.local()  # per thread: family name -> the core the current stock call must use
-_PATCHED: dict[str, list] = {}  # family name -> [original attribute, number of open routes]
+_ROUTES = threading.local()  # per thread: Family.core_name -> the core the current stock call must use
+_PATCHED: dict[str, list] = {}  # Family.core_name -> [original attribute, number of open routes]
 _LOCK = threading.Lock()
 
 
@@ -148,7 +162,7 @@ def _replacement(family: Family, original) -> object:
     call = original.scaled_dot_product_attention if family.attribute == "F" else original
 
     def routed(*args, **kwargs):
-        core = getattr(_ROUTES, family.name, None)
+        core = getattr(_ROUTES, family.core_name, None)
         return call(*args, **kwargs) if core is None else core(*args, **kwargs)
 
     return _Functional(routed) if family.attribute == "F" else routed
@@ -157,24 +171,25 @@ def _replacement(family: Family, original) -> object:
 @contextmanager
 def routed(family: Family, core: Callable):
     """Within the block, this thread's calls of the family's core go to ``core``; other threads are untouched."""
+    key = family.core_name
     with _LOCK:
-        entry = _PATCHED.get(family.name)
+        entry = _PATCHED.get(key)
         if entry is None:
             original = getattr(family.module, family.attribute)
-            entry = _PATCHED[family.name] = [original, 0]
+            entry = _PATCHED[key] = [original, 0]
             setattr(family.module, family.attribute, _replacement(family, original))
         entry[1] += 1
-    outer = getattr(_ROUTES, family.name, None)
-    setattr(_ROUTES, family.name, core)
+    outer = getattr(_ROUTES, key, None)
+    setattr(_ROUTES, key, core)
     try:
         yield
     finally:
-        setattr(_ROUTES, family.name, outer)
+        setattr(_ROUTES, key, outer)
         with _LOCK:
             entry[1] -= 1
             if entry[1] == 0:
                 setattr(family.module, family.attribute, entry[0])
-                del _PATCHED[family.name]
+                del _PATCHED[key]
 
 
 # -- the processor ------------------------------------------------------------------------------
@@ -197,8 +212,22 @@ class JointProcessor(XattnProcessor):
             raise UnsupportedProcessorError(f"{type(stock).__name__} at {site.name} is not a joint processor "
                                             "xattn knows")
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **unknown):
+    def __call__(self, attn, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.family.takes_text:
+            return self._attend(attn, hidden_states, *args, **kwargs)
+        return self._attend_one_stream(attn, hidden_states, *args, **kwargs)
+
+    def _attend_one_stream(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, **unknown):
+        """A processor called without text (Flux.2's single stream): text and image are in ``hidden_states``."""
+        return self._attend(attn, hidden_states, None, attention_mask, image_rotary_emb, **unknown)
+
+    def _stock(self, attn, hidden_states, encoder_hidden_states, attention_mask, **extra):
+        if self.family.takes_text:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        return self.stock(attn, hidden_states, attention_mask, **extra)
+
+    def _attend(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **unknown):
         if unknown:
             raise UnsupportedProcessorError(f"xattn's processor at {self.site.name} takes no {sorted(unknown)}; "
                                             "close the xattn session to use them")
@@ -209,7 +238,7 @@ class JointProcessor(XattnProcessor):
         parts = self._parts(hidden_states, encoder_hidden_states, concepts)
         active = self.runtime.active_hooks(self.site, parts.rows.stop - parts.rows.start)
         if active is None:  # nothing runs here this call: the stock processor, untouched
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
         if active.has("context"):
             hidden_states, encoder_hidden_states = self._context(active, parts, hidden_states, encoder_hidden_states,
                                                                  concepts)
@@ -230,7 +259,7 @@ class JointProcessor(XattnProcessor):
             return out.transpose(1, 2) if dim == 1 else out
 
         with routed(self.family, core):
-            out = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+            out = self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
         if len(calls) != 1:
             raise UnsupportedProcessorError(
                 f"{type(self.stock).__name__} at {self.site.name} called its attention core {len(calls)} time(s), "

@@ -234,8 +234,8 @@ def latent_size(sample, arguments: dict[str, Any]) -> tuple[int, int]:
     ids = arguments.get("img_ids")
     tokens = int(sample.shape[1])
     if sample.ndim == 3 and ids is not None:
-        ids = ids[0] if ids.ndim == 3 else ids  # [n, 3]: (frame, row, column)
-        rows, columns = (int(v) + 1 for v in ids[:, 1:].amax(dim=0).tolist())
+        ids = ids[0] if ids.ndim == 3 else ids  # [n, 3]: (frame, row, column); Flux.2: [n, 4], a layer after
+        rows, columns = (int(v) + 1 for v in ids[:, 1:3].amax(dim=0).tolist())
         if rows * columns == tokens:
             return rows * PACKING, columns * PACKING
     side = math.isqrt(tokens)  # a sequence without a known grid: square when it can be, else flat
