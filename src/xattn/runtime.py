@@ -81,8 +81,7 @@ class Runtime:
         self._steering: tuple | None = None  # (controller, layout) during a steering controller's own pass
         self._call_of_steer: _CallState | None = None  # the denoiser call a steering pass stands in for
         self._encoded: Encoded | None = None
-        self._layout_key: tuple | None = None
-        self._layout: BatchLayout | None = None
+        self._layouts: dict[tuple, BatchLayout] = {}  # the layouts of this pipeline call's distinct text batches
         self._signatures: dict[int, inspect.Signature] = {}
         self._handles = []
         for host in attention_hosts(owner).values():  # the denoiser and any ControlNets: one clock, one run
@@ -281,15 +280,20 @@ class Runtime:
         if override is not None or text is None or self._encoded is None:
             key = ("bare", batch_size, id(override), None if prompts is None else tuple(prompts), id(tokenizer),
                    text is None)
-            if key != self._layout_key:  # one object per distinct call shape, so a bare run keeps its layout
-                self._layout = layout_without_encoding(batch_size, override, prompts,
-                                                       tokenizer if text is not None else None)
+            build = lambda: layout_without_encoding(batch_size, override, prompts,  # noqa: E731
+                                                    tokenizer if text is not None else None)
         else:
             key = (id(text), text.data_ptr(), text._version, tuple(text.shape), id(self._encoded))
-            if key != self._layout_key:
-                self._layout = layout_of_pipeline_call(text, self._encoded, self.adapter, self.pipe, prompts, tokenizer)
-        self._layout_key = key
-        return self._layout
+            build = lambda: layout_of_pipeline_call(text, self._encoded, self.adapter, self.pipe,  # noqa: E731
+                                                    prompts, tokenizer)
+        # One object per distinct text batch, so a run keeps its layout; two at most, for Flux's true CFG,
+        # whose calls alternate the prompts' and the negative prompts' text (each tokenized once, not each call).
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= 2:
+                self._layouts.clear()
+            layout = self._layouts[key] = build()
+        return layout
 
     def _encoded_by_pipeline(self, arguments: dict, result) -> None:
         """What ``encode_prompt`` was called with and returned, read by the pipeline's adapter."""
@@ -297,6 +301,7 @@ class Runtime:
         new = adapter.encoded(arguments, result) if adapter is not None else Encoded(None, [], 1, None, None)
         # Flux's true CFG encodes its negative prompt in a second call: the unconditional rows (adapters.combine)
         self._encoded = combine(self._encoded, new, adapter, self.controllers(), type(self.pipe).__name__)
+        self._layouts.clear()  # layouts name the encoded prompts: build them again for the new ones
 
 
 RUNTIMES: "weakref.WeakKeyDictionary[nn.Module, Runtime]" = weakref.WeakKeyDictionary()
