@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import xattn
-from tiny_t5 import t5_encoder, t5_tokenizer
+from tiny_flux import load_flux_pipeline, save_flux_pipeline
 from xattn.adapters import TrueCFGError, adapter_for
 
 PROMPT = "a red circle"
@@ -20,28 +20,7 @@ T5_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from tiny_models import tokenizer
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-                                        eos_token_id=49407, pad_token_id=49407))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
-                        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
-                        scaling_factor=0.3611, sample_size=16)
-    folder = tmp_path_factory.mktemp("flux") / "pipe"
-    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer(),
-                 text_encoder_2=t5_encoder(hidden=16), tokenizer_2=t5_tokenizer(max_length=T5_LENGTH),
-                 transformer=transformer).save_pretrained(folder)
-    loaded = FluxPipeline.from_pretrained(folder, local_files_only=True)
-    loaded.set_progress_bar_config(disable=True)
-    return loaded
+    return load_flux_pipeline(save_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipe", t5_length=T5_LENGTH))
 
 
 def call(pipe, **options):
