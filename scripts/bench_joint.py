@@ -184,19 +184,50 @@ def run(args, PeakMemory) -> None:
                          edit_name: variants(args.model, transformer, BatchLayout(rows=edit_rows), schedule,
                                              args.quick)[edit_name]}
         del table_variants[edit_name]
-        if args.only:
+        if args.only:  # stock always runs; the edit table only if a wanted substring names its variant
             wanted = [w.strip() for w in args.only.split(",")]
             table_variants = {k: v for k, v in table_variants.items() if k.startswith("stock") or
                               any(w in k for w in wanted)}
+            if not any(w in edit_name for w in wanted):
+                edit_variants = {}
         print(f"### {size}x{size}: {image} image tokens, {text} text tokens, batch {batch} "
               f"(edit batch: {len(edit_rows)} rows)\n")
-        rows_out = measure(transformer, table_variants, plain, args.repeats, device, PeakMemory) + \
-            measure(transformer, edit_variants, edit, args.repeats, device, PeakMemory)
-        print("| variant | median s/step | ratio to stock | bytes held | step peak MiB | peak ratio |")
-        print("|---|---|---|---|---|---|")
+        rows_out = measure(transformer, table_variants, plain, args.repeats, device, PeakMemory)
+        if edit_variants:
+            rows_out += measure(transformer, edit_variants, edit, args.repeats, device, PeakMemory)
+        print(f"| variant | median s/step | {RATIO_HEADER} | bytes held | step peak MiB | peak ratio |")
+        print("|---|---|---|---|---|---|---|")
         for line in rows_out:
             print(line)
         print()
+
+
+RATIO_HEADER = "ratio to stock (median of rounds) | fastest / stock's fastest"
+
+
+def timed_rounds(variants: dict, step: Callable, repeats: int) -> dict[str, list[float]]:
+    """Seconds of ``step(variant)``, round after round; each round starts one variant later than the one
+    before, so that no variant is always the first of a round (the one that pays for what the last left)."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(step(variants[name]))
+    return times
+
+
+def round_ratios(times: dict[str, list[float]], stock: str) -> dict[str, float]:
+    """Each variant's median over rounds of its time / stock's time in the same round (drift between
+    rounds cancels in each ratio)."""
+    return {name: statistics.median(t / s for t, s in zip(values, times[stock])) for name, values in times.items()}
+
+
+def ratio_cells(times: dict[str, list[float]], stock: str) -> dict[str, str]:
+    """Two table cells per variant: the median of per-round ratios, and the ratio of the fastest runs (on a
+    machine whose speed wanders, the fastest run of each is the one least disturbed)."""
+    medians = round_ratios(times, stock)
+    return {name: f"{medians[name]:.3f} | {min(values) / min(times[stock]):.3f}" for name, values in times.items()}
 
 
 def measure(transformer, table: dict[str, Variant], kwargs: dict, repeats: int, device, PeakMemory) -> list[str]:
@@ -216,21 +247,17 @@ def measure(transformer, table: dict[str, Variant], kwargs: dict, repeats: int, 
 
     for variant in table.values():  # warm-up round, not timed
         step(variant)
-    times: dict[str, list[float]] = {name: [] for name in table}
-    for _ in range(repeats):
-        for name, variant in table.items():
-            times[name].append(step(variant))
+    times = timed_rounds(table, step, repeats)
     peak_memory, peaks, held = PeakMemory(device), {}, {}
     for name, variant in table.items():  # one more round for peak memory and bytes held
         with variant.enter(), torch.no_grad():
             peaks[name] = peak_memory.measure(lambda: (transformer(**kwargs), variant.after and variant.after()))
             held[name] = variant.held()
     stock = next(iter(table))
-    stock_median, stock_peak = statistics.median(times[stock]), peaks[stock]
+    ratios, stock_peak = ratio_cells(times, stock), peaks[stock]
     lines = []
     for name, values in times.items():
-        median = statistics.median(values)
         peak = "n/a | n/a" if peaks[name] is None else \
             f"{peaks[name] / 2**20:.1f} | {peaks[name] / stock_peak:.2f}" if stock_peak else f"{peaks[name] / 2**20:.1f} | -"
-        lines.append(f"| {name} | {median:.4f} | {median / stock_median:.3f} | {held[name]} | {peak} |")
+        lines.append(f"| {name} | {statistics.median(values):.4f} | {ratios[name]} | {held[name]} | {peak} |")
     return lines

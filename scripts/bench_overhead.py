@@ -34,6 +34,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import xattn
+from bench_joint import RATIO_HEADER, ratio_cells, timed_rounds  # next to this script
 from xattn.hookpoints import BatchLayout, Row
 
 # variant name -> factory of a context manager that sets the UNet up for it
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, help="float32 / float16 (default fp32 on CPU, fp16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each runs every variant once)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all)")
-    parser.add_argument("--only", default=None, help="comma list of substrings: run matching variants only")
+    parser.add_argument("--only", default=None, help="comma list of substrings: run matching variants only (stock always; the edit batch only if named)")
     parser.add_argument("--edit", action="store_true",
                         help="time a prompt-to-prompt edit batch (source + target, guidance) against stock")
     parser.add_argument("--model", choices=("sd15", "flux", "sd3"), default="sd15",
@@ -272,10 +273,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for variant in variants.values():  # warm-up round, not timed
         one_step(variant)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, variant in variants.items():
-            times[name].append(one_step(variant))
+    times = timed_rounds(variants, one_step, args.repeats)
 
     peak_memory = PeakMemory(device)
     peaks: dict[str, int | None] = {}
@@ -283,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         with variant(unet, setup), torch.no_grad():
             peaks[name] = peak_memory.measure(forward)
 
-    stock_median = statistics.median(times["stock AttnProcessor2_0"])
+    ratios = ratio_cells(times, "stock AttnProcessor2_0")
     held = {name: getattr(variant, "bytes_held", lambda: "-")() for name, variant in variants.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"device {device}{' ' + torch.cuda.get_device_name(device) if cuda else ''}")
@@ -298,11 +296,10 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"{peaks[name] / stock_peak:.2f}" if stock_peak else "-"
         return f"{peaks[name] / 2**20:.1f} | {ratio}"
 
-    print("| variant | median s/step | ratio to stock | bytes held | step peak MiB | peak ratio |")
-    print("|---|---|---|---|---|---|")
+    print(f"| variant | median s/step | {RATIO_HEADER} | bytes held | step peak MiB | peak ratio |")
+    print("|---|---|---|---|---|---|---|")
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.4f} | {median / stock_median:.3f} | {held[name]} | {peak_cells(name)} |")
+        print(f"| {name} | {statistics.median(values):.4f} | {ratios[name]} | {held[name]} | {peak_cells(name)} |")
 
 
 if __name__ == "__main__":
