@@ -8,10 +8,8 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from xattn.app import pngmeta, runner
-from xattn.cli import app
 from xattn.tokens import TokenMap
 
 import tiny_models
@@ -19,13 +17,6 @@ import tiny_models
 FAST = ["--steps", "2", "--size", "32", "--no-progress"]
 DECOMPOSED = "a cafe\u0301 sign"  # 'e' + COMBINING ACUTE ACCENT
 SPECIAL = "a red <|endoftext|> circle"
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    runner_ = CliRunner()
-    return lambda *args: runner_.invoke(app, [str(a) for a in args])
 
 
 def test_token_map_reads_text_the_way_clip_does():

@@ -12,11 +12,9 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import xattn
 from tiny_flux import load_flux_pipeline, save_flux_pipeline
-from xattn.cli import app
 from xattn.edit import EditError, edit, edit_seeds, initial_latent
 from xattn.edit import run as edit_run
 from xattn.edit.blend import LocalBlend
@@ -115,13 +113,6 @@ def test_local_blend_keeps_the_source_outside_its_mask_on_packed_latents(pipe, m
 def test_a_negative_prompt_is_refused_by_name(pipe):
     with pytest.raises(EditError, match="negative prompt.*true CFG"):
         edit(pipe, SOURCE, TARGET, seed=2, negative_prompt="a green square", **FAST)
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    runner_ = CliRunner()
-    return lambda *args: runner_.invoke(app, [str(a) for a in args])
 
 
 def test_cli_edit_runs_on_a_saved_flux_folder(cli, folder, tmp_path):

@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from xattn import TokenError, runner
-from xattn.cli import app
 from xattn.edit import EditError, build_controllers, edit, edit_seeds, initial_latent
 from xattn.app.runfolder import RunFolderError
 
@@ -115,13 +113,6 @@ def test_bad_edits_fail_before_sampling(options, error, message):
     targets = arguments.pop("targets")
     with pytest.raises(error, match=message):
         build_controllers(tiny_models.tokenizer(), SOURCE, targets, **arguments)
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    runner_ = CliRunner()
-    return lambda *args: runner_.invoke(app, [str(a) for a in args])
 
 
 def test_cli_edit_writes_source_target_reprompt_sheet_and_manifest(cli, sd1_path, tmp_path):
