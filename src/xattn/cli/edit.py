@@ -27,7 +27,7 @@ from ..edit import EditError, SelfInject, edit
 from ..edit.defaults import recommended
 from ..edit.blend import BLEND_DILATE, BLEND_STEPS, BLEND_THRESHOLD
 from ..edit.controllers import SELF_RES
-from ..edit.run import MODES, check_pipeline
+from ..edit.run import MODES, check_pipeline, injects_self_attention
 from ..inversion import METHODS, invert
 from ..edit.windows import CROSS_STEPS, DEFAULT_KEY, SELF_STEPS, parse_window
 from ..app.runfolder import RunFolderError, save_image_atomic
@@ -254,6 +254,8 @@ def register(app: typer.Typer) -> None:
             arguments["reweight"] = {**weights, **(arguments["reweight"] or {})} or None  # a typed --reweight wins
             seed_value = int(settings["seed"])
             check_pipeline(run.pipe, settings.get("negative_prompt"), image)  # Flux: before any inversion
+            if settings.get("self_steps") is None and not injects_self_attention(run.pipe):
+                arguments["self_steps"] = None  # Sana: linear self-attention, no maps; the default window is dropped
             inversion = None
             if image is not None:
                 with run.timings.phase("invert"):

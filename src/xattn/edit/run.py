@@ -14,6 +14,7 @@ built at this boundary, so a typo fails in milliseconds, not after a run.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -92,7 +93,7 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
                       threshold: float = BLEND_THRESHOLD, blend_res: str | None = None,
                       blend_dilate: int = BLEND_DILATE, blend_steps: WindowSpec = BLEND_STEPS,
                       reweight: Mapping[str, float] | None = None, rows: str = "cond",
-                      self_kind: str = "self") -> list:
+                      self_kind: str = "self", token_maps: Sequence[TokenMap] | None = None) -> list:
     """The controllers of an edit, in the order they must run, checked against the prompts.
 
     Order: LocalBlend (reads the targets' own maps), Reweight per target (the
@@ -117,6 +118,8 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
         rows: ``"cond"`` or ``"all"`` (see :mod:`xattn.edit.pairs`).
         self_kind: ``"self"``, or ``"joint"`` on a transformer without separate self-attention,
             where the source's whole joint map (image and text queries) is injected.
+        token_maps: the prompts' token maps as the pipeline lays their text out (source first); default
+            ``TokenMap(tokenizer, prompt)`` (Sana's text sits behind an instruction: see :func:`_token_maps`).
 
     Raises:
         EditError: no targets, unknown mode, prompts a word swap cannot align, a target
@@ -129,7 +132,11 @@ def build_controllers(tokenizer, source: str, targets: Sequence[str], *, mode: s
         raise EditError("an edit needs at least one target prompt")
     if mode not in MODES:
         raise EditError(f"edit mode must be one of {', '.join(MODES)}, not {mode!r}")
-    token_maps = [TokenMap(tokenizer, prompt) for prompt in (source, *targets)]
+    if token_maps is None:
+        token_maps = [TokenMap(tokenizer, prompt) for prompt in (source, *targets)]
+    elif len(token_maps) != 1 + len(targets):
+        raise EditError(f"build_controllers got {len(token_maps)} token maps for {1 + len(targets)} prompts")
+    token_maps = list(token_maps)
     cross = MODES[mode](cross_steps, rows=rows)
     cross.mappers(token_maps)  # raises for prompts the mode cannot align
     cross.slot_windows(token_maps)  # raises for per-word windows naming absent words
@@ -195,12 +202,21 @@ def _denoiser(pipe):
     return model
 
 
-def _self_kind(pipe) -> str:
-    """Where self-attention injection goes: self sites, or the joint sites of a model that has no others."""
+def _self_kind(pipe) -> str | None:
+    """Where self-attention injection goes: self sites, or the joint sites of a model that has no others;
+    None on a model with neither (Sana: its self-attention is linear, with no attention maps to inject)."""
     from ..sites import sites
 
     kinds = {site.kind for site in sites(_denoiser(pipe))}
-    return "joint" if "self" not in kinds and "joint" in kinds else "self"
+    if "self" in kinds:
+        return "self"
+    return "joint" if "joint" in kinds else None
+
+
+def injects_self_attention(pipe) -> bool:
+    """Whether an edit on ``pipe`` can inject the source's self-attention maps (false on Sana, whose self-attention
+    is linear: no maps)."""
+    return _self_kind(pipe) is not None
 
 
 def _image_size(pipe, size) -> tuple[int, int]:
@@ -268,6 +284,10 @@ def _sample(pipe, prompts: list[str], latents: torch.Tensor, seeds: list[int], *
     # Image k of every prompt starts from latent k and draws the sampler's noise from seed k.
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts for seed in seeds]
     kwargs.update(_prompt_kwargs(pipe, prompts, negative_prompt, syntax))
+    if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+        # PixArt/Sana: the size asked for (the latents' own), not the nearest trained aspect-ratio bin, as
+        # ``xattn generate`` runs it; binning also refuses a transformer of a sample size it has no bins for
+        kwargs.setdefault("use_resolution_binning", False)
     repeated = latents.repeat(len(prompts), *[1] * (latents.dim() - 1))  # [P K, C, h, w], or Flux's [P K, n, c]
     result = pipe(num_images_per_prompt=count, latents=repeated,
                   generator=generators, num_inference_steps=int(steps), guidance_scale=float(guidance),
@@ -340,8 +360,14 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         raise EditError("an inverted image is edited with plain prompts of one 77-token window (no weights, "
                         "BREAK or long prompts): the inversion encodes the source as plain text")
     words = _word_tokenizer(pipe, tokenizer)
+    self_kind = _self_kind(pipe)
+    if self_kind is None and self_steps is not None:
+        raise EditError(f"{type(_denoiser(pipe)).__name__} has no softmax self-attention (Sana's is linear: no "
+                        "attention maps), so there is nothing to inject: pass self_steps=None (--self-steps none)")
+    token_maps = _token_maps(pipe, words, [source, *targets])
     controllers = build_controllers(words, source, targets, mode=mode, cross_steps=cross_steps,
-                                    self_kind=_self_kind(pipe),
+                                    self_kind=self_kind or "self",
+                                    token_maps=token_maps,
                                     self_steps=self_steps, self_res=self_res, blend=blend, threshold=threshold,
                                     blend_res=blend_res, blend_dilate=blend_dilate, blend_steps=blend_steps,
                                     reweight=reweight, rows=rows)
@@ -361,7 +387,6 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         images = _sample(pipe, [source, *targets], latents, seeds, **common)
     images, composited = composite_targets(images, len(seeds), controllers, blend_pixels)
     reprompts = _sample(pipe, targets, latents, seeds, **common) if reprompt else []
-    token_maps = [TokenMap(words, p) for p in (source, *targets)]
     settings = {
         "source": source, "targets": targets, "steps": int(steps), "guidance": float(guidance),
         "size": f"{width}x{height}", "negative_prompt": negative_prompt,
@@ -402,6 +427,24 @@ def _word_tokenizer(pipe, tokenizer):
     if _packs_latents(pipe) and getattr(pipe, "tokenizer_2", None) is not None:
         return pipe.tokenizer_2
     return tokenizer
+
+
+def _token_maps(pipe, words, prompts: list[str]) -> list[TokenMap]:
+    """The prompts' token maps as the pipeline will lay their text out: ``TokenMap(words, prompt)``, or on Sana
+    the map of the prompt behind the instruction ``SanaPipeline`` puts before it, at the sequence length it
+    encodes to (the defaults of its call, which :func:`_sample` keeps): the slots the edit's rows hold at run
+    time, so word swaps are aligned there (a plain Gemma map starts the prompt a slot early and is as long as
+    the prompt, so two prompts of different piece counts would not even share a length)."""
+    from ..adapters import Encoded, adapter_for
+
+    adapter = adapter_for(pipe)
+    if adapter is None or adapter.family != "sana" or words is not getattr(pipe, "tokenizer", None):
+        return [TokenMap(words, prompt) for prompt in prompts]
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    length = int(defaults["max_sequence_length"].default)
+    options = {key: defaults[key].default for key in ("complex_human_instruction", "clean_caption") if key in defaults}
+    encoded = Encoded(list(prompts), [None] * len(prompts), 1, None, None, options=options)
+    return [adapter.token_map(pipe, prompt, length, encoded) for prompt in prompts]
 
 
 def _from_inversion(inversion, pipe, seeds, steps, size, negative_prompt):
