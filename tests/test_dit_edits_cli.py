@@ -280,12 +280,7 @@ def test_cli_generate_writes_the_stock_pipelines_image(cli, folders, pipes, fami
     assert np.abs(pixels(tmp_path / "gen" / "image-0.png") - pixels(reference)).max() <= 1
 
 
-MAPS_REPORT_BUG = pytest.mark.xfail(strict=True, reason="xattn maps' report looks up <start> (src/xattn/capture/report.py:"
-                                 "_captured), which a T5 text (PixArt, Flux) does not have: TokenError, exit 2")
-
-
-@pytest.mark.parametrize("family", [pytest.param("pixart", marks=MAPS_REPORT_BUG), "sana",
-                                    pytest.param("flux", marks=MAPS_REPORT_BUG)])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_cli_maps_record_the_prompts_words_on_the_latent_grid(cli, folders, family, tmp_path):
     _, _, width, height, _ = FAMILIES[family]
     cli("maps", SOURCE, *run_options(family, folders, tmp_path / "maps"))

@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..errors import XattnError
 from ..files import OverwriteError, write_text_atomic
+from ..tokens import TokenError
 from .heatmaps import WordMaps
 from .pictures import DEFAULT_ALPHA, DEFAULT_CMAP
 
@@ -124,7 +125,13 @@ def _item(maps: WordMaps, picture: Image.Image, prompt: int, image: int, side: t
 
 
 def _captured(maps: WordMaps, token: str, prompt: int) -> bool:
-    return maps.columns is None or all(slot in maps.columns for slot in maps.token_map(prompt).indices(token))
+    """Whether ``token`` (``<start>``, ``<end>``) is in the prompt's text and its slots were kept:
+    T5's text has no start token, so the report leaves it out there."""
+    try:
+        slots = maps.token_map(prompt).indices(token)
+    except TokenError:
+        return False
+    return maps.columns is None or all(slot in maps.columns for slot in slots)
 
 
 def _quantise(total: torch.Tensor) -> list:
