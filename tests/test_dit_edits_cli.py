@@ -111,6 +111,24 @@ EDITED = ["pixart", "sana"]
 
 
 @pytest.mark.parametrize("family", EDITED)
+def test_local_blend_keeps_the_source_outside_its_mask(pipes, family, monkeypatch):
+    """PixArt steps through diffusers' older ``callback(step, t, latents)``, Sana through ``callback_on_step_end``."""
+    pipe = pipes(family)
+    installed = []  # the controllers the edit installs (LocalBlend keeps its last mask)
+    monkeypatch.setattr(edit_run, "hooks", lambda model, *controllers, **names: installed.extend(controllers)
+                        or xattn.hooks(model, *controllers, **names))
+    injection = {"self_steps": None} if family == "sana" else {}
+    threshold = 0.97  # tiny random models spread a word's map almost evenly
+    result = edit(pipe, SOURCE, TARGET, seed=2, blend="circle", threshold=threshold, blend_dilate=0, reprompt=False,
+                  **injection, **fast(family))
+    mask = next(c for c in installed if type(c).__name__ == "LocalBlend").last_masks[0]  # [H, W] on the latent
+    source, target = result.source, result.targets[0]  # [C, H, W] final latents
+    assert mask.shape == tuple(source.shape[-2:]) and 0 < int(mask.sum()) < mask.numel()
+    assert torch.equal(target[:, ~mask], source[:, ~mask])  # kept from the source, exactly
+    assert (target[:, mask] - source[:, mask]).abs().max() > 1e-6  # edited inside
+
+
+@pytest.mark.parametrize("family", EDITED)
 def test_source_and_reprompt_are_the_stock_samples_and_the_edit_changes_the_target(pipes, family):
     pipe = pipes(family)
     # Sana's self-attention is linear (no maps to inject): its edits run without self-attention injection
@@ -310,9 +328,7 @@ def test_cli_reweight_weight_one_is_the_stock_image_and_zero_changes_it(cli, fol
 @pytest.mark.parametrize("family", EDITED)
 def test_cli_edit_runs_on_a_saved_folder(cli, folders, pipes, family, tmp_path):
     out = tmp_path / "edit"
-    # PixArtSigmaPipeline has no callback_on_step_end, which LocalBlend needs between steps (refused by name)
-    blend = [] if family == "pixart" else ["--blend", "circle"]
-    cli("edit", "--source", SOURCE, "--target", TARGET, *blend, *run_options(family, folders, out, 2))
+    cli("edit", "--source", SOURCE, "--target", TARGET, "--blend", "circle", *run_options(family, folders, out, 2))
     names = sorted(p.name for p in out.iterdir())
     assert names == ["manifest.json", "reprompt.png", "sheet.png", "source.png", "target.png"]
     manifest = manifest_of(out)
@@ -320,9 +336,23 @@ def test_cli_edit_runs_on_a_saved_folder(cli, folders, pipes, family, tmp_path):
     assert manifest["edit"]["modes"] == ["replace"]
     kinds = [c.get("edit") for c in manifest["edit"]["controllers"]]
     # Sana: its linear self-attention has no maps, so the default self-attention window is dropped
-    assert kinds == ([] if family == "pixart" else ["local_blend"]) + ["autoedit"] + ([] if family == "sana" else ["self_inject"])
+    assert kinds == ["local_blend", "autoedit"] + ([] if family == "sana" else ["self_inject"])
     pipe = pipes(family)
     for name, prompt in (("source.png", SOURCE), ("reprompt.png", TARGET)):
         reference = stock(pipe, family, prompt, 2, steps=2, output_type="pil")
         assert np.abs(pixels(out / name) - pixels(reference)).max() <= 1, name
     assert np.abs(pixels(out / "target.png") - pixels(out / "reprompt.png")).max() > 0
+
+
+def test_the_users_older_callback_still_runs_every_callback_steps_beside_local_blend(pipes):
+    """xattn takes PixArt's ``callback`` at every step; the user's own runs at the steps they asked for."""
+    pipe = pipes("pixart")
+    _, _, width, height, guidance = FAMILIES["pixart"]
+    seen = []
+    blend = xattn.edit.LocalBlend("circle", 0.97)
+    with xattn.hooks(pipe, blend, xattn.edit.Replace(steps="0:2")), torch.no_grad():
+        pipe([SOURCE, TARGET], num_inference_steps=4, guidance_scale=guidance, width=width, height=height,
+             output_type="latent", use_resolution_binning=False, generator=torch.Generator().manual_seed(2),
+             callback=lambda step, t, latents: seen.append((step, latents.shape[0])), callback_steps=2)
+    assert seen == [(0, 2), (2, 2)]
+    assert blend.last_masks is not None  # LocalBlend ran between steps

@@ -65,6 +65,8 @@ def with_step_end(call, pipe, kwargs: dict, step_end, settled=None) -> dict:
     """
     parameters = inspect.signature(call).parameters
     if "callback_on_step_end" not in parameters:
+        if "callback" in parameters and "callback_steps" in parameters:
+            return _with_legacy_callback(kwargs, step_end, settled)
         raise LifecycleError(f"{type(pipe).__name__} has no callback_on_step_end, so controllers that act between "
                              "steps (LocalBlend, guidance) cannot run on it")
     user = kwargs.get("callback_on_step_end")
@@ -89,6 +91,24 @@ def with_step_end(call, pipe, kwargs: dict, step_end, settled=None) -> dict:
         return outputs
 
     return {**kwargs, "callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": inputs}
+
+
+def _with_legacy_callback(kwargs: dict, step_end, settled=None) -> dict:
+    """The same chain through diffusers' older ``callback(step, timestep, latents)`` (PixArt): it returns
+    nothing, and the pipeline goes on with the tensor it passed, so changed latents are copied into it.
+    xattn needs every step (``callback_steps=1``); the user's callback still runs every ``callback_steps``."""
+    user, every = kwargs.get("callback"), kwargs.get("callback_steps") or 1
+
+    def callback(index, timestep, latents):
+        changed = step_end(timestep, latents)
+        if changed is not None:
+            latents.copy_(changed)
+        if settled is not None:
+            settled(latents)
+        if user is not None and index % every == 0:
+            user(index, timestep, latents)
+
+    return {**kwargs, "callback": callback, "callback_steps": 1}
 
 
 def observe(pipe, method: str, seen) -> bool:
