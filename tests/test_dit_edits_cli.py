@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import xattn
 from tiny_flux import load_flux_pipeline, save_flux_pipeline
 from tiny_models import build_sana, load_sana
-from tiny_t5 import t5_encoder, t5_tokenizer
+from tiny_pixart import load_pixart, save_pixart
 from xattn.capture.export import load_maps
 from xattn.cli import app
 from xattn.edit import EditError, edit
@@ -31,31 +31,6 @@ SOURCE, TARGET = "a red circle", "a blue circle"
 
 
 # -- the pipelines ----------------------------------------------------------------------
-
-
-def save_pixart(folder):
-    """The tiny PixArtSigmaPipeline of tests/test_pixart_pipeline.py, saved (T5 text, 2 cross-attention blocks)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=32, norm_type="ada_norm_single",
-        use_additional_conditions=False)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
-                        norm_num_groups=1, sample_size=16)
-    PixArtSigmaPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(hidden=32).eval(), vae=vae,
-                        transformer=transformer.eval(), scheduler=DDIMScheduler()).save_pretrained(
-        folder, safe_serialization=True)
-    return folder
-
-
-def load_pixart(folder):
-    from diffusers import PixArtSigmaPipeline
-
-    pipe = PixArtSigmaPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # family -> (save, load, width, height, guidance); sizes: PixArt's VAE keeps the size (2x2 patches), Sana's DC-AE

@@ -7,10 +7,9 @@ mass on padding).
 """
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
 import xattn
-from tiny_t5 import t5_encoder, t5_tokenizer
+from tiny_pixart import pixart_pipeline
 
 PROMPT = "a red circle and a blue square"
 CALL = dict(num_inference_steps=3, guidance_scale=4.5, output_type="latent", max_sequence_length=32,
@@ -19,17 +18,7 @@ CALL = dict(num_inference_steps=3, guidance_scale=4.5, output_type="latent", max
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=32, norm_type="ada_norm_single",
-        use_additional_conditions=False)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
-                        norm_num_groups=1, sample_size=16)
-    p = PixArtSigmaPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(hidden=32).eval(), vae=vae,
-                            transformer=transformer.eval(), scheduler=DDIMScheduler())
-    p.set_progress_bar_config(disable=True)
-    return p
+    return pixart_pipeline()
 
 
 def sample(pipe, prompt=PROMPT):
