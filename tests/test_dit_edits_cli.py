@@ -234,7 +234,8 @@ def test_a_swap_of_words_with_other_piece_counts_moves_the_source_maps_to_the_ta
 
 
 @pytest.fixture
-def cli(monkeypatch, tmp_path):
+def cli_ok(monkeypatch, tmp_path):
+    """The CLI in a scratch folder, failing the test unless it exits 0 (conftest's `cli` returns the result)."""
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
 
@@ -264,8 +265,8 @@ def manifest_of(folder) -> dict:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_cli_generate_writes_the_stock_pipelines_image(cli, folders, pipes, family, tmp_path):
-    cli("generate", SOURCE, *run_options(family, folders, tmp_path / "gen"))
+def test_cli_generate_writes_the_stock_pipelines_image(cli_ok, folders, pipes, family, tmp_path):
+    cli_ok("generate", SOURCE, *run_options(family, folders, tmp_path / "gen"))
     assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["image-0.png", "manifest.json"]
     manifest = manifest_of(tmp_path / "gen")
     assert manifest["settings"]["seed"] == 1 and manifest["settings"]["steps"] == 2
@@ -274,9 +275,9 @@ def test_cli_generate_writes_the_stock_pipelines_image(cli, folders, pipes, fami
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_cli_maps_record_the_prompts_words_on_the_latent_grid(cli, folders, family, tmp_path):
+def test_cli_maps_record_the_prompts_words_on_the_latent_grid(cli_ok, folders, family, tmp_path):
     _, _, width, height, _ = FAMILIES[family]
-    cli("maps", SOURCE, *run_options(family, folders, tmp_path / "maps"))
+    cli_ok("maps", SOURCE, *run_options(family, folders, tmp_path / "maps"))
     maps = load_maps(tmp_path / "maps")
     grid = {"pixart": (height // 2, width // 2), "sana": (height // 4, width // 4),
             "flux": (height // 2, width // 2)}[family]
@@ -287,9 +288,9 @@ def test_cli_maps_record_the_prompts_words_on_the_latent_grid(cli, folders, fami
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_cli_reweight_weight_one_is_the_stock_image_and_zero_changes_it(cli, folders, pipes, family, tmp_path):
+def test_cli_reweight_weight_one_is_the_stock_image_and_zero_changes_it(cli_ok, folders, pipes, family, tmp_path):
     out = tmp_path / "reweight"
-    cli("reweight", SOURCE, "--word", "red", "--weights", "0,1", *run_options(family, folders, out))
+    cli_ok("reweight", SOURCE, "--word", "red", "--weights", "0,1", *run_options(family, folders, out))
     manifest = manifest_of(out)
     cells = manifest["reweight"]["cells"]
     assert [(c["weight"], c["seed"]) for c in cells] == [(0.0, 1), (1.0, 1)]
@@ -301,9 +302,9 @@ def test_cli_reweight_weight_one_is_the_stock_image_and_zero_changes_it(cli, fol
 
 
 @pytest.mark.parametrize("family", EDITED)
-def test_cli_edit_runs_on_a_saved_folder(cli, folders, pipes, family, tmp_path):
+def test_cli_edit_runs_on_a_saved_folder(cli_ok, folders, pipes, family, tmp_path):
     out = tmp_path / "edit"
-    cli("edit", "--source", SOURCE, "--target", TARGET, "--blend", "circle", *run_options(family, folders, out, 2))
+    cli_ok("edit", "--source", SOURCE, "--target", TARGET, "--blend", "circle", *run_options(family, folders, out, 2))
     names = sorted(p.name for p in out.iterdir())
     assert names == ["manifest.json", "reprompt.png", "sheet.png", "source.png", "target.png"]
     manifest = manifest_of(out)
