@@ -12,6 +12,7 @@ pipeline, never a silent "every row is conditional".
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -166,6 +167,15 @@ def combine(previous: Encoded | None, new: Encoded, adapter: Adapter | None, con
                    previous.other_prompts, previous.options)
 
 
+def at_asked_size(pipe, kwargs: dict) -> dict:
+    """``kwargs`` (changed in place) with resolution binning off where the pipeline has it (PixArt, Sana): the
+    image comes at the size asked for, not the nearest trained aspect-ratio bin, which also refuses a
+    transformer of a sample size it has no bins for."""
+    if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+        kwargs.setdefault("use_resolution_binning", False)
+    return kwargs
+
+
 def adapter_for(pipe) -> Adapter | None:
     """The adapter of ``pipe``'s family, or None for a pipeline xattn has no adapter for."""
     for cls in type(pipe).__mro__:
@@ -249,5 +259,5 @@ def layout_of_pipeline_call(text: torch.Tensor, encoded: Encoded, adapter: Adapt
     return match_rows(text, encoded, tokenizer or adapter.tokenizer(pipe), name, make_map)
 
 
-__all__ = ["ADAPTERS", "Adapter", "Encoded", "TrueCFGError", "adapter_for", "combine", "layout_of_pipeline_call",
+__all__ = ["ADAPTERS", "Adapter", "Encoded", "TrueCFGError", "adapter_for", "at_asked_size", "combine", "layout_of_pipeline_call",
            "layout_without_encoding", "match_rows"]

@@ -13,7 +13,6 @@ Everything the CLI does goes through two functions here:
 
 from __future__ import annotations
 
-import inspect
 
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..adapters import at_asked_size
 from ..errors import XattnError
 from ..validate import OptionError, parse_size
 from ..validate import seed as validate_seed
@@ -728,8 +728,7 @@ def generate(pipe, prompts: str | Sequence[str], *, seed: int, steps: int, guida
     dims = parse_size(size)
     if dims is not None:
         kwargs["width"], kwargs["height"] = dims
-        if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
-            kwargs.setdefault("use_resolution_binning", False)  # PixArt/Sana: the size asked for, not the nearest bin
+        at_asked_size(pipe, kwargs)  # PixArt/Sana: the size asked for, not the nearest bin
     # "np" then the pipeline's own numpy_to_pil: the same pixels as output_type="pil", but NaN is still visible.
     if "prompt_embeds" in kwargs:  # prompts encoded by xattn.prompts (weights, BREAK, past 75 tokens)
         prompt_list = None

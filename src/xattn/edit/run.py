@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..adapters import Encoded, adapter_for, at_asked_size
 from ..grid import labelled_grid
 from ..files import OverwriteError, save_image_atomic, write_json_atomic
 from ..session import hooks
@@ -184,16 +185,19 @@ def initial_latent(pipe, seed: int, width: int, height: int) -> torch.Tensor:
     return latent
 
 
+def _model(pipe):
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
 def _packs_latents(pipe) -> bool:
     """Whether ``pipe`` denoises packed latents ``[B, n, 4 C]`` (Flux)."""
-    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    return type(model).__name__.startswith("Flux")
+    return type(_model(pipe)).__name__.startswith("Flux")
 
 
 def _denoiser(pipe):
     """The UNet, or a transformer: SD3/PixArt-style (latents drawn unpacked, [1, C, h, w]), or Flux's
     text-to-image ``FluxPipeline`` (latents packed, see :func:`initial_latent`)."""
-    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    model = _model(pipe)
     if model is None:
         raise EditError(f"editing runs on pipelines with a UNet or a transformer; {type(pipe).__name__} has neither")
     if _packs_latents(pipe) and not any(cls.__name__ == "FluxPipeline" for cls in type(pipe).__mro__):
@@ -284,10 +288,7 @@ def _sample(pipe, prompts: list[str], latents: torch.Tensor, seeds: list[int], *
     # Image k of every prompt starts from latent k and draws the sampler's noise from seed k.
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts for seed in seeds]
     kwargs.update(_prompt_kwargs(pipe, prompts, negative_prompt, syntax))
-    if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
-        # PixArt/Sana: the size asked for (the latents' own), not the nearest trained aspect-ratio bin, as
-        # ``xattn generate`` runs it; binning also refuses a transformer of a sample size it has no bins for
-        kwargs.setdefault("use_resolution_binning", False)
+    at_asked_size(pipe, kwargs)  # PixArt/Sana: the latents' own size, as ``xattn generate`` runs it
     repeated = latents.repeat(len(prompts), *[1] * (latents.dim() - 1))  # [P K, C, h, w], or Flux's [P K, n, c]
     result = pipe(num_images_per_prompt=count, latents=repeated,
                   generator=generators, num_inference_steps=int(steps), guidance_scale=float(guidance),
@@ -435,8 +436,6 @@ def _token_maps(pipe, words, prompts: list[str]) -> list[TokenMap]:
     encodes to (the defaults of its call, which :func:`_sample` keeps): the slots the edit's rows hold at run
     time, so word swaps are aligned there (a plain Gemma map starts the prompt a slot early and is as long as
     the prompt, so two prompts of different piece counts would not even share a length)."""
-    from ..adapters import Encoded, adapter_for
-
     adapter = adapter_for(pipe)
     if adapter is None or adapter.family != "sana" or words is not getattr(pipe, "tokenizer", None):
         return [TokenMap(words, prompt) for prompt in prompts]
