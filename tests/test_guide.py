@@ -234,3 +234,16 @@ def test_a_box_moves_the_object_into_it_on_the_shapes_world(world_pipe):
 
     plain, guided = share_left(False), share_left(True)
     assert guided >= 0.75 and guided >= plain + 0.25, (plain, guided)
+
+
+@pytest.mark.parametrize("rows", [[], [1], [-1]])
+def test_a_steering_pass_over_rows_the_call_does_not_have_is_refused_by_name(sd1_pipe, rows):
+    from xattn.lifecycle import LifecycleError
+
+    class DenoiseRows(xattn.Controller):
+        def before_step(self, steer):
+            steer.denoise(steer.latents, rows)  # one image: its only conditional row is 0
+
+    with xattn.hooks(sd1_pipe, DenoiseRows()), pytest.raises(LifecycleError, match=r"rows among 0\.\.0, not"):
+        sd1_pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
+                 output_type="latent", generator=torch.Generator().manual_seed(0))

@@ -49,6 +49,12 @@ def rows_of(value, rows: list[int], batch: int):
     return value
 
 
+def rows_layout(layout: BatchLayout, rows: list[int]) -> BatchLayout:
+    """``layout`` with only ``rows`` (its prompts and token maps kept)."""
+    return BatchLayout(rows=tuple(layout.rows[r] for r in rows), prompts=layout.prompts,
+                       token_maps=layout.token_maps, negative_prompts=layout.negative_prompts)
+
+
 @dataclass
 class Steer:
     """What a steering controller gets before a step: latents, timestep and a way to denoise them."""
@@ -58,13 +64,6 @@ class Steer:
     latents: torch.Tensor  # [n, C, H, W]: a detached copy of the pipeline's latents
     layout: BatchLayout  # the rows ``denoise`` runs: the conditional rows of this call
     denoise: Callable[..., object]  # (latents [n, C, H, W], rows=None) -> denoiser output on those conditional rows
-
-    def layout_of(self, rows: list[int] | None) -> BatchLayout:
-        """The layout of ``denoise(z, rows)``: ``rows`` (indices into ``layout.rows``), or all of them."""
-        if rows is None:
-            return self.layout
-        return BatchLayout(rows=tuple(self.layout.rows[r] for r in rows), prompts=self.layout.prompts,
-                           token_maps=self.layout.token_maps, negative_prompts=self.layout.negative_prompts)
 
 
 def steered_sample(sample: torch.Tensor, latents: torch.Tensor, scale, layout: BatchLayout,
@@ -102,32 +101,34 @@ def steer(module, arguments, name: str, timestep, step: int, layout: BatchLayout
     sample, batch = arguments.arguments[name], layout.batch_size
     check_built_from(sample, latents, scale, layout, pipeline)
     cond = layout.cond_rows()
-    cond_layout = BatchLayout(rows=tuple(layout.rows[r] for r in cond), prompts=layout.prompts,
-                              token_maps=layout.token_maps, negative_prompts=layout.negative_prompts)
+    cond_layout = rows_layout(layout, cond)
     others = {key: rows_of(value, cond, batch) for key, value in arguments.arguments.items() if key != name}
     cond_sample = sample[cond]
 
     cond_index = latent_rows(cond_layout)
-    steering = {}  # the controller whose pass runs
+    current = {}  # the steering controller whose pass runs
 
     def denoise(z: torch.Tensor, rows: list[int] | None = None):
-        picked = list(range(len(cond))) if rows is None else list(rows)
-        if not picked or min(picked) < 0 or max(picked) >= len(cond):
-            raise LifecycleError(f"a steering pass denoises rows among 0..{len(cond) - 1}, not {rows}")
-        steering_pass(steering["controller"], steering["steer"].layout_of(rows))
-        inputs = steered_sample(cond_sample[picked], z, scale, cond_layout, pipeline,
-                                index=[cond_index[r] for r in picked])
-        out = module(**{name: inputs, **({k: rows_of(v, picked, len(cond)) for k, v in others.items()}
-                                         if rows is not None else others)})
+        if rows is None:  # every conditional row
+            layout_now, sample_now, index, rest = cond_layout, cond_sample, cond_index, others
+        else:  # some of them: a refinement's images still above their target
+            rows = list(rows)
+            if not rows or min(rows) < 0 or max(rows) >= len(cond):
+                raise LifecycleError(f"a steering pass denoises rows among 0..{len(cond) - 1}, not {rows}")
+            layout_now = rows_layout(cond_layout, rows)
+            sample_now, index = cond_sample[rows], [cond_index[r] for r in rows]
+            rest = {key: rows_of(value, rows, len(cond)) for key, value in others.items()}
+        steering_pass(current["controller"], layout_now)
+        inputs = steered_sample(sample_now, z, scale, layout_now, pipeline, index=index)
+        out = module(**{name: inputs, **rest})
         return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
     steered, changed = latents.detach().clone(), False
     try:
         for controller in controllers:
-            steering["controller"] = controller
-            steering["steer"] = Steer(step, timestep, steered, cond_layout, denoise)
+            current["controller"] = controller
             with torch.enable_grad():  # pipelines sample under no_grad; guidance needs the graph
-                out = controller.before_step(steering["steer"])
+                out = controller.before_step(Steer(step, timestep, steered, cond_layout, denoise))
             if out is not None:
                 steered, changed = out.detach(), True
     finally:
@@ -138,4 +139,4 @@ def steer(module, arguments, name: str, timestep, step: int, layout: BatchLayout
     return steered_sample(sample, latents, scale, layout, pipeline)
 
 
-__all__ = ["Steer", "check_built_from", "latent_rows", "rows_of", "steer", "steered_sample"]
+__all__ = ["Steer", "check_built_from", "latent_rows", "rows_layout", "rows_of", "steer", "steered_sample"]
