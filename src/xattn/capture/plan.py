@@ -219,14 +219,10 @@ class RunState:
         for each in self.parts:
             each.start, each.whole = start, False
             start += len(each.rows)
+        held_from = len(part.rows) if first else 0  # the rows held so far stay together, after or before it
         for layer in self.layers.values():
             if layer.data is None:
                 raise RuntimeError("a capture's rows grew after its maps were streamed to disk")
             grown = torch.zeros((start, *layer.data.shape[1:]), dtype=layer.data.dtype, device=layer.data.device)
-            kept = [each for each in self.parts if each is not part]
-            offset = 0
-            for each in kept:
-                count = len(each.rows)
-                grown.narrow(0, each.start, count).copy_(layer.data.narrow(0, offset, count))
-                offset += count
+            grown.narrow(0, held_from, layer.data.shape[0]).copy_(layer.data)
             layer.data = grown
