@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import xattn
 from tiny_flux import load_flux_pipeline, save_flux_pipeline
-from tiny_models import build_sana, load_sana
+from tiny_models import build_sana, encoder_input_ids, load_sana
 from tiny_pixart import load_pixart, save_pixart
 from xattn.capture.export import load_maps
 from xattn.cli import app
@@ -156,16 +156,7 @@ def pieces_received(pipe, prompt) -> list[str]:
     # what the pipeline's __call__ hands encode_prompt by default (Sana: its instruction; PixArt: clean_caption)
     options = {name: call[name].default for name in ("complex_human_instruction", "clean_caption")
                if name in call and name in encode}
-    seen = []
-    handle = pipe.text_encoder.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["input_ids"]).clone()),
-        with_kwargs=True)
-    try:
-        with torch.no_grad():
-            embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, **options)[0]
-    finally:
-        handle.remove()
-    ids = seen[0][0].tolist()
+    ids, embeds = encoder_input_ids(pipe, prompt, **options)
     length = embeds.shape[1]
     if len(ids) > length:  # Sana: the instruction's slots are cut off again
         ids = [ids[0]] + ids[len(ids) - (length - 1):]

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 import xattn
-from tiny_models import build_sana, load_sana
+from tiny_models import build_sana, encoder_input_ids, load_sana
 from xattn.adapters import adapter_for
 
 PROMPT = "A red circle on a tree"
@@ -45,16 +45,7 @@ def sample(pipe, prompt=PROMPT, **options):
 
 def received_ids(pipe, prompt, **options) -> list[str]:
     """The pieces at each slot of the conditional text, from the ids the text encoder received."""
-    seen = []
-    handle = pipe.text_encoder.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["input_ids"]).clone()),
-        with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=LENGTH, **options)
-    finally:
-        handle.remove()
-    ids = seen[0][0].tolist()
+    ids, _ = encoder_input_ids(pipe, prompt, max_sequence_length=LENGTH, **options)
     selected = [ids[0]] + ids[len(ids) - (LENGTH - 1):]  # <bos>, then the last LENGTH - 1 slots
     return pipe.tokenizer.convert_ids_to_tokens(selected)
 

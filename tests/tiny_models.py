@@ -249,3 +249,18 @@ def load_sana(path: Path):
     pipe = SanaPipeline.from_pretrained(path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def encoder_input_ids(pipe, prompt, **options) -> tuple[list[int], torch.Tensor]:
+    """The ids ``pipe.text_encoder`` received for ``prompt``'s conditional text, and the embeddings
+    ``pipe.encode_prompt(prompt, do_classifier_free_guidance=False, **options)`` returned."""
+    seen = []
+    handle = pipe.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["input_ids"]).clone()),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, **options)[0]
+    finally:
+        handle.remove()
+    return seen[0][0].tolist(), embeds
