@@ -66,3 +66,20 @@ def test_flux_pipelines_other_than_text_to_image_are_refused_by_name():
 
     with pytest.raises(EditError, match="FluxPipeline only; FluxImg2ImgPipeline"):
         edit(FluxImg2ImgPipeline(), SOURCE, TARGET, **FAST)
+
+
+def test_a_pipeline_without_a_denoiser_is_refused_by_name():
+    class TextOnlyPipeline:
+        tokenizer = None
+
+    with pytest.raises(EditError, match="UNet or a transformer; TextOnlyPipeline has neither"):
+        edit(TextOnlyPipeline(), SOURCE, TARGET, **FAST)
+
+
+def test_token_maps_must_be_one_per_prompt(pipe):
+    from xattn.edit import build_controllers
+    from xattn.tokens import TokenMap
+
+    one = [TokenMap(pipe.tokenizer, SOURCE)]
+    with pytest.raises(EditError, match="got 1 token maps for 2 prompts"):
+        build_controllers(pipe.tokenizer, SOURCE, [TARGET], token_maps=one)
