@@ -5,8 +5,10 @@ of a softmax over image *and* text keys (``s`` keys in all). The explicit path
 builds the whole ``[b, h, s, s]`` softmax for it. When no ``scores`` hook runs,
 the block path builds only the block:
 
-- the image rows' output and each row's log-sum-exp of its logits come from one
-  fused kernel (PyTorch's CPU flash attention returns both);
+- the output and each row's log-sum-exp of its logits come from one fused
+  kernel (PyTorch's CPU flash attention returns both), called on every row as
+  stock calls it; only a reweighting (a bias on the text columns, or scaled
+  text values) makes the image rows a call of their own;
 - the block is ``exp(Q_img K_txtᵀ · scale + mask - lse)``: the softmax's own
   entries, with only ``i x j`` logits computed;
 - ``probs`` hooks see it (times ``value_scale``); where they change it, the
@@ -45,10 +47,16 @@ def block_attention(active, q, k, v, mask, scale: float, rows: slice, columns: s
     build the whole map on demand.
     """
     length, keys = q.shape[2], k.shape[2]
-    row_mask = mask_rows(additive(with_bias(mask, bias, columns, keys, q.dtype), q.dtype), rows)  # [b, h|1, i|1, s]
+    whole = bias is None and weights is None  # every row attends alike: one kernel call over all rows, as stock
+    row_mask = additive(with_bias(mask, bias, columns, keys, q.dtype), q.dtype)  # [b, h|1, s|1, s]
     value = v if weights is None else scale_rows(v, weights, columns)
     query = q[:, :, rows]  # the kernel reads strided inputs: no copies
-    out, lse = _FLASH_CPU(query, k, value, 0.0, False, attn_mask=row_mask, scale=scale)
+    if whole:
+        out, lse = _FLASH_CPU(q, k, value, 0.0, False, attn_mask=row_mask, scale=scale)
+        lse, row_mask = lse[:, :, rows], mask_rows(row_mask, rows)
+    else:  # the image rows alone see the bias or the scaled text values
+        row_mask = mask_rows(row_mask, rows)
+        out, lse = _FLASH_CPU(query, k, value, 0.0, False, attn_mask=row_mask, scale=scale)
     scaled_query, text_keys = query * scale, k[:, :, columns].transpose(-1, -2)  # scale folded into i x d, not i x j
 
     def block() -> torch.Tensor:  # the softmax's image->text entries, times value_scale, built in place
@@ -63,7 +71,12 @@ def block_attention(active, q, k, v, mask, scale: float, rows: slice, columns: s
     shown = block()
     version = shown._version
     new = hand_over(lambda: active.run("probs", shown))
-    if new is not shown or shown._version != version:  # a hook changed the map: add the change through V_txt
+    changed = new is not shown or shown._version != version
+    if whole:
+        if changed:  # a hook changed the map: add the change through V_txt to the image rows
+            out[:, :, rows] += torch.matmul((new - block()).to(v.dtype), v[:, :, columns])
+        return out
+    if changed:
         out = out + torch.matmul((new - block()).to(v.dtype), v[:, :, columns])
     if rows == slice(0, length):
         return out
