@@ -195,14 +195,15 @@ def run(args, PeakMemory) -> None:
         rows_out = measure(transformer, table_variants, plain, args.repeats, device, PeakMemory)
         if edit_variants:
             rows_out += measure(transformer, edit_variants, edit, args.repeats, device, PeakMemory)
-        print(f"| variant | median s/step | {RATIO_HEADER} | bytes held | step peak MiB | peak ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"| variant | median s/step | {RATIO_HEADER} | {SHARED_HEADER} | bytes held | step peak MiB | peak ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for line in rows_out:
             print(line)
         print()
 
 
 RATIO_HEADER = "ratio to stock (median of rounds) | fastest / stock's fastest"
+SHARED_HEADER = "ratio, linear layers' time shared | linear s/step"
 
 
 def timed_rounds(variants: dict, step: Callable, repeats: int) -> dict[str, list[float]]:
@@ -230,24 +231,76 @@ def ratio_cells(times: dict[str, list[float]], stock: str) -> dict[str, str]:
     return {name: f"{medians[name]:.3f} | {min(values) / min(times[stock]):.3f}" for name, values in times.items()}
 
 
+class LinearClock:
+    """Seconds spent inside the transformer's ``nn.Linear`` layers (CPU: their calls are synchronous).
+
+    The linear layers are about 86% of a step here and are the same work in
+    every variant (xattn only changes the attention core), yet their time
+    wanders by 10% between steps of this machine. Giving every step the run's
+    median linear time instead of its own (a control variate) leaves the
+    ratios with the part the variants differ in; the raw ratios stay beside it.
+    """
+
+    def __init__(self, transformer):
+        self.seconds, self._started = 0.0, []
+        self._handles = []
+        for module in transformer.modules():
+            if isinstance(module, torch.nn.Linear):
+                self._handles.append(module.register_forward_pre_hook(self._start))
+                self._handles.append(module.register_forward_hook(self._stop))
+
+    def _start(self, module, args):
+        self._started.append(time.perf_counter())
+
+    def _stop(self, module, args, out):
+        self.seconds += time.perf_counter() - self._started.pop()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def shared_linear_ratios(times: dict[str, list[float]], linear: dict[str, list[float]], stock: str) -> dict[str, float]:
+    """Median over rounds of (time - own linear time + the run's median linear time), as a ratio to stock's."""
+    common = statistics.median(t for values in linear.values() for t in values)
+
+    def adjusted(name: str, r: int) -> float:
+        return times[name][r] - linear[name][r] + common
+
+    return {name: statistics.median(adjusted(name, r) / adjusted(stock, r) for r in range(len(values)))
+            for name, values in times.items()}
+
+
 def measure(transformer, table: dict[str, Variant], kwargs: dict, repeats: int, device, PeakMemory) -> list[str]:
     cuda = device.type == "cuda"
+    clock = None if cuda else LinearClock(transformer)
+    name_of = {id(variant): name for name, variant in table.items()}
+    linear: dict[str, list[float]] = {name: [] for name in table}
 
     def step(variant: Variant) -> float:
         with variant.enter(), torch.no_grad():
             if cuda:
                 torch.cuda.synchronize()
+            if clock is not None:
+                clock.seconds = 0.0
             start = time.perf_counter()
             transformer(**kwargs)
             if variant.after is not None:
                 variant.after()
             if cuda:
                 torch.cuda.synchronize()
-            return time.perf_counter() - start
+            spent = time.perf_counter() - start
+            if clock is not None:
+                linear[name_of[id(variant)]].append(clock.seconds)
+            return spent
 
     for variant in table.values():  # warm-up round, not timed
         step(variant)
+    for values in linear.values():
+        values.clear()
     times = timed_rounds(table, step, repeats)
+    if clock is not None:
+        clock.close()
     peak_memory, peaks, held = PeakMemory(device), {}, {}
     for name, variant in table.items():  # one more round for peak memory and bytes held
         with variant.enter(), torch.no_grad():
@@ -255,9 +308,11 @@ def measure(transformer, table: dict[str, Variant], kwargs: dict, repeats: int, 
             held[name] = variant.held()
     stock = next(iter(table))
     ratios, stock_peak = ratio_cells(times, stock), peaks[stock]
+    shared = shared_linear_ratios(times, linear, stock) if clock is not None else {}
     lines = []
     for name, values in times.items():
         peak = "n/a | n/a" if peaks[name] is None else \
             f"{peaks[name] / 2**20:.1f} | {peaks[name] / stock_peak:.2f}" if stock_peak else f"{peaks[name] / 2**20:.1f} | -"
-        lines.append(f"| {name} | {statistics.median(values):.4f} | {ratios[name]} | {held[name]} | {peak} |")
+        share = f"{shared[name]:.3f} | {statistics.median(linear[name]):.3f}" if shared else "n/a | n/a"
+        lines.append(f"| {name} | {statistics.median(values):.4f} | {ratios[name]} | {share} | {held[name]} | {peak} |")
     return lines
