@@ -45,7 +45,9 @@ def test_other_pipeline_classes_go_through_diffusion_pipeline(sd1_path, tmp_path
     shutil.copytree(sd1_path, copy)
     index["_class_name"] = "SomeOtherPipeline"
     (copy / "model_index.json").write_text(json.dumps(index))
-    assert runner._pipeline_class(copy) is diffusers.DiffusionPipeline
+    from xattn.app.loading import _pipeline_class
+
+    assert _pipeline_class(copy) is diffusers.DiffusionPipeline
     runner.load_pipeline(copy, device="cpu")
     # safetensors only, no remote code, never a download
     assert calls and calls[0]["use_safetensors"] is True and calls[0]["trust_remote_code"] is False

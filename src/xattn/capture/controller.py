@@ -144,7 +144,7 @@ class Capture(Controller):
         self._text_length = getattr(tokenizer, "model_max_length", None)
         config = getattr(session.denoiser, "config", {})
         scheduler = getattr(model, "scheduler", None) or session.scheduler
-        identity = getattr(model, "xattn_identity", None) or {}  # set by xattn.runner.load_pipeline
+        identity = getattr(model, "xattn_identity", None) or {}  # set by xattn.app.loading.load_pipeline
         self.model_info = {
             "model": str(identity.get("model") or getattr(config, "_name_or_path", "") or type(session.denoiser).__name__),
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,

@@ -2,7 +2,7 @@
 
 A1111 reads these tags before anything else in the prompt: they load a LoRA
 file by name from the user's LoRA folder at that strength and are not text.
-This module only reads them; :func:`xattn.app.runner.apply_loras` loads them
+This module only reads them; :func:`xattn.app.addons.apply_loras` loads them
 (the CLI's ``--lora-dir``). Other networks (``<hypernet:...>``) are read too,
 so that callers can refuse them by name.
 """
