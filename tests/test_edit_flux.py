@@ -110,6 +110,27 @@ def test_local_blend_keeps_the_source_outside_its_mask_on_packed_latents(pipe, m
     assert (result.targets[0] - free.targets[0]).abs().max() > 1e-6  # the blend changed the edit
 
 
+def test_by_default_self_attention_is_injected_at_every_site_whatever_the_grid(pipe, monkeypatch):
+    """``self_res="auto"`` on a transformer: its sites share one patch grid, 64 x 64 for a 1024^2 image, past
+    prompt-to-prompt's ``<=32``; the default injects at every site there rather than nowhere."""
+    from xattn.edit.controllers import SelfInject
+
+    seen = []
+    original = SelfInject.map_rows
+
+    def spy(self, x, ctx):
+        seen.append(ctx.res)
+        return original(self, x, ctx)
+
+    monkeypatch.setattr(SelfInject, "map_rows", spy)
+    cell = 2 * pipe.vae_scale_factor  # image pixels per grid cell: the VAE's factor, then 2x2 packing
+    result = edit(pipe, SOURCE, TARGET, seed=2, steps=3, guidance=3.5, size=f"{36 * cell}x{4 * cell}",
+                  output_type="latent", reprompt=False)  # a 36 x 4 grid (sizes stay multiples of 8)
+    assert seen and all(max(res) == 36 for res in seen)
+    (inject,) = [c for c in result.settings["controllers"] if c["edit"] == "self_inject"]
+    assert "res" not in inject["selector"]
+
+
 def test_a_negative_prompt_is_refused_by_name(pipe):
     with pytest.raises(EditError, match="negative prompt.*true CFG"):
         edit(pipe, SOURCE, TARGET, seed=2, negative_prompt="a green square", **FAST)

@@ -124,6 +124,7 @@ def test_cli_edit_writes_source_target_reprompt_sheet_and_manifest(cli, sd1_path
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["edit"]["targets"] == [TARGET]
     assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["local_blend", "autoedit", "self_inject"]
+    assert "<=32" in manifest["edit"]["controllers"][-1]["selector"]  # --self-res auto on a UNet: prompt-to-prompt's
 
 
 def test_cli_edit_refuses_bad_options_before_loading(cli, tmp_path):

@@ -26,7 +26,7 @@ from ..app import runner
 from ..edit import EditError, SelfInject, edit
 from ..edit.defaults import recommended
 from ..edit.blend import BLEND_DILATE, BLEND_STEPS, BLEND_THRESHOLD
-from ..edit.controllers import SELF_RES
+from ..edit.controllers import SELF_RES_AUTO
 from ..edit.run import MODES, check_pipeline, injects_self_attention
 from ..inversion import METHODS, invert
 from ..edit.windows import CROSS_STEPS, DEFAULT_KEY, SELF_STEPS, parse_window
@@ -40,7 +40,7 @@ NO_WINDOW = ("none", "off")
 # Defaults of the edit's own options; they are None on the command line so a --config file can set them.
 EDIT_DEFAULTS: dict[str, Any] = {"mode": "auto", "threshold": BLEND_THRESHOLD, "blend_dilate": BLEND_DILATE,
                                  "blend_steps": BLEND_STEPS, "blend_pixels": None, "cross_steps": f"0:{CROSS_STEPS}",
-                                 "self_steps": f"0:{SELF_STEPS}", "self_res": SELF_RES}  # the library's, as text
+                                 "self_steps": f"0:{SELF_STEPS}", "self_res": SELF_RES_AUTO}  # the library's, as text
 
 
 def _pairs(items: list[str] | None, option: str, example: str) -> dict[str, str]:
@@ -79,7 +79,10 @@ def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None
     self_res = merged["self_res"]
     if isinstance(self_res, str) and self_res.strip().lower() == "all":
         self_res = None  # injection runs on fused SDPA, so every map size costs the same
-    SelfInject(res=self_res)  # checks the sizes now, before the model loads
+    if isinstance(self_res, str) and self_res.strip().lower() == SELF_RES_AUTO:
+        self_res = SELF_RES_AUTO  # the model decides (xattn.edit.run.default_self_res)
+    else:
+        SelfInject(res=self_res)  # checks the sizes now, before the model loads
     weights = {}
     for word, value in _pairs(values.get("reweight"), "--reweight", "green=2").items():
         try:
@@ -213,8 +216,9 @@ def register(app: typer.Typer) -> None:
             help="Steps where self-attention is injected (none: never).",
             show_default=EDIT_DEFAULTS["self_steps"])] = None,
         self_res: Annotated[Optional[str], typer.Option(
-            help="Map sizes where self-attention is injected: <=32 (prompt-to-prompt's), 16, or all "
-                 "(injection runs fused, so every size costs the same).",
+            help="Map sizes where self-attention is injected: auto (<=32, prompt-to-prompt's, on a UNet; every "
+                 "site on a transformer, whose sites share one grid), 16, <=32, or all (injection runs fused, "
+                 "so every size costs the same).",
             show_default=EDIT_DEFAULTS["self_res"])] = None,
         reweight: Annotated[Optional[list[str]], typer.Option(
             help="Weight a target word (prompt-to-prompt's equalizer, scale mode): green=2 (repeatable).",

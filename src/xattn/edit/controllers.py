@@ -43,6 +43,9 @@ from .windows import CROSS_STEPS, DEFAULT_KEY, SELF_STEPS, WindowSpec, describe,
 
 
 SELF_RES = "<=32"  # self-attention maps injected at sizes up to 32: prompt-to-prompt's choice for SD
+# edit()'s default: SELF_RES on a UNet; every site on a transformer, whose sites all see one patch grid that
+# grows with the image (a 1024^2 Flux, SD3 or PixArt image has a 64 x 64 grid: "<=32" would inject nowhere)
+SELF_RES_AUTO = "auto"
 
 
 def _own_selector(selector, kind: str, name: str) -> Selector:

@@ -28,7 +28,7 @@ from ..session import hooks
 from ..tokens import TokenMap
 from .align import choose_mode, chunk_count
 from .blend import BLEND_DILATE, BLEND_STEPS, BLEND_THRESHOLD, LocalBlend, composite_targets, pixel_margin
-from .controllers import SELF_RES, AutoEdit, Refine, Replace, SelfInject
+from .controllers import SELF_RES, SELF_RES_AUTO, AutoEdit, Refine, Replace, SelfInject
 from .errors import EditError
 from .windows import CROSS_STEPS, SELF_STEPS, WindowSpec
 
@@ -217,6 +217,12 @@ def _self_kind(pipe) -> str | None:
     return "joint" if "joint" in kinds else None
 
 
+def default_self_res(pipe) -> str | None:
+    """What ``self_res="auto"`` means on ``pipe``: prompt-to-prompt's ``"<=32"`` on a UNet, whose maps come
+    in several sizes; every site (None) on a transformer, whose sites all see the one patch grid."""
+    return SELF_RES if getattr(pipe, "unet", None) is not None else None
+
+
 def injects_self_attention(pipe) -> bool:
     """Whether an edit on ``pipe`` can inject the source's self-attention maps (false on Sana, whose self-attention
     is linear: no maps)."""
@@ -298,7 +304,7 @@ def _sample(pipe, prompts: list[str], latents: torch.Tensor, seeds: list[int], *
 
 def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[int], *, mode: str = "auto",
                cross_steps: WindowSpec | Mapping[str, WindowSpec] = CROSS_STEPS, self_steps: WindowSpec = SELF_STEPS,
-               self_res: str | None = SELF_RES, blend: str | Sequence[str] | None = None, threshold: float = 0.3,
+               self_res: str | None = SELF_RES_AUTO, blend: str | Sequence[str] | None = None, threshold: float = 0.3,
                blend_res: str | None = None, blend_dilate: int = BLEND_DILATE, blend_steps: WindowSpec = BLEND_STEPS,
                reweight: Mapping[str, float] | None = None, rows: str = "cond", steps: int | None = None,
                guidance: float = 5.0, size=None, negative_prompt: str | None = None, reprompt: bool = True,
@@ -317,7 +323,8 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
         targets: one target prompt or several (all edited in the same batch).
         seeds: one seed per image: the initial latent and the sampler's noise.
         mode, cross_steps, self_steps, self_res, blend, threshold, blend_res,
-            blend_dilate, blend_steps, reweight, rows: see :func:`build_controllers`.
+            blend_dilate, blend_steps, reweight, rows: see :func:`build_controllers`; ``self_res``
+            defaults to ``"auto"`` (:func:`default_self_res`: ``"<=32"`` on a UNet, every site on a transformer).
         steps: number of denoising steps (``None``: 25, or the inversion's).
         guidance: classifier-free guidance scale; on Flux, the distilled guidance the pipeline takes as
             ``guidance_scale`` (no unconditional rows).
@@ -362,6 +369,8 @@ def edit_seeds(pipe, source: str, targets: str | Sequence[str], seeds: Sequence[
                         "BREAK or long prompts): the inversion encodes the source as plain text")
     words = _word_tokenizer(pipe, tokenizer)
     self_kind = _self_kind(pipe)
+    if self_res == SELF_RES_AUTO:
+        self_res = default_self_res(pipe)
     if self_kind is None and self_steps is not None:
         raise EditError(f"{type(_denoiser(pipe)).__name__} has no softmax self-attention (Sana's is linear: no "
                         "attention maps), so there is nothing to inject: pass self_steps=None (--self-steps none)")
