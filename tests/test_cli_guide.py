@@ -1,4 +1,4 @@
-"""`xattn generate --excite / --bind / --box`: guidance from the command line, recorded for --from-png."""
+"""`xattn generate --excite / --bind / --box / --focus`: guidance from the command line, recorded for --from-png."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def test_a_box_from_the_cli_puts_the_object_in_it_and_from_png_repeats_it(cli, t
     (["--excite", "circle", "--guide-steps", "3:4"], "holds no step of this 2-step run"),
     (["--excite", "circle", "--guide-steps", "nan"], "Guide"),
     (["--excite", "hat"], "hat"),
+    (["--focus", "hat"], "hat"),
+    (["--focus-radius", "0.3"], "--focus-radius needs --focus"),
+    (["--focus", "red,circle", "--focus-radius", "3"], "Focus radius must be a fraction"),
+    (["--focus", "red,circle", "--focus-radius", "nan"], "must be a finite number, not nan"),
 ])
 def test_bad_guidance_options_are_one_error_line(cli, tmp_path, args, message):
     out = tmp_path / "bad"
@@ -77,24 +81,44 @@ def _documented_commands():
     return re.findall(r"^xattn generate .*$", text, re.M)
 
 
-def test_the_guidance_doc_shows_box_commands():
-    assert len(_documented_commands()) >= 2 and all("--box" in c for c in _documented_commands())
+def test_the_guidance_doc_shows_box_and_focus_commands():
+    commands = _documented_commands()
+    assert sum("--box" in c for c in commands) >= 2 and sum("--focus" in c for c in commands) >= 1
+    assert all("--box" in c or "--focus" in c for c in commands)
+
+
+def _objects(path) -> int:
+    from xattn.world import measure
+
+    blobs = measure.components(measure.foreground(_pixels(path)))
+    return sum(int(blob.sum() >= measure.MIN_BLOB) for blob in blobs)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", _documented_commands())
-def test_a_documented_guidance_command_puts_the_object_in_its_box(command, cli, tmp_path):
+def test_a_documented_guidance_command_draws_what_it_says(command, cli, tmp_path):
+    """A --box command puts the object in its box; a --focus command draws one object where plain sampling drew more."""
     import re
     import shlex
 
     from xattn.world import measure
 
-    result = cli(*shlex.split(command)[1:], "--no-progress")
+    words = shlex.split(command)
+    result = cli(*words[1:], "--no-progress")
     assert result.exit_code == 0, result.output
     folder = tmp_path / re.findall(r"wrote (\S+)", result.output)[-1]
-    prompt = shlex.split(command)[2]
-    (colour, _), = measure.object_words(prompt)
-    phrase, box = shlex.split(command)[shlex.split(command).index("--box") + 1].rsplit("=", 1)
+    prompt = words[2]
+    (colour, shape), = measure.object_words(prompt)
+    if "--focus" in words:
+        at = words.index("--focus")
+        plain = cli(*words[1:at], *words[at + 2:], "--out", "plain", "--no-progress")
+        assert plain.exit_code == 0, plain.output
+        assert _objects(tmp_path / "plain" / "image-0.png") > 1  # the example shows a fix, not a no-op
+        assert _objects(folder / "image-0.png") == 1
+        image = _pixels(folder / "image-0.png")
+        assert measure.dominant_color(image) == colour and measure.classify_shape(measure.foreground(image)) == shape
+        return
+    phrase, box = words[words.index("--box") + 1].rsplit("=", 1)
     x0, y0, x1, y1 = (float(v) for v in box.split(","))
     mask = measure.object_mask(_pixels(folder / "image-0.png"), colour)
     y, x = measure.centroid(mask)
@@ -150,6 +174,26 @@ def test_the_command_lines_spellings_work_in_a_config(cli, sd1_path, tmp_path):
     assert np.array_equal(_pixels(tmp_path / "text" / "image-0.png"), _pixels(tmp_path / "typed" / "image-0.png"))
 
 
+def test_focus_from_a_config_in_each_spelling_makes_the_typed_options_image(cli, sd1_path, tmp_path):
+    typed = cli("generate", "a red circle", "--model", sd1_path, "--focus", "red,circle", "--focus-radius", "0.3",
+                "--guide-steps", "0:1", "--guide-step-size", "5", "--out", "typed", *FAST)
+    assert typed.exit_code == 0, typed.output
+    (loss,) = _manifest(tmp_path / "typed")["guide"]["guide"]
+    assert loss == {"loss": "focus", "words": ["red", "circle"], "radius": 0.3, "weight": 1.0}
+    image = _pixels(tmp_path / "typed" / "image-0.png")
+    plain = cli("generate", "a red circle", "--model", sd1_path, "--out", "plain", *FAST)
+    assert plain.exit_code == 0, plain.output
+    assert not np.array_equal(image, _pixels(tmp_path / "plain" / "image-0.png"))  # the guidance did something
+    for name, focus in [("list", "{words: [red, circle], radius: 0.3}"), ("text", '{words: "red,circle", radius: 0.3}')]:
+        (tmp_path / f"{name}.yaml").write_text(f'guide: {{focus: {focus}, steps: "0:1", step_size: 5}}\n')
+        result = cli("generate", "a red circle", "--model", sd1_path, "--config", f"{name}.yaml", "--out", name, *FAST)
+        assert result.exit_code == 0, result.output
+        assert np.array_equal(image, _pixels(tmp_path / name / "image-0.png")), name
+    again = cli("generate", "--from-png", tmp_path / "typed" / "image-0.png", "--out", "again", "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(image, _pixels(tmp_path / "again" / "image-0.png"))
+
+
 def test_a_typed_guidance_option_replaces_the_configs_guidance(cli, sd1_path, tmp_path):
     (tmp_path / "c.yaml").write_text(CONFIG_GUIDE)
     result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--bind", "red=circle",
@@ -180,7 +224,11 @@ def test_a_typed_guidance_option_replaces_the_configs_guidance(cli, sd1_path, tm
     ("{steps: 0.5}", "guide.steps", "needs a loss"),
     ("{excite: circle, steps: 2:10}", "guide.steps", "quoted"),
     ("{excite: circle, steps: nan}", "guide.steps", "Guide"),
-    ("{exite: circle}", "guide.exite", "guide keys are excite, bind, box, steps, step_size"),
+    ("{exite: circle}", "guide.exite", "guide keys are excite, bind, box, focus, steps, step_size"),
+    ("{focus: 3}", "guide.focus", "a list of words"),
+    ("{focus: {words: [red], radius: 5}}", "guide.focus", "Focus radius must be a fraction"),
+    ("{focus: {words: [red], radius: big}}", "guide.focus", "a radius that is a number"),
+    ("{focus: {word: [red]}}", "guide.focus", "radius: 0.35"),
     ("circle", "guide", "must be a mapping"),
 ])
 def test_bad_config_guidance_is_one_error_line_naming_the_key(cli, sd1_path, tmp_path, guide, key, message):
@@ -188,7 +236,7 @@ def test_bad_config_guidance_is_one_error_line_naming_the_key(cli, sd1_path, tmp
     result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--out", "bad", *FAST)
     assert result.exit_code == 2, result.output
     assert "Error:" in result.output and "Traceback" not in result.output
-    assert f"c.yaml: " in result.output and f"key '{key}'" in result.output and message in result.output
+    assert "c.yaml: " in result.output and f"key '{key}'" in result.output and message in result.output
     assert not (tmp_path / "bad").exists()  # refused when the file is read, before the model loads
 
 

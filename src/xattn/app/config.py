@@ -10,7 +10,7 @@ Keys every command understands are in :data:`COMMON_KEYS`; a command adds its
 own (e.g. ``words`` for ``maps``) through ``extra_keys``.
 
 ``guide:`` is a mapping, attention guidance as ``xattn generate``'s options
-give it (``excite``, ``bind``, ``box``, ``steps``, ``step_size``); it is checked
+give it (``excite``, ``bind``, ``box``, ``focus``, ``steps``, ``step_size``); it is checked
 by building its :class:`~xattn.guide.Guide`, and kept as that Guide's record
 (``Guide.to_dict()``), which :func:`guide_from_config` turns back into the Guide.
 """
@@ -82,10 +82,10 @@ def syntax_value(value: Any) -> str:
 
 # -- guide: attention guidance, the mapping form of generate's --excite/--bind/--box/--guide-steps/--guide-step-size
 
-GUIDE_KEYS = ("excite", "bind", "box", "steps", "step_size")
+GUIDE_KEYS = ("excite", "bind", "box", "focus", "steps", "step_size")
 # Top-level keys a user may mean as guidance: they belong under ``guide:``.
-_GUIDE_OPTIONS = {"excite": "excite", "bind": "bind", "box": "box", "guide_steps": "steps",
-                  "guide_step_size": "step_size"}
+_GUIDE_OPTIONS = {"excite": "excite", "bind": "bind", "box": "box", "focus": "focus", "focus_radius": "focus",
+                  "guide_steps": "steps", "guide_step_size": "step_size"}
 
 
 class _GuideKeyError(ValueError):
@@ -142,6 +142,28 @@ def _box_value(value: Any) -> Any:
                           "{red circle: [0, 0, 0.5, 1]}", value)
 
 
+def _focus_value(value: Any) -> Any:
+    """``focus``: a list of words or the command line's comma string, or ``{words: [...], radius: r}``."""
+    from ..guide import Focus
+    from ..guide.spec import parse_focus
+
+    if isinstance(value, Mapping) and set(value) <= {"words", "radius"} and "words" in value:
+        radius = value.get("radius")
+        if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, float))):
+            raise _must_be("focus", "a radius that is a number (a fraction of the image's side)", radius)
+        words = value["words"]
+        if isinstance(words, str):
+            return parse_focus(words, radius)
+        if isinstance(words, list) and words and all(isinstance(word, str) and word.strip() for word in words):
+            return Focus(words) if radius is None else Focus(words, radius=radius)
+    elif isinstance(value, str):
+        return parse_focus(value)
+    elif isinstance(value, list) and value and all(isinstance(word, str) and word.strip() for word in value):
+        return Focus(value)
+    raise _must_be("focus", 'a list of words such as [red, circle], "red,circle", or '
+                            "{words: [red, circle], radius: 0.35}", value)
+
+
 def _window_text(value: Any) -> str:
     """``steps``: read as ``--guide-steps`` reads its text (``0.5``: the first half; ``"0:10"``: steps 0-9)."""
     if isinstance(value, str):
@@ -169,7 +191,8 @@ def guide_value(value: Any) -> dict | None:
     from ..steps import StepWindowError
 
     losses = []
-    for key, read in (("excite", _words_value), ("bind", _bind_value), ("box", _box_value)):  # the CLI's order
+    for key, read in (("excite", _words_value), ("bind", _bind_value), ("box", _box_value),
+                      ("focus", _focus_value)):  # the CLI's order
         if value.get(key) is None:
             continue
         try:
@@ -181,7 +204,7 @@ def guide_value(value: Any) -> dict | None:
     if not losses:
         for key in ("steps", "step_size"):
             if value.get(key) is not None:
-                raise _GuideKeyError(key, " needs a loss: guide.excite, guide.bind or guide.box")
+                raise _GuideKeyError(key, " needs a loss: guide.excite, guide.bind, guide.box or guide.focus")
         return None
     options: dict[str, Any] = {}
     for key, name in (("steps", "steps"), ("step_size", "step_size")):

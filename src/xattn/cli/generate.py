@@ -54,6 +54,11 @@ def register(app: typer.Typer) -> None:
         box: Annotated[Optional[list[str]], typer.Option(
             help="Guidance: a phrase's attention inside a box, 'red circle=x0,y0,x1,y1' in fractions "
                  "of the image (repeat for several).")] = None,
+        focus: Annotated[Optional[str], typer.Option(
+            help="Guidance: one object; the words' attention kept inside one disk the image picks, "
+                 "e.g. red,circle.")] = None,
+        focus_radius: Annotated[Optional[float], typer.Option(
+            help="--focus's disk radius, a fraction of the image's side (default 0.35).")] = None,
         guide_steps: Annotated[Optional[str], typer.Option(
             help="Steps to guide: a window such as 0.5 (the first half, default) or 0:10.")] = None,
         guide_step_size: Annotated[Optional[float], typer.Option(
@@ -61,7 +66,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Generate images from a prompt and save them as PNGs with A1111-style parameters.
 
-        With --excite, --bind or --box, attention guidance steers the latents
+        With --excite, --bind, --box or --focus, attention guidance steers the latents
         during sampling (docs/guidance.md); the PNG records it for --from-png.
         A --config's `guide:` mapping is used when no guidance option is typed;
         a typed one replaces it whole.
@@ -71,7 +76,7 @@ def register(app: typer.Typer) -> None:
         with common.user_errors():
             common.runner.read_adapters(options)  # typed --controlnet / --ip-adapter: checked before loading
             pinned, controllers = _from_png(from_png, max_pixels) if from_png is not None else ({}, {})
-            guide = _guide(excite, bind, box or [], guide_steps, guide_step_size)
+            guide = _guide(excite, bind, box or [], focus, focus_radius, guide_steps, guide_step_size)
             window_name = "--guide-steps"
             if guide is not None:
                 controllers["guide"] = guide
@@ -102,10 +107,11 @@ def register(app: typer.Typer) -> None:
                 run.finish(**(record or {}))
 
 
-def _guide(excite, bind, boxes, steps, step_size):
+def _guide(excite, bind, boxes, focus, focus_radius, steps, step_size):
     from ..guide import guide_from_text
 
-    return guide_from_text(excite=excite, bind=bind, boxes=boxes, steps=steps, step_size=step_size)
+    return guide_from_text(excite=excite, bind=bind, boxes=boxes, focus=focus, focus_radius=focus_radius,
+                           steps=steps, step_size=step_size)
 
 
 def _configured_guide(record):

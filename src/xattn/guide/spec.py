@@ -3,6 +3,7 @@
     excite  "circle,square"                 words whose attention must peak somewhere
     bind    "red=circle,blue=square"        modifier=noun pairs
     box     "red circle=0,0,0.5,1"          phrase=x0,y0,x1,y1 (fractions of the image), one per box
+    focus   "red,circle"                    words kept in one disk the image picks: one object
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ from __future__ import annotations
 from typing import Sequence
 
 from .controller import Guide
-from .losses import Bind, Excite, GuidanceError, Layout
+from .losses import Bind, Excite, Focus, GuidanceError, Layout
 
 
 def parse_excite(text: str) -> Excite:
     return Excite([word.strip() for word in text.split(",") if word.strip()] or [""])
+
+
+def parse_focus(text: str, radius: float | None = None) -> Focus:
+    words = [word.strip() for word in text.split(",") if word.strip()] or [""]
+    return Focus(words) if radius is None else Focus(words, radius=radius)
 
 
 def parse_bind(text: str) -> Bind:
@@ -40,8 +46,11 @@ def parse_box(text: str) -> tuple[str, tuple[float, ...]]:
 
 
 def guide_from_text(*, excite: str | None = None, bind: str | None = None, boxes: Sequence[str] = (),
+                    focus: str | None = None, focus_radius: float | None = None,
                     steps: str | float | None = None, step_size: float | None = None) -> Guide | None:
     """The Guide these options describe, or None when they name no loss."""
+    if focus_radius is not None and not focus:
+        raise GuidanceError("--focus-radius needs --focus: the words whose disk it sizes")
     losses = []
     if excite:
         losses.append(parse_excite(excite))
@@ -49,9 +58,11 @@ def guide_from_text(*, excite: str | None = None, bind: str | None = None, boxes
         losses.append(parse_bind(bind))
     if boxes:
         losses.append(Layout(dict(parse_box(box) for box in boxes)))
+    if focus:
+        losses.append(parse_focus(focus, focus_radius))
     if not losses:
         if steps is not None or step_size is not None:
-            raise GuidanceError("--guide-steps and --guide-step-size need a loss: --excite, --bind or --box")
+            raise GuidanceError("--guide-steps and --guide-step-size need a loss: --excite, --bind, --box or --focus")
         return None
     options = {"steps": steps if steps is not None else 0.5}
     if step_size is not None:
@@ -59,4 +70,4 @@ def guide_from_text(*, excite: str | None = None, bind: str | None = None, boxes
     return Guide(*losses, **options)
 
 
-__all__ = ["guide_from_text", "parse_bind", "parse_box", "parse_excite"]
+__all__ = ["guide_from_text", "parse_bind", "parse_box", "parse_excite", "parse_focus"]
