@@ -7,29 +7,14 @@ test process, whose imports could hide a missing one) is the only honest check.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+from doc_blocks import code_blocks
 
-
-def python_blocks() -> list[tuple[str, int, str]]:
-    blocks = []
-    for path in DOCS:
-        text = path.read_text()
-        for match in _BLOCK.finditer(text):
-            line = text[: match.start()].count("\n") + 1
-            blocks.append((path.relative_to(ROOT).as_posix(), line, match.group(1)))
-    return blocks
-
-
-BLOCKS = python_blocks()
+BLOCKS = code_blocks("python")
 
 
 def test_the_readme_has_its_python_example():

@@ -9,31 +9,16 @@ every job of its grid.
 from __future__ import annotations
 
 import json
-import re
 from itertools import product
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-_BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.S | re.M)
+from doc_blocks import code_blocks
+
 # the guide: block's losses, by the names their records carry
 _LOSS_OF_KEY = {"excite": "excite", "bind": "bind", "box": "layout", "focus": "focus"}
-
-
-def yaml_blocks() -> list[tuple[str, int, str]]:
-    blocks = []
-    for path in DOCS:
-        text = path.read_text()
-        for match in _BLOCK.finditer(text):
-            line = text[: match.start()].count("\n") + 1
-            blocks.append((path.relative_to(ROOT).as_posix(), line, match.group(1)))
-    return blocks
-
-
-BLOCKS = yaml_blocks()
+BLOCKS = code_blocks("yaml")
 
 
 def test_the_cli_doc_shows_a_guide_config_and_a_sweep():
