@@ -100,6 +100,11 @@ def _must_be(key: str, expected: str, value: Any) -> _GuideKeyError:
     return _GuideKeyError(key, f" must be {expected}, not {value!r}")
 
 
+def _word_list(value: Any) -> bool:
+    """Whether a config value is a non-empty list of non-blank words."""
+    return isinstance(value, list) and bool(value) and all(isinstance(word, str) and word.strip() for word in value)
+
+
 def _words_value(value: Any) -> Any:
     """``excite``: a list of words, or the command line's comma string."""
     from ..guide import Excite
@@ -107,7 +112,7 @@ def _words_value(value: Any) -> Any:
 
     if isinstance(value, str):
         return parse_excite(value)
-    if isinstance(value, list) and value and all(isinstance(word, str) and word.strip() for word in value):
+    if _word_list(value):
         return Excite(value)
     raise _must_be("excite", 'a list of words such as [circle, square], or "circle,square"', value)
 
@@ -154,11 +159,11 @@ def _focus_value(value: Any) -> Any:
         words = value["words"]
         if isinstance(words, str):
             return parse_focus(words, radius)
-        if isinstance(words, list) and words and all(isinstance(word, str) and word.strip() for word in words):
+        if _word_list(words):
             return Focus(words) if radius is None else Focus(words, radius=radius)
     elif isinstance(value, str):
         return parse_focus(value)
-    elif isinstance(value, list) and value and all(isinstance(word, str) and word.strip() for word in value):
+    elif _word_list(value):
         return Focus(value)
     raise _must_be("focus", 'a list of words such as [red, circle], "red,circle", or '
                             "{words: [red, circle], radius: 0.35}", value)

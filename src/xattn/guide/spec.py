@@ -14,12 +14,17 @@ from .controller import Guide
 from .losses import Bind, Excite, Focus, GuidanceError, Layout
 
 
+def _comma_words(text: str) -> list[str]:
+    """``"circle, square"`` -> ``["circle", "square"]``; ``[""]`` when none, so the loss names the empty word."""
+    return [word.strip() for word in text.split(",") if word.strip()] or [""]
+
+
 def parse_excite(text: str) -> Excite:
-    return Excite([word.strip() for word in text.split(",") if word.strip()] or [""])
+    return Excite(_comma_words(text))
 
 
 def parse_focus(text: str, radius: float | None = None) -> Focus:
-    words = [word.strip() for word in text.split(",") if word.strip()] or [""]
+    words = _comma_words(text)
     return Focus(words) if radius is None else Focus(words, radius=radius)
 
 
