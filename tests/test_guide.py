@@ -119,22 +119,19 @@ def test_refinement_is_per_image_so_a_batch_equals_its_images_one_by_one(sd1_pip
     call = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
                 output_type="latent")
 
-    gradient_rows = []  # rows of each denoiser pass taken with gradients (the guide's own passes)
-
-    def count(module, args, kwargs):
-        if torch.is_grad_enabled():
-            gradient_rows[-1] += (args[0] if args else kwargs["sample"]).shape[0]
+    passes, counting = _grad_passes(sd1_pipe)  # rows of each pass taken with gradients (the guide's own)
+    gradient_rows = []  # per run: their sum
 
     def run(seeds, target):
         guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=0.5, refine={0: target}, max_refine=3,
                       res=None)
-        gradient_rows.append(0)
+        del passes[:]
         with xattn.hooks(sd1_pipe, guide):
             out = sd1_pipe(**call, num_images_per_prompt=len(seeds),
                            generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        gradient_rows.append(sum(passes))
         return out, [loss for _, loss in guide.losses_seen]
 
-    counting = sd1_pipe.unet.register_forward_pre_hook(count, with_kwargs=True)
     try:
         firsts = [run([seed], 0.0)[1][0] for seed in (0, 1)]
         target = sum(firsts) / 2  # one image starts above the target and refines, the other stops after one step
@@ -147,6 +144,73 @@ def test_refinement_is_per_image_so_a_batch_equals_its_images_one_by_one(sd1_pip
     torch.testing.assert_close(batch, torch.cat([out for out, _ in alone]), rtol=1e-4, atol=1e-4)
     # the image that reached its target is not denoised again: the batch takes the passes the images take alone
     assert gradient_rows[2] == gradient_rows[0] + gradient_rows[1], gradient_rows
+
+
+def _grad_passes(pipe):
+    """A list that fills with the number of rows of each denoiser pass taken with gradients; and its hook."""
+    rows = []
+
+    def count(module, args, kwargs):
+        if torch.is_grad_enabled():
+            rows.append((args[0] if args else kwargs["sample"]).shape[0])
+
+    return rows, pipe.unet.register_forward_pre_hook(count, with_kwargs=True)
+
+
+def test_refinement_steps_from_the_pass_that_reached_the_target_as_algorithm_1_does(sd1_pipe):
+    """Chefer et al. 2023, Algorithm 1: denoise, step (always), and go back while the loss was above the target.
+
+    An image whose second pass reaches the target has then taken two steps: the same latents as a run whose
+    target cannot be reached but whose repeats are capped at one.
+    """
+    call = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
+                output_type="latent")
+
+    def run(target, max_refine):
+        guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=0.5, refine={0: target},
+                      max_refine=max_refine, res=None)
+        with xattn.hooks(sd1_pipe, guide):
+            out = sd1_pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        return out, [loss for _, loss in guide.losses_seen]
+
+    passes, hook = _grad_passes(sd1_pipe)
+    try:
+        capped, (first, second) = run(0.0, 1)  # 0 is Excite's floor: two passes, two steps
+        assert second < first
+        del passes[:]
+        reached, seen = run((first + second) / 2, 5)  # the second pass is under this target: no third
+    finally:
+        hook.remove()
+    assert seen == [first, second] and len(passes) == 2
+    torch.testing.assert_close(reached, capped, rtol=0, atol=0)
+
+
+def test_a_gradient_pass_stops_after_the_last_map_it_reads(sd1_pipe, monkeypatch):
+    """Later passes stop at the guide's last site (nothing after it changes the loss): same latents, less work."""
+    import xattn.guide.controller as controller
+
+    call = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                output_type="latent")
+    tail = []  # passes with gradients that reached the UNet's last layer
+    hook = sd1_pipe.unet.conv_out.register_forward_hook(lambda *a: tail.append(1) if torch.is_grad_enabled() else None)
+
+    def run():
+        guide = Guide(Excite(["red", "circle"]), steps="0:2", step_size=0.5, refine={0: 0.0}, max_refine=2, res=None)
+        del tail[:]
+        with xattn.hooks(sd1_pipe, guide):
+            return sd1_pipe(**call, generator=torch.Generator().manual_seed(0)).images, len(guide.losses_seen)
+
+    try:
+        stopped, passes = run()
+        assert passes == 4 and len(tail) == 1  # 3 passes at step 0, 1 at step 1: only the first ran to the end
+        whole_loss = controller.Guide._loss
+        monkeypatch.setattr(controller.Guide, "_loss",
+                            lambda self, *a, **k: (setattr(self, "_reads_per_pass", None), whole_loss(self, *a, **k))[1])
+        whole, _ = run()
+        assert len(tail) == 4
+    finally:
+        hook.remove()
+    torch.testing.assert_close(stopped, whole, rtol=0, atol=0)
 
 
 def test_guidance_outside_its_window_leaves_sampling_unchanged(sd1_pipe):

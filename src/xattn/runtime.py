@@ -206,9 +206,9 @@ class Runtime:
                                                f"{type(module).__name__} runs before its denoiser in each step")
             name = "sample" if "sample" in bound else "hidden_states"
             steered = self._steer(module, arguments, name, timestep)
+            self.call = _CallState(latent_hw, step, num_steps, timestep_value, layout)  # the passes had theirs
             if steered is not None:
                 bound[name] = steered
-                self.call = _CallState(latent_hw, step, num_steps, timestep_value, layout)
                 return arguments.args, arguments.kwargs
         return None
 

@@ -8,9 +8,15 @@ the largest and averaged over sites and heads), turns them into per-word maps th
 token and padding dropped, x100, softmax over the words), sums its losses
 per row, and moves the latents against the gradient:
 ``z <- z - step_size * sqrt(scale_t) * grad``, with ``scale_t`` going from 1 to
-0.5 over the run (Chefer et al. 2023). At the steps in ``refine`` it repeats
-this until the loss is at most the given target (iterative refinement).
-Everywhere else sampling runs as usual, on the fused path.
+0.5 over the run (Chefer et al. 2023). At the steps in ``refine`` it denoises
+and steps again, image by image, for as long as the loss it just stepped from
+was above the given target (iterative refinement; the step is taken either
+way, as in the paper's Algorithm 1). Everywhere else sampling runs as usual,
+on the fused path.
+
+The gradient pass stops at the last site the guide reads: the first pass of
+a run counts the maps, later passes raise :class:`~xattn.steering.EnoughRead`
+after that many (the layers after it cannot change the loss).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from ..hookpoints import Controller, HookContext, Run
 from ..selector import Selector, SelectorError
 from ..sites import one_map_size
+from ..steering import EnoughRead
 from ..steps import StepWindowError, WindowSpec, describe, parse_window, steps_in
 from ..tokens import TokenMap
 from ..validate import MAX_STEPS, OptionError, integer, number
@@ -89,6 +96,8 @@ class Guide(Controller):
         self._num_steps = 1
         self._collecting = False
         self._sums: dict = {}
+        self._reads = 0  # maps read in the current pass
+        self._reads_per_pass: int | None = None  # counted by the run's first whole pass; later passes stop there
         self._slots: dict[int, _Slots] = {}  # prompt index -> its words' slots, resolved once per run
         self._state: dict[tuple[int, int], dict] = {}  # (row, loss) -> a stateful loss's memory, for one run
         self.losses_seen: list[tuple[int, float]] = []  # (step, loss) before each update, for inspection
@@ -119,15 +128,20 @@ class Guide(Controller):
         maps = maps.view(maps.shape[0], height, width, maps.shape[-1])  # [n, h, w, j]
         total, count = self._sums.get(ctx.res, (0.0, 0))
         self._sums[ctx.res] = (total + maps, count + 1)
+        self._reads += 1
+        if self._reads == self._reads_per_pass:
+            raise EnoughRead  # the rest of the denoiser cannot change what the loss reads
         return None
 
     # -- steering ------------------------------------------------------------------------
     def before_step(self, steer):
+        """Attend-and-Excite's Algorithm 1, per image: denoise, take a gradient step, and at a refinement step
+        go back to denoising while the loss *before* that step was above the target."""
         if steer.step not in self._steps:
             return None
         latents = steer.latents
         target = self.refine.get(steer.step)
-        moving = None  # rows still above the refinement target (all rows at the first pass)
+        moving = None  # images denoised again at the next pass (None: all of them)
         for attempt in range(1 + (self.max_refine if target is not None else 0)):
             z = latents.detach().clone().requires_grad_(True)
             rows = None if moving is None else [r for r, still in enumerate(moving.tolist()) if still]
@@ -138,11 +152,7 @@ class Guide(Controller):
                                     f"{f' (refinement {attempt})' if attempt else ''}; the latents are left "
                                     "as they were. Lower step_size or the losses' weights, or guide fewer steps")
             self.losses_seen.append((steer.step, value))
-            if target is not None and attempt > 0:
-                moving = moving & (per_row.detach() > target)  # an image that reached the target stops moving
-                if not bool(moving.any()):
-                    break  # (the last pass ran only the images still moving: none was, so none moves)
-            chosen = per_row if moving is None else per_row * moving
+            chosen = per_row if moving is None else per_row * moving  # every image denoised in this pass moves
             (grad,) = torch.autograd.grad(chosen.sum(), z)  # rows are independent: row i moves on its own loss
             if not bool(torch.isfinite(grad).all()):
                 raise GuidanceError(f"Guide: the guidance loss's gradient is not finite at step {steer.step}; "
@@ -154,10 +164,10 @@ class Guide(Controller):
                                     f"non-finite at step {steer.step}; lower step_size")
             if target is None:
                 break
-            if moving is None:
-                moving = per_row.detach() > target  # Attend-and-Excite refines an image whose loss is above it
-                if not bool(moving.any()):
-                    break
+            above = per_row.detach() > target  # an image whose loss reached the target is done after this step
+            moving = above if moving is None else moving & above
+            if not bool(moving.any()):
+                break
         return latents
 
     def _loss(self, steer, z: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
@@ -166,11 +176,13 @@ class Guide(Controller):
         ``rows``: denoise only these rows (a refinement's images still above
         their target); the others' losses are 0, without a graph, so they do not move.
         """
-        self._sums, self._collecting = {}, True
+        self._sums, self._reads, self._collecting = {}, 0, True
         try:
-            steer.denoise(z) if rows is None else steer.denoise(z, rows)
+            out = steer.denoise(z) if rows is None else steer.denoise(z, rows)
         finally:
             self._collecting = False
+        if out is not None and self._reads:  # a whole pass: from now on, stop after its last map
+            self._reads_per_pass = self._reads
         if not self._sums:
             raise GuidanceError(f"Guide read no cross-attention map: its selector '{self.selector}' matched no "
                                 "site at this latent size")
