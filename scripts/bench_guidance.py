@@ -146,18 +146,22 @@ def main(argv: list[str] | None = None) -> int:
     width = max(map(len, variants))
     changed = {name: float(np.mean([np.abs(images[name, p] - images["plain", p]).mean() for p in CAPTIONS]))
                for name in variants}
-    print(f"\n{'variant':<{width}}  s/image  x plain  x diffusers  denoiser rows/image (grad + plain)  "
+    # the ratio within each round as well: the machine's drift between rounds cancels in it
+    per_round = {name: statistics.median(s / d for s, d in zip(seconds[name], seconds["diffusers A&E"]))
+                 for name in variants}
+    print(f"\n{'variant':<{width}}  s/image  x plain  x diffusers  (per round)  denoiser rows/image (grad + plain)  "
           "mean |image - plain|")
     for name in variants:
         print(f"{name:<{width}}  {median[name]:7.3f}  {median[name] / median['plain']:7.2f}  "
-              f"{median[name] / median['diffusers A&E']:11.2f}  "
+              f"{median[name] / median['diffusers A&E']:11.2f}  {per_round[name]:11.2f}  "
               f"{passes[name]['grad']:>17.0f} + {passes[name]['plain']:<13.0f} {changed[name]:.3f}")
     print(f"({len(CAPTIONS)} captions x {len(seeds)} images, {steps} DDIM steps, guidance {scale}, window {window}, "
           f"step size {args.step_size}, thresholds {thresholds or 'none'}, {args.rounds} rounds, "
           f"{args.threads} thread(s); medians)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"seconds_per_image": seconds, "median": median, "passes": passes,
+        args.json.write_text(json.dumps({"seconds_per_image": seconds, "median": median, "per_round": per_round,
+                                         "passes": passes,
                                          "changed": changed, "args": vars(args) | {"json": str(args.json)}}, indent=2))
     return 0
 

@@ -164,3 +164,25 @@ def test_hook_must_keep_shape(sd1_pipe):
             assert "must keep the input's shape" in str(error) and ".probs" in str(error)
         else:
             raise AssertionError("a hook that changes the shape must be refused")
+
+
+def test_processor_signatures_are_stored_and_name_the_arguments_of_their_code():
+    """diffusers parses ``inspect.signature(processor.__call__)`` at every attention call; xattn stores it once.
+
+    The stored signature must still be the function's: its names are checked against the code object.
+    """
+    import inspect
+
+    from xattn.ip_adapter import XattnIPAdapterProcessor
+    from xattn.joint import JointProcessor
+
+    for cls in (XattnProcessor, JointProcessor, XattnIPAdapterProcessor):
+        call = cls.__call__
+        assert "__signature__" in vars(call), cls
+        code = call.__code__
+        names = list(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
+        if code.co_flags & inspect.CO_VARARGS:
+            names.append(code.co_varnames[len(names)])
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            names.append(code.co_varnames[len(names)])
+        assert list(inspect.signature(call).parameters) == names, cls

@@ -91,3 +91,16 @@ def test_train_world_runs_its_first_steps_through_xattn_hooks(tmp_path):
     assert len(steps) == 3
     for diff, share, bce in steps:  # the grounding terms are real numbers from real maps
         assert 0 < float(share) <= 1 and 0 < float(bce) < 10 and float(diff) > 0
+
+
+def test_a_guidance_pass_on_sd_layout_stops_after_its_last_map(capsys):
+    """scripts/bench_guide_pass.py on a narrow SD 1.5 layout: stopped passes never reach the UNet's last layer."""
+    import torch
+
+    grad = torch.autograd.grad
+    bench = load_script("bench_guide_pass")
+    assert bench.main(["--widths", "32,64,64,64", "--size", "256", "--rounds", "1", "--threads", "1"]) == 0
+    assert torch.autograd.grad is grad  # its timers are gone
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("whole ", "stopped "))}
+    assert rows["whole"][-1] == "3" and rows["stopped"][-1] == "1"  # of 3 passes, only the run's first

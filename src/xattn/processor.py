@@ -25,6 +25,8 @@ Dimensions: b batch rows, h heads, i queries, j keys, d head dim, c channels.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,10 @@ from .sites import Site
 
 class XattnProcessor:
     """Attention processor for one site; asks the session's runtime which hooks run."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _remember_signature(cls)
 
     def __init__(self, site: Site, runtime):
         self.site = site
@@ -194,3 +200,17 @@ def _explicit_attention(attn, query, key, value, attention_mask, token_scale, ac
         probs = probs * token_scale[:, None, None, :]
     probs = active.run("probs", probs)
     return torch.matmul(probs, value)  # [b, h, i, d]
+
+
+def _remember_signature(cls: type) -> None:
+    """Store ``cls.__call__``'s signature on it, so ``inspect.signature`` returns it without parsing again.
+
+    diffusers' attention modules call ``inspect.signature(self.processor.__call__)`` at every call to filter
+    their keyword arguments; on a small model that parsing is a visible share of a step.
+    """
+    call = cls.__dict__.get("__call__")
+    if call is not None and not hasattr(call, "__signature__"):
+        call.__signature__ = inspect.signature(call)
+
+
+_remember_signature(XattnProcessor)

@@ -154,4 +154,5 @@ def steer(module, arguments, name: str, timestep, step: int, layout: BatchLayout
     return steered_sample(sample, latents, scale, layout, pipeline)
 
 
-__all__ = ["EnoughRead", "Steer", "check_built_from", "latent_rows", "rows_layout", "rows_of", "steer", "steered_sample"]
+__all__ = ["EnoughRead", "Steer", "check_built_from", "latent_rows", "rows_layout", "rows_of", "steer",
+           "steered_sample"]
