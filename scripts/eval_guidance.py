@@ -4,7 +4,8 @@
 On the held-out captions (``xattn.world.heldout_prompts``) and fixed seeds:
 
 - binding: in two-object captions, each named colour's blob has its named shape
-  (plain, ``Bind``, ``Excite`` + ``Bind``);
+  (plain, ``Bind``, ``Excite`` + ``Bind``), also split into the objects of
+  colour-shape combinations held out of training and those of trained ones;
 - objects: exactly one object for one-object captions (plain, ``Excite``,
   ``Focus``), both colours for pairs;
 - boxes: the object's centroid inside its box, for left/right and top/bottom
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from xattn.guide import Bind, Excite, Focus, Guide, Layout
     from xattn.world import heldout_prompts
     from xattn.world import measure
+    from xattn.world.scenes import HELD_OUT
 
     pipe = StableDiffusionPipeline.from_pretrained(xattn.world.model_path())
     pipe.set_progress_bar_config(disable=True)
@@ -83,15 +85,20 @@ def main(argv: list[str] | None = None) -> int:
                         ("excite+bind", lambda named: guide(Excite([w for pair in named for w in pair]),
                                                             Bind(dict(named))))]:
         bound, both, spent = [], [], 0.0
+        by_combo = {True: [], False: []}  # held out of training or not -> that object's binding
         for prompt in pairs:
             named = measure.object_words(prompt)
             batch, took = images(prompt, make(named))
             spent += took
             for image in batch:
-                bound += [measure.classify_shape(measure.segment(image, c), min_pixels=measure.MIN_BLOB) == s
-                          for c, s in named]
+                for c, s in named:
+                    ok = measure.classify_shape(measure.segment(image, c), min_pixels=measure.MIN_BLOB) == s
+                    bound.append(ok)
+                    by_combo[(c, s) in HELD_OUT].append(ok)
                 both.append(all(measure.object_mask(image, c).sum() >= measure.MIN_BLOB for c, _ in named))
         add(f"pairs binding, {label}", float(np.mean(bound)), spent)
+        add(f"pairs binding of held-out combinations, {label}", float(np.mean(by_combo[True])), 0.0)
+        add(f"pairs binding of training combinations, {label}", float(np.mean(by_combo[False])), 0.0)
         add(f"pairs both colours, {label}", float(np.mean(both)), 0.0)
 
     for label, make in [("plain", lambda named: []),

@@ -104,3 +104,21 @@ def test_a_guidance_pass_on_sd_layout_stops_after_its_last_map(capsys):
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith(("whole ", "stopped "))}
     assert rows["whole"][-1] == "3" and rows["stopped"][-1] == "1"  # of 3 passes, only the run's first
+
+
+def test_probe_binding_prints_a_row_per_probe_and_gives_the_pipeline_back(capsys, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    pipes = []
+    load = StableDiffusionPipeline.from_pretrained
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: pipes.append(load(*a, **k)) or pipes[-1]))
+    probe = load_script("probe_binding")
+    assert probe.main(["--probes", "plain,mask-nouns", "--captions", "1", "--seeds", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["plain", "mask-nouns"]
+    assert all(0.0 <= float(value) <= 1.0 for row in rows for value in row[1:5])
+    assert {type(p).__name__ for p in pipes[0].unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    with pytest.raises(SystemExit) as stop:
+        probe.main(["--probes", "plain,everything"])
+    assert stop.value.code == 2 and "unknown probes ['everything']" in capsys.readouterr().err
