@@ -43,6 +43,32 @@ def test_refinement_lowers_the_loss_at_each_repeat(model):
     assert all(later < earlier for earlier, later in zip(at_zero, at_zero[1:])), at_zero
 
 
+def test_a_stopped_gradient_pass_steers_as_a_whole_one(model, monkeypatch):
+    """Passes after a run's first stop after the guide's last map; on every family the latents are the same."""
+    import xattn.guide.controller as controller
+
+    name, pipe = model
+
+    def run():
+        guide = Guide(Excite(["red", "circle"]), steps="0:2", step_size=0.5, refine={0: 0.0}, max_refine=1,
+                      res=None)
+        with xattn.hooks(pipe, guide):
+            out = pipe("a red circle", generator=torch.Generator().manual_seed(0), **CALLS[name]).images
+        return out, guide
+
+    stopped, guide = run()
+    assert guide._reads_per_pass and len(guide.losses_seen) == 3
+    whole_loss = controller.Guide._loss
+
+    def whole_passes(self, *a, **k):
+        self._reads_per_pass = None
+        return whole_loss(self, *a, **k)
+
+    monkeypatch.setattr(controller.Guide, "_loss", whole_passes)
+    whole, _ = run()
+    torch.testing.assert_close(stopped, whole, rtol=0, atol=0)
+
+
 def test_a_window_without_steps_leaves_the_stock_samples(model):
     name, pipe = model
     stock = pipe("a red circle", generator=torch.Generator().manual_seed(0), **CALLS[name]).images
