@@ -122,3 +122,13 @@ def test_probe_binding_prints_a_row_per_probe_and_gives_the_pipeline_back(capsys
     with pytest.raises(SystemExit) as stop:
         probe.main(["--probes", "plain,everything"])
     assert stop.value.code == 2 and "unknown probes ['everything']" in capsys.readouterr().err
+
+
+def test_bench_world_steps_prints_its_ratios_and_puts_the_signature_back(capsys):
+    from xattn.processor import XattnProcessor
+
+    stored = XattnProcessor.__call__.__signature__
+    assert load_script("bench_world_steps").main(["--rounds", "1"]) == 0
+    assert XattnProcessor.__call__.__signature__ is stored
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("stock", "xattn"))]
+    assert len(rows) == 3 and float(rows[0].split()[-1]) == 1.0
