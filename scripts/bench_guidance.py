@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"seconds_per_image": seconds, "median": median, "per_round": per_round,
-                                         "passes": passes,
-                                         "changed": changed, "args": vars(args) | {"json": str(args.json)}}, indent=2))
+                                         "passes": passes, "changed": changed,
+                                         "args": vars(args) | {"json": str(args.json)}}, indent=2))
     return 0
 
 

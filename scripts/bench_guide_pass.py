@@ -65,34 +65,32 @@ def main(argv: list[str] | None = None) -> int:
     latent = args.size // 8
     side = latent * pipe.vae_scale_factor  # the world VAE's factor, so the latents are SD's at --size
     whole_loss = controller.Guide._loss
+    grad = torch.autograd.grad
     passes: list[float] = []  # seconds of each gradient pass after the run's first: forward and backward
-    reached_end: list[int] = []
+    reached_end: list[int] = []  # one entry per gradient pass that ran the UNet's last layer
+    run = {"whole": False, "first": True, "started": None}  # the variant, and the pass being timed
+
     def count_end(*_):
         if torch.is_grad_enabled():
             reached_end.append(1)
 
-    pipe.unet.conv_out.register_forward_hook(count_end)
-    grad = torch.autograd.grad
-
     def timed_loss(self, *a, **k):
-        if not self._first_pass_done:
-            self._first_pass_done = True
+        if run["first"]:  # the run's first pass counts the guide's maps: not timed
+            run["first"] = False
             return whole_loss(self, *a, **k)
-        if self._whole:
-            self._reads_per_pass = None
-        start = time.perf_counter()
-        loss = whole_loss(self, *a, **k)
-        self._pass_started = start
-        return loss
+        if run["whole"]:
+            self._reads_per_pass = None  # forget the count: this pass runs to the end
+        run["started"] = time.perf_counter()
+        return whole_loss(self, *a, **k)
 
-    def timed_grad(outputs, inputs, *a, **k):
-        result = grad(outputs, inputs, *a, **k)
-        guide = timed_grad.guide
-        if getattr(guide, "_pass_started", None) is not None:
-            passes.append(time.perf_counter() - guide._pass_started)
-            guide._pass_started = None
+    def timed_grad(*a, **k):
+        result = grad(*a, **k)
+        if run["started"] is not None:  # the backward ends the pass
+            passes.append(time.perf_counter() - run["started"])
+            run["started"] = None
         return result
 
+    pipe.unet.conv_out.register_forward_hook(count_end)
     controller.Guide._loss, torch.autograd.grad = timed_loss, timed_grad
     try:
         seconds = {"whole": [], "stopped": []}
@@ -100,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             for variant in seconds:
                 guide = Guide(Excite(["red", "circle"]), steps="0:1", step_size=20.0, refine={0: 0.0}, max_refine=2)
-                guide._whole, guide._first_pass_done = variant == "whole", False
-                timed_grad.guide = guide
+                run.update(whole=variant == "whole", first=True, started=None)
                 del passes[:], reached_end[:]
                 with xattn.hooks(pipe, guide):
                     pipe("a red circle", num_inference_steps=1, guidance_scale=7.5, height=side, width=side,

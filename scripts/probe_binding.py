@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import xattn
     from diffusers import StableDiffusionPipeline
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
     from xattn.world import heldout_prompts, measure
 
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         masked = probe.startswith("mask") or probe == "regions"
         pipe.unet.set_attn_processor(
             {name: HalvesProcessor("attn2" in name, state, probe == "mask-pairs-self") for name in stock}
-            if masked else {name: AttnProcessor2_0() for name in stock})
+            if masked else dict(stock))
         bound, both, swapped, local = [], [], [], []
         for prompt in pairs[:args.captions]:
             (c1, s1), (c2, s2) = named = measure.object_words(prompt)

@@ -185,10 +185,19 @@ def test_refinement_steps_from_the_pass_that_reached_the_target_as_algorithm_1_d
     torch.testing.assert_close(reached, capped, rtol=0, atol=0)
 
 
+def run_whole_passes(monkeypatch) -> None:
+    """Make every gradient pass of a Guide run to the denoiser's end (its stop after the last map, undone)."""
+    counted = Guide._loss
+
+    def whole_passes(self, *a, **k):  # forget the count: this pass runs to the end
+        self._reads_per_pass = None
+        return counted(self, *a, **k)
+
+    monkeypatch.setattr(Guide, "_loss", whole_passes)
+
+
 def test_a_gradient_pass_stops_after_the_last_map_it_reads(sd1_pipe, monkeypatch):
     """Later passes stop at the guide's last site (nothing after it changes the loss): same latents, less work."""
-    import xattn.guide.controller as controller
-
     call = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
                 output_type="latent")
     tail = []  # passes with gradients that reached the UNet's last layer
@@ -203,12 +212,7 @@ def test_a_gradient_pass_stops_after_the_last_map_it_reads(sd1_pipe, monkeypatch
     try:
         stopped, passes = run()
         assert passes == 4 and len(tail) == 1  # 3 passes at step 0, 1 at step 1: only the first ran to the end
-        whole_loss = controller.Guide._loss
-        def whole_passes(self, *a, **k):  # forget the count: every pass runs to the end
-            self._reads_per_pass = None
-            return whole_loss(self, *a, **k)
-
-        monkeypatch.setattr(controller.Guide, "_loss", whole_passes)
+        run_whole_passes(monkeypatch)
         whole, _ = run()
         assert len(tail) == 4
     finally:

@@ -11,6 +11,7 @@ import torch
 import xattn
 from joint_reference import sd3_pipeline
 from test_flux_pipeline import pipe as flux_pipe  # noqa: F401 (a fixture)
+from test_guide import run_whole_passes
 from xattn.guide import Excite, Guide
 
 
@@ -45,8 +46,6 @@ def test_refinement_lowers_the_loss_at_each_repeat(model):
 
 def test_a_stopped_gradient_pass_steers_as_a_whole_one(model, monkeypatch):
     """Passes after a run's first stop after the guide's last map; on every family the latents are the same."""
-    import xattn.guide.controller as controller
-
     name, pipe = model
 
     def run():
@@ -58,13 +57,7 @@ def test_a_stopped_gradient_pass_steers_as_a_whole_one(model, monkeypatch):
 
     stopped, guide = run()
     assert guide._reads_per_pass and len(guide.losses_seen) == 3
-    whole_loss = controller.Guide._loss
-
-    def whole_passes(self, *a, **k):
-        self._reads_per_pass = None
-        return whole_loss(self, *a, **k)
-
-    monkeypatch.setattr(controller.Guide, "_loss", whole_passes)
+    run_whole_passes(monkeypatch)
     whole, _ = run()
     torch.testing.assert_close(stopped, whole, rtol=0, atol=0)
 
