@@ -51,6 +51,11 @@ def test_a_box_from_the_cli_puts_the_object_in_it_and_from_png_repeats_it(cli, t
     (["--excite", "hat"], "hat"),
     (["--focus", "hat"], "hat"),
     (["--focus-radius", "0.3"], "--focus-radius needs --focus"),
+    (["--excite", ""], "Excite needs one or more words"),  # an empty option is refused, never skipped
+    (["--excite", " , "], "Excite needs one or more words"),
+    (["--bind", ""], "modifier=noun"),
+    (["--focus", ""], "Focus needs one or more words"),
+    (["--box", ""], "phrase=x0,y0,x1,y1"),
     (["--focus", "red,circle", "--focus-radius", "3"], "Focus radius must be a fraction"),
     (["--focus", "red,circle", "--focus-radius", "nan"], "must be a finite number, not nan"),
 ])

@@ -8,12 +8,11 @@ seed (the source row, the re-prompt, an edit that replaces nothing), its
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import xattn
+from test_edit_run import assert_edit_folder
 from tiny_flux import load_flux_pipeline, save_flux_pipeline
 from xattn.edit import EditError, edit, edit_seeds, initial_latent
 from xattn.edit import run as edit_run
@@ -141,11 +140,7 @@ def test_cli_edit_runs_on_a_saved_flux_folder(cli, folder, tmp_path):
                  "--guidance", 3.5, "--size", f"{WIDTH}x{HEIGHT}", "--model", folder, "--device", "cpu",
                  "--out", tmp_path / "run", "--no-progress")
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["manifest.json", "reprompt.png", "sheet.png", "source.png", "target.png"]
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["status"] == "finished" and manifest["edit"]["targets"] == [TARGET]
-    assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["local_blend", "autoedit", "self_inject"]
+    assert_edit_folder(tmp_path / "run", TARGET)
     refused = cli("edit", "--source", SOURCE, "--target", TARGET, "--negative-prompt", "a green square",
                   "--steps", 2, "--size", f"{WIDTH}x{HEIGHT}", "--model", folder, "--device", "cpu",
                   "--out", tmp_path / "refused", "--no-progress")

@@ -19,6 +19,16 @@ TARGET = "a green circle and a blue square"
 FAST = dict(steps=3, guidance=5.0, seed=3)
 
 
+def assert_edit_folder(folder, target: str) -> dict:
+    """A finished `xattn edit` run of one target with a blend: its files and controllers; returns its manifest."""
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["manifest.json", "reprompt.png", "sheet.png", "source.png", "target.png"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["edit"]["targets"] == [target]
+    assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["local_blend", "autoedit", "self_inject"]
+    return manifest
+
+
 def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).astype(int)
 
@@ -119,11 +129,7 @@ def test_cli_edit_writes_source_target_reprompt_sheet_and_manifest(cli, sd1_path
     result = cli("edit", "--source", SOURCE, "--target", TARGET, "--blend", "circle", "--cross-steps", "0:0.8",
                  "--self-steps", "0:0.4", "--seed", 3, "--steps", 3, "--model", sd1_path, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["manifest.json", "reprompt.png", "sheet.png", "source.png", "target.png"]
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["status"] == "finished" and manifest["edit"]["targets"] == [TARGET]
-    assert [c.get("edit") for c in manifest["edit"]["controllers"]] == ["local_blend", "autoedit", "self_inject"]
+    manifest = assert_edit_folder(tmp_path / "run", TARGET)
     assert "<=32" in manifest["edit"]["controllers"][-1]["selector"]  # --self-res auto on a UNet: prompt-to-prompt's
 
 

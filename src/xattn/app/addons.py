@@ -59,12 +59,14 @@ class Adapters:
         return out
 
 
-def _paths(value: Any) -> tuple[Path, ...]:
-    """``a,b`` (or a list from a config) as paths."""
+def _paths(value: Any, option: str) -> tuple[Path, ...]:
+    """``a,b`` (or a list from a config) as paths; an empty item is refused, never skipped."""
     if value is None:
         return ()
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return tuple(Path(str(item).strip()).expanduser() for item in items if str(item).strip())
+    items = [str(item).strip() for item in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+    if not all(items):
+        raise AdapterError(f"{option} has an empty path in {value!r}; give one path per item, comma-separated")
+    return tuple(Path(item).expanduser() for item in items)
 
 
 def _scales(value: Any, option: str) -> tuple[float, ...] | None:
@@ -122,8 +124,11 @@ def read_adapters(settings: Mapping[str, Any]) -> Adapters | None:
         AdapterError: a missing folder or image, a folder without safetensors, more (or fewer) control
             images than ControlNets, a scale that is not a finite number, an option without its partner.
     """
-    nets, images = _paths(settings.get("controlnet")), _paths(settings.get("control_image"))
-    adapter, ip_images = settings.get("ip_adapter"), _paths(settings.get("ip_image"))
+    nets, images = _paths(settings.get("controlnet"), "--controlnet"), _paths(settings.get("control_image"),
+                                                                              "--control-image")
+    adapter, ip_images = settings.get("ip_adapter"), _paths(settings.get("ip_image"), "--ip-image")
+    if adapter is not None and not str(adapter).strip():
+        raise AdapterError("--ip-adapter is empty; give the IP-Adapter's folder or .safetensors file")
     control_scale, ip_scale = settings.get("control_scale"), settings.get("ip_scale")
     if not (nets or images or control_scale is not None or adapter or ip_images or ip_scale is not None):
         return None

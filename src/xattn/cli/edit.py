@@ -96,6 +96,9 @@ def edit_options(values: Mapping[str, Any], model_edit: Mapping[str, Any] | None
         blend_words = None  # --blend none: no blending, whatever the model recommends
     else:
         blend_words = [w.strip() for w in blend.split(",") if w.strip()]
+        if not blend_words:
+            raise EditError(f"--blend takes words of the prompts, e.g. circle or 'circle,square', or none; "
+                            f"not {blend!r}")
     threshold = number(merged["threshold"], "--threshold")
     if not 0.0 <= threshold < 1.0:
         raise EditError(f"--threshold is a fraction of the map's peak in [0, 1), not {threshold:g}")
@@ -153,6 +156,9 @@ def prompt_weights(source: str, targets: list[str], syntax: str) -> tuple[str, l
     from ..tokens import split_words
 
     def read(text: str, what: str):
+        if not text.strip():
+            raise EditError(f"the {what} prompt is empty: an edit carries the source prompt's words over to "
+                            "each target's, so both need words")
         return parse_prompt(text, syntax=syntax)
 
     parsed_source = read(source, "source")
@@ -225,6 +231,7 @@ def register(app: typer.Typer) -> None:
             show_default=False)] = None,
         all_rows: Annotated[bool, typer.Option("--all-rows", help="Edit the unconditional rows too.")] = False,
         image: Annotated[Optional[Path], typer.Option(
+            parser=common.given_path,
             help="Edit this image instead of a sampled one: it is inverted with --source (its size must be "
                  "the model's or --size; DDIM scheduler); the model's edit defaults for inverted images apply.",
             show_default=False)] = None,

@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
         prompt: Annotated[Optional[str], typer.Argument(show_default=False, help="The prompt.")] = None,
         images: Annotated[int, typer.Option("--images", "-i", min=1, help="Images to make; image i uses seed + i.")] = 1,
         from_png: Annotated[Optional[Path], typer.Option(
-            "--from-png", help="Make a PNG's image again from its 'parameters' chunk (typed options override it).")] = None,
+            "--from-png", parser=common.given_path,
+            help="Make a PNG's image again from its 'parameters' chunk (typed options override it).")] = None,
         negative_prompt: common.NegativePrompt = None, syntax: common.Syntax = "a1111",
         model: common.Model = None, config_folder: common.ConfigFolder = None, lora_dir: common.LoraDir = None,
         device: common.Device = None, dtype: common.Dtype = None,

@@ -51,7 +51,7 @@ def capture_selector(sites: list[str] | None, res: list[str] | None, steps: str 
         fields["sites"] = list(sites)
     if res:
         fields["res"] = list(res)
-    if steps:
+    if steps is not None:  # "" is refused by the selector, not read as every step
         fields["steps"] = steps
     return Selector.from_dict(fields)
 
@@ -97,6 +97,7 @@ def register(app: typer.Typer) -> None:
         control_scale: common.ControlScale = None, ip_adapter: common.IPAdapter = None,
         ip_image: common.IPImage = None, ip_scale: common.IPScale = None,
         image: Annotated[Optional[Path], typer.Option(
+            parser=common.given_path,
             help="Map this real image instead of a generated one: it is inverted with the prompt (its size must "
                  "be the model's or --size; DDIM scheduler).", show_default=False)] = None,
         invert_method: Annotated[Optional[str], typer.Option(

@@ -17,15 +17,26 @@ import typer
 from ..app import runner
 from ..validate import DEFAULT_MAX_PIXELS
 
+def given_path(text: str | Path) -> Path:
+    """A path option's value; an empty one (a script's unset variable) is refused, not read as the current folder."""
+    if isinstance(text, Path):
+        return text
+    if not text.strip():
+        raise typer.BadParameter("is empty; give a path ('.' for the current folder)")
+    return Path(text)
+
+
 Model = Annotated[Optional[str], typer.Option(
     "--model", "-m", show_default="the embedded shapes-world model",
     help="Pipeline folder, a Hub id already in the local Hugging Face cache, or a single-file .safetensors checkpoint (with --config-folder).")]
 ConfigFolder = Annotated[Optional[Path], typer.Option(
-    "--config-folder", help="For a single-file .safetensors --model: a diffusers pipeline folder of the same "
-                            "architecture whose JSON configs and tokenizers are read (offline; its weights are not).")]
+    "--config-folder", parser=given_path,
+    help="For a single-file .safetensors --model: a diffusers pipeline folder of the same "
+         "architecture whose JSON configs and tokenizers are read (offline; its weights are not).")]
 LoraDir = Annotated[Optional[Path], typer.Option(
-    "--lora-dir", help="Folder of LoRA files: a <lora:NAME:WEIGHT> tag in the prompt loads NAME.safetensors from it "
-                       "at that weight, as A1111 does (without it the tags are removed, with a warning).")]
+    "--lora-dir", parser=given_path,
+    help="Folder of LoRA files: a <lora:NAME:WEIGHT> tag in the prompt loads NAME.safetensors from it "
+         "at that weight, as A1111 does (without it the tags are removed, with a warning).")]
 DeviceName = Literal[tuple(runner.DEVICES)]
 DtypeName = Literal[("auto", *runner.DTYPES)]
 SchedulerName = Literal[tuple(runner.SCHEDULERS)]
@@ -55,12 +66,12 @@ Syntax = Annotated[SyntaxName, typer.Option(
                      "'(red)1.5'); see docs/prompts.md.")]
 NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", help="Negative prompt.")]
 Out = Annotated[Optional[Path], typer.Option(
-    show_default="a new outputs/<command>-<time>-<slug>",
+    parser=given_path, show_default="a new outputs/<command>-<time>-<slug>",
     help="Output folder: new, empty, or one whose run failed (its files are replaced).")]
 OverwriteFailed = Annotated[bool, typer.Option(
     "--overwrite-failed", help="Reuse an --out whose run never finished (its manifest still says running).")]
 Config = Annotated[Optional[Path], typer.Option(
-    "--config", "-c", help="YAML file of option values (see configs/); the command line wins.")]
+    "--config", "-c", parser=given_path, help="YAML file of option values (see configs/); the command line wins.")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 
 

@@ -53,8 +53,9 @@ def register(app: typer.Typer) -> None:
         "xattn report outputs/maps-20260101-120000-a-red-circle --out viridis.html --cmap viridis",
     ))
     def report(
-        folder: Annotated[Path, typer.Argument(show_default=False, help="A run folder written by `xattn maps`.")],
-        out: Annotated[Optional[Path], typer.Option(help="The HTML file to write (must not exist).",
+        folder: Annotated[Path, typer.Argument(parser=common.given_path, show_default=False, help="A run folder written by `xattn maps`.")],
+        out: Annotated[Optional[Path], typer.Option(parser=common.given_path,
+                                                    help="The HTML file to write (must not exist).",
                                                     show_default="FOLDER/report-<cmap>.html")] = None,
         cmap: Annotated[str, typer.Option(help="A matplotlib colormap: inferno, viridis, magma, gray...")] = DEFAULT_CMAP,
         alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the map over the image.")] = DEFAULT_ALPHA,

@@ -99,16 +99,18 @@ class _Sweep:
 
     @classmethod
     def from_settings(cls, settings: dict) -> "_Sweep":
+        """The sweep the merged settings describe; an option given empty is refused, never read as its default."""
         if settings.get("mode") is not None and settings.get("modes") is not None:
             raise ReweightError("give --mode or --modes, not both")
-        modes = [m.strip() for m in (settings.get("modes") or settings.get("mode") or "scale").split(",")]
+        given = settings.get("modes") if settings.get("modes") is not None else settings.get("mode")
+        modes = [m.strip() for m in (given if given is not None else "scale").split(",")]
         for name in modes:
             mode_named(name)
         sweep = cls(
             prompt=settings["prompt"], word=settings.get("word"),
             weights=parse_weights(settings["weights"]) if settings.get("weights") is not None else None,
             modes=modes, seeds=parse_seeds(settings["seeds"]) if settings.get("seeds") is not None else None,
-            window=settings.get("window"), select=settings.get("select") or settings.get("sites"),
+            window=settings.get("window"), select=_select(settings),
             rows="all" if settings.get("all_rows") else "cond", syntax=settings.get("syntax") or "a1111",
         )
         if (sweep.word is None) != (sweep.weights is None):
@@ -129,3 +131,11 @@ class _Sweep:
     def describe(self) -> dict:
         return {"prompt": self.prompt, "word": self.word, "weights": self.weights, "modes": self.modes,
                 "window": self.window, "select": self.select, "rows": self.rows}
+
+
+def _select(settings: dict) -> str | None:
+    """``--select`` (or a config's ``sites``); blank is refused: it would silently mean every site."""
+    select = settings.get("select") if settings.get("select") is not None else settings.get("sites")
+    if select is not None and not str(select).strip():
+        raise ReweightError("--select names cross-attention sites, e.g. res=16 or sites=up_blocks.*; got ''")
+    return select

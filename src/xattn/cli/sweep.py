@@ -18,11 +18,11 @@ def register(app: typer.Typer) -> None:
         "accelerate launch --multi_gpu --num_processes 4 -m xattn sweep configs/sweep-example.yaml --out outputs/big",
     ))
     def sweep(
-        config: Annotated[Path, typer.Argument(show_default=False,
+        config: Annotated[Path, typer.Argument(parser=common.given_path, show_default=False,
                                                help="Sweep YAML: settings, `job:` kind, a `grid:` and, for generate jobs, "
                                                     "`guide:` (see configs/ and docs/cli.md).")],
         out: Annotated[Path | None, typer.Option(
-            show_default="a new outputs/sweep-<time>-<name>",
+            parser=common.given_path, show_default="a new outputs/sweep-<time>-<name>",
             help="Run folder; an existing folder of the same sweep is resumed (finished jobs are skipped).")] = None,
         model: common.Model = None, device: common.Device = None, dtype: common.Dtype = None,
         scheduler: common.Scheduler = None, steps: common.Steps = None,

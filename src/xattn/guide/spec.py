@@ -54,16 +54,16 @@ def guide_from_text(*, excite: str | None = None, bind: str | None = None, boxes
                     focus: str | None = None, focus_radius: float | None = None,
                     steps: str | float | None = None, step_size: float | None = None) -> Guide | None:
     """The Guide these options describe, or None when they name no loss."""
-    if focus_radius is not None and not focus:
+    if focus_radius is not None and focus is None:
         raise GuidanceError("--focus-radius needs --focus: the words whose disk it sizes")
-    losses = []
-    if excite:
+    losses = []  # an option given empty ("--excite ''", a script's unset variable) is refused, not skipped
+    if excite is not None:
         losses.append(parse_excite(excite))
-    if bind:
+    if bind is not None:
         losses.append(parse_bind(bind))
     if boxes:
         losses.append(Layout(dict(parse_box(box) for box in boxes)))
-    if focus:
+    if focus is not None:
         losses.append(parse_focus(focus, focus_radius))
     if not losses:
         if steps is not None or step_size is not None:
