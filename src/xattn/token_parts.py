@@ -10,7 +10,7 @@ others.
 
 from __future__ import annotations
 
-from .tokens import START_NAMES, TokenError, TokenMap, Word, normal_key
+from .tokens import START_NAMES, TokenError, TokenMap, Word, normal_key, slot_index
 
 
 class PartsTokenMap:
@@ -61,9 +61,7 @@ class PartsTokenMap:
     def indices(self, key: str | int) -> list[int]:
         """Slots of a word, ``word#n``, phrase, special name or index in every part that holds it."""
         if isinstance(key, int):
-            if not 0 <= key < self.max_length:
-                raise TokenError(f"token index {key} is outside 0..{self.max_length - 1}")
-            return [key]
+            return slot_index(key, self.max_length)
         name = normal_key(key.strip())
         found, errors = [], []
         for offset, token_map in self.parts:

@@ -67,6 +67,13 @@ def normal_key(text: str) -> str:
     return unicodedata.normalize("NFC", text).lower()
 
 
+def slot_index(index: int, max_length: int) -> list[int]:
+    """An integer key as a slot list: ``[index]`` if a text of ``max_length`` slots holds it."""
+    if not 0 <= index < max_length:
+        raise TokenError(f"token index {index} is outside 0..{max_length - 1}")
+    return [index]
+
+
 def split_words(text: str, specials: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
     """The prompt's words with their character spans; each of ``specials`` (``<|endoftext|>``) is one word."""
     if not specials:
@@ -286,9 +293,7 @@ class TokenMap:
     def indices(self, key: str | int) -> list[int]:
         """Slot indices for a word, ``word#n``, phrase, special name or index."""
         if isinstance(key, int):
-            if not 0 <= key < self.max_length:
-                raise TokenError(f"token index {key} is outside 0..{self.max_length - 1}")
-            return [key]
+            return slot_index(key, self.max_length)
         name = normal_key(key.strip())
         if name in START_NAMES:
             if not self.start_slots:
