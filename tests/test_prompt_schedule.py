@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import HeunDiscreteScheduler, KDPM2DiscreteScheduler
 
 import xattn
 from xattn.capture import Capture
@@ -144,6 +145,51 @@ def test_schedule_equals_switching_embeddings_by_hand(sd1_pipe, prompt, texts):
     assert (got - expected).abs().max().item() <= 1e-5
     constant = _reference(sd1_pipe, [texts[0]] * STEPS)
     assert (got - constant).abs().max().item() > 1e-4  # the switch changes the result (tolerance: 1e-5)
+
+
+def _reference_per_call(pipe, texts: list[str]):
+    """Switch the UNet's text at every denoiser call (a forward pre-hook): A1111's reading on any sampler."""
+    rows = {text: encode_prompt(pipe, text).prompt_embeds for text in set(texts)}
+    uncond = encode_prompt(pipe, "", "").negative_prompt_embeds
+    calls = []
+
+    def before(module, args, kwargs):
+        kwargs["encoder_hidden_states"] = torch.cat([uncond, rows[texts[len(calls)]]])
+        calls.append(len(calls))
+        return args, kwargs
+
+    handle = pipe.unet.register_forward_pre_hook(before, with_kwargs=True)
+    try:
+        out = pipe(prompt_embeds=rows[texts[0]], negative_prompt_embeds=uncond, num_inference_steps=STEPS,
+                   guidance_scale=4.0, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    finally:
+        handle.remove()
+    assert len(calls) == len(texts)
+    return out
+
+
+# second-order samplers: (scheduler, xattn's step of each of the 2N - 1 calls, its step count, a prompt whose
+# switch that reading moves). Heun's two calls share a noise level, so a step; KDPM2's second call is at a
+# midpoint of its own, so each call is a step, and the schedule over 2N - 1 steps differs from A1111's over 2N
+SECOND_ORDER = [(HeunDiscreteScheduler, lambda call: (call + 1) // 2, STEPS, "a [red|blue] circle"),
+                (HeunDiscreteScheduler, lambda call: (call + 1) // 2, STEPS, "a [red:blue:3] circle"),
+                (KDPM2DiscreteScheduler, lambda call: call, 2 * STEPS - 1, "a [red:blue:0.5] circle")]
+
+
+@pytest.mark.parametrize(("scheduler", "step_of_call", "steps", "prompt"), SECOND_ORDER,
+                         ids=[f"{case[0].__name__}-{case[3]}" for case in SECOND_ORDER])
+def test_a_second_order_sampler_reads_the_schedule_at_every_call_over_twice_the_steps(
+        sd1_pipe, scheduler, step_of_call, steps, prompt):
+    """A1111 1.1 lays the schedule of a second-order sampler (2N - 1 calls for N steps) over 2N steps, one
+    entry per call; reading it by xattn's steps instead would switch elsewhere."""
+    sd1_pipe.scheduler = scheduler.from_config(sd1_pipe.scheduler.config)
+    per_call = texts_by_step(prompt, 2 * STEPS)[:2 * STEPS - 1]
+    per_step = texts_by_step(prompt, steps)
+    by_step = [per_step[step_of_call(call)] for call in range(2 * STEPS - 1)]
+    assert per_call != by_step  # the two readings differ here, so the test tells them apart
+    got = _scheduled(sd1_pipe, prompt)
+    assert (got - _reference_per_call(sd1_pipe, per_call)).abs().max().item() <= 1e-5
+    assert (got - _reference_per_call(sd1_pipe, by_step)).abs().max().item() > 1e-4
 
 
 def test_capture_finds_words_every_text_has_and_refuses_the_others(sd1_pipe):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import HeunDiscreteScheduler
 
 import xattn
 from xattn.capture import Capture
@@ -123,6 +124,17 @@ def test_schedule_equals_the_hand_written_loop(pipe64, prompt, texts, guidance):
     # the switch matters, and so does switching the pooled vector with the text
     assert _gap(got, _reference(pipe64, [([texts[0]] * STEPS, 1.0)], guidance)) > 1e-4
     assert _gap(got, _reference(pipe64, [(texts, 1.0)], guidance, pooled_follows=False)) > 1e-4
+
+
+def test_a_second_order_sampler_switches_text_and_pooled_vector_at_every_call(pipe64):
+    """Heun: A1111 1.1 reads the schedule at every denoiser call, laid over twice the steps; the reference
+    loop's index runs over the scheduler's 2N - 1 timesteps, one call each."""
+    pipe64.scheduler = HeunDiscreteScheduler.from_config(pipe64.scheduler.config)
+    calls = 2 * STEPS - 1
+    texts = texts_by_step("a [red|blue] circle", 2 * STEPS)[:calls]
+    got = _scheduled(pipe64, "a [red|blue] circle")
+    assert _gap(got, _reference(pipe64, [(texts, 1.0)], 4.0, negative=[""] * calls)) <= 1e-9
+    assert _gap(got, _reference(pipe64, [(texts, 1.0)], 4.0, negative=[""] * calls, pooled_follows=False)) > 1e-4
 
 
 def test_schedule_with_a_negative_prompt(pipe64):

@@ -73,8 +73,10 @@ class PromptSchedule(Controller):
     rows for ``xattn.hooks``.
     At each step the conditional rows of prompt ``p`` get the encoding of the text
     A1111 uses at that step (:func:`xattn.prompts.editing.text_at`, step counted
-    from 0 by the pipeline's scheduler; A1111 counts denoiser calls, the same for
-    first-order samplers).
+    from 0 by the pipeline's scheduler). A1111 counts denoiser calls: the same for
+    first-order samplers; for second-order ones (Heun, KDPM2: two calls a step but the
+    last) it lays the schedule over twice the step count and reads it at each call
+    (A1111 1.1), and so does this schedule (:func:`second_order_calls`).
 
     On SDXL the pooled vector of the conditional rows follows the schedule too (a forward
     pre-hook on the UNet, installed when a session binds the schedule, gone when it closes).
@@ -118,6 +120,7 @@ class PromptSchedule(Controller):
         self._pooled_by_step: list[torch.Tensor] | None = None  # SDXL, per prompt: [steps, d2]
         self._negative_by_step: dict[int, tuple] = {}  # scheduled negatives: prompt -> ([steps, 77k, d], [steps, d2])
         self._handle = None  # SDXL: the UNet pre-hook that switches the pooled vector
+        self._calls: int | None = None  # a second-order sampler's denoiser calls this run (see begin_run)
         self.schedules: list[list] = []  # per prompt: the last run's schedule, [(until, text), ...]
 
     # -- what the call needs ---------------------------------------------------------------
@@ -140,8 +143,11 @@ class PromptSchedule(Controller):
         if run.layout.num_prompts != len(self.prompts):
             raise ScheduleError(f"the schedule was made for {len(self.prompts)} prompt(s); this call has "
                                 f"{run.layout.num_prompts}")
-        self.schedules = [parse_schedule(prompt, run.num_steps) for prompt in self.prompts]
-        texts = [[text_at(schedule, step) for step in range(run.num_steps)] for schedule in self.schedules]
+        self._calls = second_order_calls(self.pipe.scheduler)  # None: one denoiser call a step
+        positions = run.num_steps if self._calls is None else self._calls  # steps, or denoiser calls
+        length = positions if self._calls is None else self._calls + 1  # A1111: twice the steps (2N-1 calls)
+        self.schedules = [parse_schedule(prompt, length) for prompt in self.prompts]
+        texts = [[text_at(schedule, position) for position in range(positions)] for schedule in self.schedules]
         self._by_step = [torch.stack([self._padded(self._encoded(index, text)[0]) for text in steps])
                          for index, steps in enumerate(texts)]
         if self.sdxl:
@@ -150,8 +156,8 @@ class PromptSchedule(Controller):
         self._negative_by_step = {}
         for index, negative in enumerate(self.negatives):
             if has_schedule(negative):
-                schedule = parse_schedule(negative, run.num_steps)
-                encoded = [self._negative_of(index, text_at(schedule, step)) for step in range(run.num_steps)]
+                schedule = parse_schedule(negative, length)
+                encoded = [self._negative_of(index, text_at(schedule, position)) for position in range(positions)]
                 hidden = torch.stack([self._padded(row[0]) for row, _ in encoded])
                 self._negative_by_step[index] = (hidden, torch.cat([p for _, p in encoded]) if self.sdxl else None)
 
@@ -175,11 +181,25 @@ class PromptSchedule(Controller):
             raise ScheduleError(f"the call's pooled text embeddings have {text_embeds.shape[0]} rows, its batch "
                                 f"{layout.batch_size}: pass schedule.pipeline_kwargs() to the pipeline")
         text_embeds = text_embeds.clone()
+        position = self._position(step)
         for cond, index, steps in self._switched(pooled=True):
             rows = layout.row_indices(cond=cond, prompt=index)
             if rows:
-                text_embeds[rows] = steps[min(step, steps.shape[0] - 1)].to(text_embeds.device, text_embeds.dtype)
+                text_embeds[rows] = steps[min(position, steps.shape[0] - 1)].to(text_embeds.device, text_embeds.dtype)
         return text_embeds
+
+    def _position(self, step: int) -> int:
+        """Where this denoiser call reads the schedule: its step, or on a second-order sampler its call."""
+        if self._calls is None:
+            return step
+        scheduler = self.pipe.scheduler
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            raise ScheduleError(f"{type(scheduler).__name__} calls the denoiser twice a step, and A1111's schedule "
+                                "is read per call, but the scheduler does not say which call this is (its "
+                                "step_index is unset): call scheduler.scale_model_input before the denoiser, "
+                                "as diffusers' pipelines do")
+        return index - (getattr(scheduler, "begin_index", None) or 0)
 
     def _switched(self, pooled: bool = False) -> list[tuple[bool, int, torch.Tensor]]:
         """(conditional?, prompt, per-step rows) of every schedule this call follows: each prompt's, and each
@@ -195,10 +215,11 @@ class PromptSchedule(Controller):
             raise ScheduleError(f"the call's text has {x.shape[1]} slots, the schedule's {self._length}: pass "
                                 "schedule.pipeline_kwargs() to the pipeline")
         x = x.clone()
+        position = self._position(ctx.step)
         for cond, index, steps in self._switched():
             rows = ctx.layout.row_indices(cond=cond, prompt=index)
             if rows:
-                x[rows] = steps[min(ctx.step, steps.shape[0] - 1)].to(x.device, x.dtype)
+                x[rows] = steps[min(position, steps.shape[0] - 1)].to(x.device, x.dtype)
         return x
 
     def texts(self, num_steps: int, prompt: int = 0) -> list[str]:
@@ -328,6 +349,16 @@ class ScheduleTokenMap(TokenMap):
 
 
 ScheduleTokenizer.token_map_class = ScheduleTokenMap
+
+
+def second_order_calls(scheduler) -> int | None:
+    """The denoiser calls of a run of a second-order sampler (Heun, KDPM2: 2N - 1 for N steps), or None for a
+    sampler that calls the denoiser once a step. A1111 (since 1.1, "fix prompt schedule for second order
+    samplers") lays a prompt schedule over twice the step count and moves along it at every call."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if getattr(scheduler, "order", 1) != 2 or timesteps is None or not len(timesteps):
+        return None
+    return len(timesteps) - (getattr(scheduler, "begin_index", None) or 0)
 
 
 def _read(text: str) -> str:
