@@ -11,6 +11,7 @@ from xattn.capture import Capture
 from xattn.prompts import (PromptSchedule, ScheduledPromptError, UnsupportedSyntaxError, encode_prompt, parse_prompt,
                            parse_schedule, texts_by_step)
 from xattn.prompts.pipeline import SCHEDULE_KEY, call, hook_names, prompt_kwargs
+from xattn.prompts.schedule import ScheduleError
 from xattn.tokens import TokenError
 
 # -- the schedule: A1111's docstring examples (10 steps), as data -----------------------------------
@@ -190,6 +191,13 @@ def test_a_second_order_sampler_reads_the_schedule_at_every_call_over_twice_the_
     got = _scheduled(sd1_pipe, prompt)
     assert (got - _reference_per_call(sd1_pipe, per_call)).abs().max().item() <= 1e-5
     assert (got - _reference_per_call(sd1_pipe, by_step)).abs().max().item() > 1e-4
+
+
+def test_a_second_order_sampler_that_hides_its_call_is_refused_by_name(sd1_pipe, monkeypatch):
+    sd1_pipe.scheduler = HeunDiscreteScheduler.from_config(sd1_pipe.scheduler.config)
+    monkeypatch.setattr(sd1_pipe.scheduler, "scale_model_input", lambda sample, timestep: sample)
+    with pytest.raises(ScheduleError, match="step_index is unset"):
+        _scheduled(sd1_pipe, "a [red|blue] circle")
 
 
 def test_capture_finds_words_every_text_has_and_refuses_the_others(sd1_pipe):
