@@ -200,6 +200,36 @@ def test_a_second_order_sampler_that_hides_its_call_is_refused_by_name(sd1_pipe,
         _scheduled(sd1_pipe, "a [red|blue] circle")
 
 
+def test_guidance_passes_see_the_text_of_their_step(sd1_pipe):
+    """A Guide's gradient pass conditions on the step's text of the schedule, as the step's own call does:
+    the same latents as the pipeline's own prompt_embeds switched by hand under the same Guide."""
+    from xattn.guide import Excite, Guide
+
+    texts = texts_by_step("a [red:blue:0.5] circle", STEPS)
+
+    def guide():
+        return Guide(Excite(["circle"]), steps=1.0, step_size=50.0)
+
+    rows = {text: encode_prompt(sd1_pipe, text).prompt_embeds for text in set(texts)}
+    uncond = encode_prompt(sd1_pipe, "", "").negative_prompt_embeds
+
+    def switch(pipeline, step, timestep, tensors):
+        if step + 1 < len(texts):
+            tensors["prompt_embeds"] = torch.cat([uncond, rows[texts[step + 1]]])
+        return tensors
+
+    # the switched embeddings match no encoding the pipeline made: name the rows (circle sits at one slot in both)
+    layout = xattn.BatchLayout(rows=(xattn.Row(False, 0, 0), xattn.Row(True, 0, 0)), prompts=("a red circle",),
+                               token_maps=(xattn.TokenMap(sd1_pipe.tokenizer, "a red circle"),))
+    with xattn.hooks(sd1_pipe, guide(), layout=layout):
+        expected = sd1_pipe(prompt_embeds=rows[texts[0]], negative_prompt_embeds=uncond, num_inference_steps=STEPS,
+                            guidance_scale=4.0, generator=torch.Generator().manual_seed(3), output_type="latent",
+                            callback_on_step_end=switch, callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+    got = _scheduled(sd1_pipe, "a [red:blue:0.5] circle", guide())
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (got - _scheduled(sd1_pipe, "a [red:blue:0.5] circle")).abs().max().item() > 1e-4  # the guide acts
+
+
 def test_capture_finds_words_every_text_has_and_refuses_the_others(sd1_pipe):
     capture = Capture()
     _scheduled(sd1_pipe, "a [red:blue:0.5] circle", capture)

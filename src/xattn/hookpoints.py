@@ -182,10 +182,14 @@ class Controller:
     A subclass defines only the points it uses, e.g. ``def probs(self, x, ctx)``.
     ``slices`` names the selector keys beyond where/when (``heads``,
     ``tokens``) that the controller honours; the session refuses any other.
+    A steering pass (another controller's ``before_step``) runs that controller's
+    hooks only, unless ``conditions`` says this one changes what the step's call is
+    conditioned on (a prompt schedule): then its hooks run there too.
     """
 
     selector: Selector = Selector()
     slices: frozenset[str] = frozenset()
+    conditions: bool = False  # True: it changes the conditioning, so guidance passes must see it as well
 
     def points(self) -> dict[str, HookFn]:
         """The hook points this controller uses, by name."""

@@ -257,8 +257,8 @@ class Runtime:
     def active_hooks(self, site: Site, query_length: int) -> ActiveHooks | None:
         """Hooks that run at ``site`` in this call, or None for the fused fast path."""
         entries = self.entries.get(site.name)
-        if entries and self._steering is not None:  # a steering pass runs its own controller's hooks only
-            entries = [entry for entry in entries if entry[0] is self._steering[0]]
+        if entries and self._steering is not None:  # a steering pass: its controller's hooks, and the conditioning's
+            entries = [entry for entry in entries if entry[0] is self._steering[0] or entry[0].conditions]
         if not entries:
             return None
         call = self.call

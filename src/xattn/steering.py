@@ -11,7 +11,8 @@ pre-hook, at the first call of each step:
 2. the controller's :meth:`~xattn.Controller.before_step` gets a
    :class:`Steer`: the latents, the timestep, and ``denoise(latents)``, which
    runs the denoiser on the conditional rows with this call's conditioning and
-   only that controller's hooks, with gradients (or on some of those rows:
+   only that controller's hooks (and those of controllers whose ``conditions``
+   is set: a prompt schedule's text of the step), with gradients (or on some of those rows:
    a refinement need not denoise again an image that reached its target);
 3. what it returns is copied into the pipeline's latents, in place, and the
    call's input rows are rebuilt from them, so the denoiser and the

@@ -83,6 +83,7 @@ class PromptSchedule(Controller):
     """
 
     selector = Selector(kind="cross")
+    conditions = True  # a guidance pass at a step conditions on that step's text, as the step's own call
 
     def __init__(self, pipe, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
                  emphasis: bool = True):
