@@ -88,6 +88,9 @@ def place(tmp_path, monkeypatch, sd1_path):
     (tmp_path / "bad-defaults" / "xattn_defaults.json").write_text("{cut")
     (tmp_path / "inf-guidance.yaml").write_text("guidance: .inf\n")
     (tmp_path / "syntax.yaml").write_text("syntax: nai\n")
+    (tmp_path / "refine-outside.yaml").write_text(
+        'steps: 2\nguide: {excite: circle, steps: "0:1", refine: {1: 0.5}}\ngrid:\n  prompts: [a red circle]\n'
+        "  seeds: [0]\n")
     return tmp_path
 
 
@@ -152,6 +155,7 @@ CASES = {
     "config inf guidance": (["generate", "x", "-m", M, "-c", "inf-guidance.yaml"], "key 'guidance'"),
     "sweep nan weights": (["sweep", "nan-weights.yaml", "-m", M], "grid.weights"),
     "sweep seed 2**64": (["sweep", "big-seed.yaml", "-m", M], "grid.seeds"),
+    "sweep refine outside its window": (["sweep", "refine-outside.yaml", "-m", M], "refine steps [1] lie outside"),
     "sweep generate with sites": (["sweep", "generate-sites.yaml", "-m", M], "no meaning for job: generate"),
     "model defaults malformed": (["generate", "x", "-m", "bad-defaults"], "xattn_defaults.json cannot be read"),
     "report not a run": (["report", "a-file"], "not a folder"),

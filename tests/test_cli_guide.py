@@ -51,6 +51,12 @@ def test_a_box_from_the_cli_puts_the_object_in_it_and_from_png_repeats_it(cli, t
     (["--excite", "hat"], "hat"),
     (["--focus", "hat"], "hat"),
     (["--focus-radius", "0.3"], "--focus-radius needs --focus"),
+    (["--guide-refine", "0:0.5"], "need a loss"),
+    (["--excite", "circle", "--guide-refine", "x:1"], "STEP:TARGET"),
+    (["--excite", "circle", "--guide-refine", "²:1"], "STEP:TARGET"),
+    (["--excite", "circle", "--guide-refine", "0:nan"], "must be a finite number, not 'nan'"),
+    (["--excite", "circle", "--guide-refine", "0:-1"], "the smallest loss Excite can reach"),
+    (["--excite", "circle", "--guide-refine", "1:0.5"], "refine steps [1] lie outside the steps it guides"),
     (["--excite", ""], "Excite needs one or more words"),  # an empty option is refused, never skipped
     (["--excite", " , "], "Excite needs one or more words"),
     (["--bind", ""], "modifier=noun"),
@@ -199,6 +205,30 @@ def test_focus_from_a_config_in_each_spelling_makes_the_typed_options_image(cli,
     assert np.array_equal(image, _pixels(tmp_path / "again" / "image-0.png"))
 
 
+def test_refinement_from_the_command_line_and_a_config_is_recorded_and_repeated(cli, sd1_path, tmp_path):
+    """--guide-refine 0:0 (a target Excite cannot reach) repeats step 0 up to 20 times: another image than one
+    pass; the config's mapping and text spellings give the same, and --from-png repeats it."""
+    guide = ["--excite", "red,circle", "--guide-steps", "0:1", "--guide-step-size", "5"]
+    typed = cli("generate", "a red circle", "--model", sd1_path, *guide, "--guide-refine", "0:0", "--out", "typed",
+                *FAST)
+    assert typed.exit_code == 0, typed.output
+    record = _manifest(tmp_path / "typed")["guide"]
+    assert record["refine"] == {"0": 0.0} and record["max_refine"] == 20
+    image = _pixels(tmp_path / "typed" / "image-0.png")
+    once = cli("generate", "a red circle", "--model", sd1_path, *guide, "--out", "once", *FAST)
+    assert once.exit_code == 0, once.output
+    assert not np.array_equal(image, _pixels(tmp_path / "once" / "image-0.png"))  # the repeats moved the latents
+    for name, refine in [("mapping", "{0: 0}"), ("text", '"0:0"')]:
+        (tmp_path / f"{name}.yaml").write_text(
+            f'guide: {{excite: [red, circle], steps: "0:1", step_size: 5, refine: {refine}}}\n')
+        result = cli("generate", "a red circle", "--model", sd1_path, "--config", f"{name}.yaml", "--out", name, *FAST)
+        assert result.exit_code == 0, result.output
+        assert np.array_equal(image, _pixels(tmp_path / name / "image-0.png")), name
+    again = cli("generate", "--from-png", tmp_path / "typed" / "image-0.png", "--out", "again", "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(image, _pixels(tmp_path / "again" / "image-0.png"))
+
+
 def test_a_typed_guidance_option_replaces_the_configs_guidance(cli, sd1_path, tmp_path):
     (tmp_path / "c.yaml").write_text(CONFIG_GUIDE)
     result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--bind", "red=circle",
@@ -249,6 +279,10 @@ def test_config_guidance_whose_window_holds_no_step_is_refused(cli, sd1_path, tm
     (tmp_path / "c.yaml").write_text('guide: {excite: circle, steps: "3:4"}\n')
     result = cli("generate", "a red circle", "--model", sd1_path, "--config", "c.yaml", "--out", "bad", *FAST)
     assert result.exit_code == 2 and "guide.steps" in result.output and "holds no step of this 2-step run" in result.output
+    (tmp_path / "r.yaml").write_text('guide: {excite: circle, steps: "0:1", refine: {1: 0.5}}\n')
+    result = cli("generate", "a red circle", "--model", sd1_path, "--config", "r.yaml", "--out", "refine", *FAST)
+    assert result.exit_code == 2 and "refine steps [1] lie outside" in result.output, result.output
+    assert not (tmp_path / "refine").exists() or not any((tmp_path / "refine").glob("*.png"))
 
 
 def test_guidance_options_at_the_top_of_a_config_point_to_guide(cli, sd1_path, tmp_path):

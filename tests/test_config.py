@@ -106,11 +106,13 @@ def test_guide_is_kept_as_the_record_of_the_guide_the_command_line_builds():
 
     typed = _record(guide_from_text(excite="circle,square", bind="red=circle,blue=square",
                                     boxes=["red circle=0,0,0.5,1", "blue square=0.5,0,1,1"], steps="0:10",
-                                    step_size=5.0))
+                                    step_size=5.0, refine="0:0.9,5:0.5"))
     mappings = {"excite": ["circle", "square"], "bind": {"red": "circle", "blue": "square"},
-                "box": {"red circle": [0, 0, 0.5, 1], "blue square": [0.5, 0, 1, 1]}, "steps": "0:10", "step_size": 5}
+                "box": {"red circle": [0, 0, 0.5, 1], "blue square": [0.5, 0, 1, 1]}, "steps": "0:10", "step_size": 5,
+                "refine": {0: 0.9, 5: 0.5}}
     texts = {"excite": "circle,square", "bind": "red=circle,blue=square",
-             "box": ["red circle=0,0,0.5,1", "blue square=0.5,0,1,1"], "steps": "0:10", "step_size": 5.0}
+             "box": ["red circle=0,0,0.5,1", "blue square=0.5,0,1,1"], "steps": "0:10", "step_size": 5.0,
+             "refine": "0:0.9,5:0.5"}
     for spelled in (mappings, texts, dict(reversed(list(mappings.items())))):  # key order does not matter
         cleaned = validate({"guide": spelled})["guide"]
         assert cleaned == typed
@@ -137,6 +139,11 @@ def test_guide_is_kept_as_the_record_of_the_guide_the_command_line_builds():
     ("guide: {bind: {red: [circle]}}\n", "guide.bind", "modifier: noun"),
     ("guide: {excite: [circle, 3]}\n", "guide.excite", "a list of words"),
     ("guide: {step_size: 5}\n", "guide.step_size", "needs a loss"),
+    ("guide: {refine: {0: 0.5}}\n", "guide.refine", "needs a loss"),
+    ("guide: {excite: circle, refine: [0.5]}\n", "guide.refine", "a mapping of step: target loss"),
+    ("guide: {excite: circle, refine: {0: .nan}}\n", "guide.refine", "must be a finite number, not nan"),
+    ("guide: {excite: circle, refine: \"x:1\"}\n", "guide.refine", "STEP:TARGET"),
+    ("guide: {excite: circle, refine: {0: -1}}\n", "guide.refine", "the smallest loss Excite can reach"),
     ("guide: [excite]\n", "guide", "must be a mapping"),
 ])
 def test_bad_guide_values_name_the_key(tmp_path, text, key, message):

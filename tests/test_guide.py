@@ -114,6 +114,14 @@ def test_refinement_lowers_the_loss_at_each_repeat(sd1_pipe):
     assert all(later < earlier for earlier, later in zip(at_zero, at_zero[1:]))
 
 
+def test_refinement_outside_the_window_is_refused_before_the_first_step(sd1_pipe):
+    guide = Guide(Excite(["red", "circle"]), steps="0:1", refine={0: 0.5, 2: 0.5})  # step 2 is never guided
+    with xattn.hooks(sd1_pipe, guide), pytest.raises(GuidanceError, match=r"refine steps \[2\] lie outside"):
+        sd1_pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                 output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert guide.losses_seen == []  # refused at the run's start: nothing was guided
+
+
 def test_refinement_is_per_image_so_a_batch_equals_its_images_one_by_one(sd1_pipe):
     """Attend-and-Excite refines each image until its own loss reaches the target: batching must not change that."""
     call = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32,

@@ -82,10 +82,10 @@ def syntax_value(value: Any) -> str:
 
 # -- guide: attention guidance, the mapping form of generate's --excite/--bind/--box/--guide-steps/--guide-step-size
 
-GUIDE_KEYS = ("excite", "bind", "box", "focus", "steps", "step_size")
+GUIDE_KEYS = ("excite", "bind", "box", "focus", "steps", "step_size", "refine")
 # Top-level keys a user may mean as guidance: they belong under ``guide:``.
 _GUIDE_OPTIONS = {"excite": "excite", "bind": "bind", "box": "box", "focus": "focus", "focus_radius": "focus",
-                  "guide_steps": "steps", "guide_step_size": "step_size"}
+                  "guide_steps": "steps", "guide_step_size": "step_size", "guide_refine": "refine"}
 
 
 class _GuideKeyError(ValueError):
@@ -179,6 +179,18 @@ def _window_text(value: Any) -> str:
                             "2:10 as the number 130)", value)
 
 
+def _refine_value(value: Any) -> dict:
+    """``refine``: a mapping of step: target loss, or the command line's ``"0:0.95,10:0.5"``."""
+    from ..guide.spec import parse_refine
+
+    if isinstance(value, str):
+        return parse_refine(value)
+    if isinstance(value, Mapping) and value and all(isinstance(step, int) and not isinstance(step, bool)
+                                                    for step in value):
+        return dict(value)
+    raise _must_be("refine", 'a mapping of step: target loss such as {0: 0.95, 10: 0.5}, or "0:0.95,10:0.5"', value)
+
+
 def guide_value(value: Any) -> dict | None:
     """A config's ``guide:`` mapping, checked with the command line's rules: the record of its Guide.
 
@@ -207,17 +219,19 @@ def guide_value(value: Any) -> dict | None:
                 raise
             raise _GuideKeyError(key, f": {error}") from None
     if not losses:
-        for key in ("steps", "step_size"):
+        for key in ("steps", "step_size", "refine"):
             if value.get(key) is not None:
                 raise _GuideKeyError(key, " needs a loss: guide.excite, guide.bind, guide.box or guide.focus")
         return None
     options: dict[str, Any] = {}
-    for key, name in (("steps", "steps"), ("step_size", "step_size")):
+    for key, name in (("steps", "steps"), ("step_size", "step_size"), ("refine", "refine")):
         if value.get(key) is None:
             continue
-        given = _window_text(value[key]) if key == "steps" else value[key]
         try:
+            given = {"steps": _window_text, "refine": _refine_value}.get(key, lambda v: v)(value[key])
             Guide(*losses, **{name: given})  # each option checked alone, so the error names its key
+        except _GuideKeyError:
+            raise
         except (XattnError, ValueError, StepWindowError) as error:
             raise _GuideKeyError(key, f": {error}") from None
         options[name] = given

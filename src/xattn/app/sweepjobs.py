@@ -103,6 +103,7 @@ def check_guide(pipe, jobs: Sequence[Job], settings: Mapping[str, Any]) -> None:
 
     Raises:
         NothingSelectedError: ``guide.steps`` holds no step of the run.
+        GuidanceError: ``guide.refine`` names a step the window leaves out.
         TokenError: a guided word is not in a job's prompt as the sweep's syntax reads it.
     """
     guide = guide_from_config(settings.get("guide"))
@@ -118,6 +119,7 @@ def check_guide(pipe, jobs: Sequence[Job], settings: Mapping[str, Any]) -> None:
         raise NothingSelectedError(f"guide.steps {describe(guide.window)} holds no step of this {steps}-step sweep, "
                                    "so the guidance would do nothing; give a window inside the run "
                                    "(0.5: the first half, or \"0:N\" with N <= steps)")
+    guide.check_refine(steps)
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokenizer is None:
         return

@@ -50,7 +50,8 @@ DEFAULTS: dict[str, Any] = {
 }
 # Parameters that are not settings a config file may hold (they are typed on the command line).
 NOT_CONFIG = ("config", "prompt", "source", "target", "from_png", "folder", "model_arg",
-              "excite", "bind", "box", "focus", "focus_radius", "guide_steps", "guide_step_size")  # a config's guidance is its `guide:`
+              "excite", "bind", "box", "focus", "focus_radius", "guide_steps", "guide_step_size",
+              "guide_refine")  # a config's guidance is its `guide:`
 
 # -- errors a user can fix ----------------------------------------------------------------
 

@@ -64,6 +64,10 @@ def register(app: typer.Typer) -> None:
             help="Steps to guide: a window such as 0.5 (the first half, default) or 0:10.")] = None,
         guide_step_size: Annotated[Optional[float], typer.Option(
             help="Size of each guidance step on the latents (default 20, Attend-and-Excite's).")] = None,
+        guide_refine: Annotated[Optional[str], typer.Option(
+            help="Iterative refinement (Attend-and-Excite): at these steps, step again until the guidance loss "
+                 "is at most the target, e.g. 0:0.95,10:0.5 (steps inside --guide-steps; at most 20 repeats "
+                 "each). With --excite alone the target is 1 - the paper's threshold.")] = None,
     ):
         """Generate images from a prompt and save them as PNGs with A1111-style parameters.
 
@@ -77,7 +81,7 @@ def register(app: typer.Typer) -> None:
         with common.user_errors():
             common.runner.read_adapters(options)  # typed --controlnet / --ip-adapter: checked before loading
             pinned, controllers = _from_png(from_png, max_pixels) if from_png is not None else ({}, {})
-            guide = _guide(excite, bind, box or [], focus, focus_radius, guide_steps, guide_step_size)
+            guide = _guide(excite, bind, box or [], focus, focus_radius, guide_steps, guide_step_size, guide_refine)
             window_name = "--guide-steps"
             if guide is not None:
                 controllers["guide"] = guide
@@ -108,11 +112,11 @@ def register(app: typer.Typer) -> None:
                 run.finish(**(record or {}))
 
 
-def _guide(excite, bind, boxes, focus, focus_radius, steps, step_size):
+def _guide(excite, bind, boxes, focus, focus_radius, steps, step_size, refine):
     from ..guide import guide_from_text
 
     return guide_from_text(excite=excite, bind=bind, boxes=boxes, focus=focus, focus_radius=focus_radius,
-                           steps=steps, step_size=step_size)
+                           steps=steps, step_size=step_size, refine=refine)
 
 
 def _configured_guide(record):
@@ -130,6 +134,7 @@ def _check_guided_steps(guide, num_steps: int, name: str = "--guide-steps") -> N
         raise NothingSelectedError(f"{name} {describe(guide.window)} holds no step of this {num_steps}-step "
                                    "run, so the guidance would do nothing; give a window inside the run "
                                    "(0.5: the first half, or 0:N with N <= --steps)")
+    guide.check_refine(num_steps)  # refinement at steps the window leaves out: refused before sampling
 
 
 def _session(pipe, controllers: list, names: dict | None = None):

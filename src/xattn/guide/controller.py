@@ -109,6 +109,7 @@ class Guide(Controller):
         """
         self.reset()
         self._steps = self.guided_steps(run.num_steps)
+        self.check_refine(run.num_steps)
         self._num_steps = run.num_steps or 1 + max(self._steps, default=0)
         words = self._words()
         for prompt, token_map in enumerate(run.layout.token_maps):
@@ -118,6 +119,16 @@ class Guide(Controller):
     def guided_steps(self, num_steps: int | None) -> frozenset[int]:
         """The steps of a ``num_steps``-step run this guide steers (empty: it would do nothing)."""
         return steps_in(self.window, num_steps, what="Guide steps") if self.window else frozenset()
+
+    def check_refine(self, num_steps: int | None) -> None:
+        """Refuse refinement at steps this run does not guide: it would be recorded yet never run."""
+        if not self.refine or num_steps is None:
+            return
+        outside = sorted(set(self.refine) - self.guided_steps(num_steps))
+        if outside:
+            raise GuidanceError(f"Guide refine steps {outside} lie outside the steps it guides in this "
+                                f"{num_steps}-step run (window {describe(self.window)}): they would never refine; "
+                                "give steps inside the window")
 
     def active(self, ctx: HookContext) -> bool:
         return self._collecting

@@ -4,10 +4,12 @@
     bind    "red=circle,blue=square"        modifier=noun pairs
     box     "red circle=0,0,0.5,1"          phrase=x0,y0,x1,y1 (fractions of the image), one per box
     focus   "red,circle"                    words kept in one disk the image picks: one object
+    refine  "0:0.95,10:0.5"                 step:target: at those steps, step again until the loss is at most target
 """
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 from .controller import Guide
@@ -50,9 +52,22 @@ def parse_box(text: str) -> tuple[str, tuple[float, ...]]:
     return phrase.strip(), box
 
 
+def parse_refine(text: str) -> dict[int, float]:
+    """``"0:0.95,10:0.5"`` -> ``{0: 0.95, 10: 0.5}`` (the Guide checks the numbers)."""
+    refine = {}
+    for item in text.split(","):
+        step, sep, target = item.partition(":")
+        if not sep or not re.fullmatch(r"[0-9]+", step.strip()) or not target.strip():
+            raise GuidanceError(f"--guide-refine takes STEP:TARGET pairs such as 0:0.95,10:0.5 (a step index and "
+                                f"the loss to reach there), not {text!r}")
+        refine[int(step)] = target.strip()
+    return refine
+
+
 def guide_from_text(*, excite: str | None = None, bind: str | None = None, boxes: Sequence[str] = (),
                     focus: str | None = None, focus_radius: float | None = None,
-                    steps: str | float | None = None, step_size: float | None = None) -> Guide | None:
+                    steps: str | float | None = None, step_size: float | None = None,
+                    refine: str | None = None) -> Guide | None:
     """The Guide these options describe, or None when they name no loss."""
     if focus_radius is not None and focus is None:
         raise GuidanceError("--focus-radius needs --focus: the words whose disk it sizes")
@@ -66,13 +81,16 @@ def guide_from_text(*, excite: str | None = None, bind: str | None = None, boxes
     if focus is not None:
         losses.append(parse_focus(focus, focus_radius))
     if not losses:
-        if steps is not None or step_size is not None:
-            raise GuidanceError("--guide-steps and --guide-step-size need a loss: --excite, --bind, --box or --focus")
+        if steps is not None or step_size is not None or refine is not None:
+            raise GuidanceError("--guide-steps, --guide-step-size and --guide-refine need a loss: --excite, --bind, "
+                                "--box or --focus")
         return None
     options = {"steps": steps if steps is not None else 0.5}
     if step_size is not None:
         options["step_size"] = step_size
+    if refine is not None:
+        options["refine"] = parse_refine(refine)
     return Guide(*losses, **options)
 
 
-__all__ = ["guide_from_text", "parse_bind", "parse_box", "parse_excite", "parse_focus"]
+__all__ = ["guide_from_text", "parse_bind", "parse_box", "parse_excite", "parse_focus", "parse_refine"]
