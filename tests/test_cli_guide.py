@@ -195,8 +195,16 @@ def test_focus_from_a_config_in_each_spelling_makes_the_typed_options_image(cli,
     plain = cli("generate", "a red circle", "--model", sd1_path, "--out", "plain", *FAST)
     assert plain.exit_code == 0, plain.output
     assert not np.array_equal(image, _pixels(tmp_path / "plain" / "image-0.png"))  # the guidance did something
-    for name, focus in [("list", "{words: [red, circle], radius: 0.3}"), ("text", '{words: "red,circle", radius: 0.3}')]:
-        (tmp_path / f"{name}.yaml").write_text(f'guide: {{focus: {focus}, steps: "0:1", step_size: 5}}\n')
+    _assert_configs_and_png_repeat(cli, sd1_path, tmp_path, image, {
+        name: f'guide: {{focus: {focus}, steps: "0:1", step_size: 5}}\n'
+        for name, focus in [("list", "{words: [red, circle], radius: 0.3}"),
+                            ("text", '{words: "red,circle", radius: 0.3}')]})
+
+
+def _assert_configs_and_png_repeat(cli, sd1_path, tmp_path, image, configs: dict[str, str]) -> None:
+    """Each config (name -> YAML) makes ``image``, the typed run's in ``typed/``, and so does its --from-png."""
+    for name, text in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
         result = cli("generate", "a red circle", "--model", sd1_path, "--config", f"{name}.yaml", "--out", name, *FAST)
         assert result.exit_code == 0, result.output
         assert np.array_equal(image, _pixels(tmp_path / name / "image-0.png")), name
@@ -218,15 +226,9 @@ def test_refinement_from_the_command_line_and_a_config_is_recorded_and_repeated(
     once = cli("generate", "a red circle", "--model", sd1_path, *guide, "--out", "once", *FAST)
     assert once.exit_code == 0, once.output
     assert not np.array_equal(image, _pixels(tmp_path / "once" / "image-0.png"))  # the repeats moved the latents
-    for name, refine in [("mapping", "{0: 0}"), ("text", '"0:0"')]:
-        (tmp_path / f"{name}.yaml").write_text(
-            f'guide: {{excite: [red, circle], steps: "0:1", step_size: 5, refine: {refine}}}\n')
-        result = cli("generate", "a red circle", "--model", sd1_path, "--config", f"{name}.yaml", "--out", name, *FAST)
-        assert result.exit_code == 0, result.output
-        assert np.array_equal(image, _pixels(tmp_path / name / "image-0.png")), name
-    again = cli("generate", "--from-png", tmp_path / "typed" / "image-0.png", "--out", "again", "--no-progress")
-    assert again.exit_code == 0, again.output
-    assert np.array_equal(image, _pixels(tmp_path / "again" / "image-0.png"))
+    _assert_configs_and_png_repeat(cli, sd1_path, tmp_path, image, {
+        name: f'guide: {{excite: [red, circle], steps: "0:1", step_size: 5, refine: {refine}}}\n'
+        for name, refine in [("mapping", "{0: 0}"), ("text", '"0:0"')]})
 
 
 def test_a_typed_guidance_option_replaces_the_configs_guidance(cli, sd1_path, tmp_path):
