@@ -109,17 +109,10 @@ def check_guide(pipe, jobs: Sequence[Job], settings: Mapping[str, Any]) -> None:
     guide = guide_from_config(settings.get("guide"))
     if guide is None:
         return
-    from ..errors import NothingSelectedError
     from ..prompts import parse_prompt
-    from ..steps import describe
     from ..tokens import TokenMap
 
-    steps = settings.get("steps")
-    if not guide.guided_steps(steps):
-        raise NothingSelectedError(f"guide.steps {describe(guide.window)} holds no step of this {steps}-step sweep, "
-                                   "so the guidance would do nothing; give a window inside the run "
-                                   "(0.5: the first half, or \"0:N\" with N <= steps)")
-    guide.check_refine(steps)
+    guide.check_run(settings.get("steps"), "guide.steps", where="sweep", example='"0:N" with N <= steps')
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokenizer is None:
         return

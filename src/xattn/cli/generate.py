@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
                     guide = controllers["guide"] = _configured_guide(configured)  # no guidance option typed
                     window_name = f"{config}: guide.steps"
                 if guide is not None:
-                    _check_guided_steps(guide, settings["steps"], window_name)
+                    guide.check_run(settings["steps"], window_name)  # refused before sampling
                 record = {name: controller.to_dict() for name, controller in controllers.items()} or None
                 in_png = {**(record or {}), **({"syntax": run.syntax} if run.syntax != "a1111" else {})} or None
                 negative = settings.get("negative_prompt")
@@ -123,18 +123,6 @@ def _configured_guide(record):
     from ..app.config import guide_from_config
 
     return guide_from_config(record)
-
-
-def _check_guided_steps(guide, num_steps: int, name: str = "--guide-steps") -> None:
-    """Refuse guidance whose window holds no step of this run: it would be recorded yet change nothing."""
-    from ..errors import NothingSelectedError
-    from ..steps import describe
-
-    if not guide.guided_steps(num_steps):
-        raise NothingSelectedError(f"{name} {describe(guide.window)} holds no step of this {num_steps}-step "
-                                   "run, so the guidance would do nothing; give a window inside the run "
-                                   "(0.5: the first half, or 0:N with N <= --steps)")
-    guide.check_refine(num_steps)  # refinement at steps the window leaves out: refused before sampling
 
 
 def _session(pipe, controllers: list, names: dict | None = None):

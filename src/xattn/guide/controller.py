@@ -28,6 +28,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from ..errors import NothingSelectedError
 from ..hookpoints import Controller, HookContext, Run
 from ..selector import Selector, SelectorError
 from ..sites import one_map_size
@@ -119,6 +120,17 @@ class Guide(Controller):
     def guided_steps(self, num_steps: int | None) -> frozenset[int]:
         """The steps of a ``num_steps``-step run this guide steers (empty: it would do nothing)."""
         return steps_in(self.window, num_steps, what="Guide steps") if self.window else frozenset()
+
+    def check_run(self, num_steps: int, window: str, where: str = "run",
+                  example: str = "0:N with N <= --steps") -> None:
+        """Before sampling: refuse a window that holds no step of a ``num_steps``-step ``where`` (the guidance
+        would be recorded yet change nothing), named as the user gave it (``window``), and refinement outside it.
+        """
+        if not self.guided_steps(num_steps):
+            raise NothingSelectedError(f"{window} {describe(self.window)} holds no step of this {num_steps}-step "
+                                       f"{where}, so the guidance would do nothing; give a window inside the run "
+                                       f"(0.5: the first half, or {example})")
+        self.check_refine(num_steps)
 
     def check_refine(self, num_steps: int | None) -> None:
         """Refuse refinement at steps this run does not guide: it would be recorded yet never run."""
