@@ -17,6 +17,7 @@ import typer
 from ..app import runner
 from ..validate import DEFAULT_MAX_PIXELS
 
+
 def given_path(text: str | Path) -> Path:
     """A path option's value; an empty one (a script's unset variable) is refused, not read as the current folder."""
     if isinstance(text, Path):

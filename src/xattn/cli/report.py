@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
         "xattn report outputs/maps-20260101-120000-a-red-circle --out viridis.html --cmap viridis",
     ))
     def report(
-        folder: Annotated[Path, typer.Argument(parser=common.given_path, show_default=False, help="A run folder written by `xattn maps`.")],
+        folder: Annotated[Path, typer.Argument(parser=common.given_path, show_default=False,
+                                               help="A run folder written by `xattn maps`.")],
         out: Annotated[Optional[Path], typer.Option(parser=common.given_path,
                                                     help="The HTML file to write (must not exist).",
                                                     show_default="FOLDER/report-<cmap>.html")] = None,
